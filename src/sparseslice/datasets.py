@@ -1,0 +1,290 @@
+"""Finding cases on disk: MSD / nnU-Net v2 raw layouts, folders of pairs, CSV lists.
+
+A :class:`Case` names one subject: its image channels and, when it has one, its label.
+Unlabelled pools are normal before annotation, so labels are optional unless a caller asks
+for them with ``require_labels=True``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sparseslice.errors import UserError
+from sparseslice.io import (
+    Volume,
+    check_same_space,
+    default_slice_axis,
+    read_label,
+    read_volume,
+    strip_suffix,
+    volume_suffix,
+)
+
+_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+_LABEL_TAGS = ("_label", "_labels", "_seg", "_mask", "_gt", ".seg")
+_IMAGE_DIRS = ("imagesTr", "images", "imgs", "image")
+_LABEL_DIRS = ("labelsTr", "labels", "masks", "segs", "label")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One subject: image channels (nnU-Net ``_0000`` order) and an optional label."""
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Cases found under ``root`` plus what ``dataset.json`` says about them (if present)."""
+
+    root: Path
+    cases: tuple[Case, ...]
+    layout: str
+    label_names: dict[int, str] = field(default_factory=dict)
+    modality: str = "unknown"
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [c.case_id for c in self.cases]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        known = ", ".join(self.case_ids[:5]) + (" ..." if len(self.cases) > 5 else "")
+        raise UserError(f"case {case_id!r} is not in the dataset {str(self.root)!r}; "
+                        f"known cases: {known}")
+
+    @property
+    def labelled(self) -> list[Case]:
+        return [c for c in self.cases if c.label is not None]
+
+
+def discover_dataset(path: str | os.PathLike[str], *, require_labels: bool = False) -> Dataset:
+    """Find the cases of a dataset.
+
+    ``path`` may be (a) an MSD / nnU-Net v2 raw folder (``imagesTr/``, optional
+    ``labelsTr/`` and ``dataset.json``; channel suffixes ``_0000`` are grouped into one
+    case), (b) a folder of image/label pairs, either in ``images/`` and ``labels/``
+    sub-folders with matching names or side by side with a ``_label``/``_seg``/``_mask``
+    tag, or (c) a CSV file with ``image`` and ``label`` columns (optional ``case``; paths
+    relative to the CSV).
+
+    Examples
+    --------
+    >>> ds = discover_dataset("../shared/data/msd-hippocampus")  # doctest: +SKIP
+    >>> len(ds.cases), ds.layout  # doctest: +SKIP
+    (260, 'msd')
+    """
+    root = Path(path)
+    if not root.exists():
+        raise UserError(f"data path {str(root)!r} does not exist; pass a dataset folder or CSV")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise UserError(f"data path {str(root)!r} is a file but not a CSV; pass a dataset "
+                            "folder or a CSV with image,label columns")
+        ds = _from_csv(root)
+    else:
+        image_dir = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
+        if image_dir is not None:
+            label_dir = next((root / d for d in _LABEL_DIRS if (root / d).is_dir()), None)
+            layout = "msd" if image_dir.name == "imagesTr" else "pairs"
+            ds = _from_folders(root, image_dir, label_dir, layout)
+        else:
+            ds = _from_flat(root)
+    if not ds.cases:
+        raise UserError(f"data path {str(root)!r} holds no image files; pass a folder with "
+                        f"imagesTr/ or images/, or volumes ending in .nii.gz/.nrrd/.mha")
+    if require_labels:
+        missing = [c.case_id for c in ds.cases if c.label is None]
+        if missing:
+            raise UserError(
+                f"case {missing[0]!r} has an image but no label ({len(missing)} such cases); "
+                "labels are required here: add them or remove those images"
+            )
+    return ds
+
+
+def _volume_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and volume_suffix(p))
+
+
+def _group_channels(files: list[Path]) -> dict[str, list[Path]]:
+    stems = [strip_suffix(f) for f in files]
+    matches = [_CHANNEL.match(s) for s in stems]
+    groups: dict[str, list[Path]] = {}
+    if files and all(matches):
+        for f, m in sorted(zip(files, matches, strict=True), key=lambda t: t[0].name):
+            groups.setdefault(m.group("case"), []).append(f)
+    else:
+        for f, s in zip(files, stems, strict=True):
+            groups[s] = [f]
+    return groups
+
+
+def _read_dataset_json(root: Path) -> tuple[dict[int, str], str]:
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return {}, "unknown"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"file {str(meta_path)!r} is not valid JSON ({exc}); fix or remove it") from exc
+    names: dict[int, str] = {}
+    labels = meta.get("labels", {})
+    for k, v in labels.items():
+        if isinstance(v, int | float) and not str(k).lstrip("-").isdigit():  # nnU-Net v2: name -> value
+            names[int(v)] = str(k)
+        elif str(k).lstrip("-").isdigit():  # MSD: "value" -> name
+            names[int(k)] = str(v)
+    modalities = meta.get("modality") or meta.get("channel_names") or {}
+    modality = str(next(iter(modalities.values()), "unknown")) if modalities else "unknown"
+    return names, modality
+
+
+def _from_folders(root: Path, image_dir: Path, label_dir: Path | None, layout: str) -> Dataset:
+    groups = _group_channels(_volume_files(image_dir))
+    labels = {}
+    if label_dir is not None:
+        labels = {strip_suffix(p): p for p in _volume_files(label_dir)}
+    cases = tuple(Case(cid, tuple(files), labels.get(cid)) for cid, files in sorted(groups.items()))
+    names, modality = _read_dataset_json(root)
+    return Dataset(root, cases, layout, names, modality)
+
+
+def _from_flat(root: Path) -> Dataset:
+    files = _volume_files(root)
+    labels: dict[str, Path] = {}
+    images: list[Path] = []
+    for f in files:
+        stem = strip_suffix(f)
+        if f.name.lower().endswith(".seg.nrrd"):
+            labels[stem] = f
+            continue
+        tag = next((t for t in _LABEL_TAGS if stem.lower().endswith(t)), None)
+        if tag:
+            labels[stem[: -len(tag)]] = f
+        else:
+            images.append(f)
+    groups = _group_channels(images)
+    cases = tuple(Case(cid, tuple(fs), labels.get(cid)) for cid, fs in sorted(groups.items()))
+    names, modality = _read_dataset_json(root)
+    return Dataset(root, cases, "pairs", names, modality)
+
+
+def _from_csv(path: Path) -> Dataset:
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "image" not in rows[0]:
+        raise UserError(f"CSV {str(path)!r} must have an 'image' column (and optional 'label', "
+                        "'case'); add a header line image,label")
+    cases = []
+    seen: set[str] = set()
+    for n, row in enumerate(rows, start=2):
+        image_field = (row.get("image") or "").strip()
+        if not image_field:
+            raise UserError(f"CSV {str(path)!r} line {n}: image is empty; give an image path")
+        images = tuple(_resolve(path.parent, p) for p in image_field.split(";"))
+        label_field = (row.get("label") or "").strip()
+        label = _resolve(path.parent, label_field) if label_field else None
+        for p in (*images, *([label] if label else [])):
+            if not p.exists():
+                raise UserError(f"CSV {str(path)!r} line {n}: file {str(p)!r} does not exist; "
+                                "fix the path (relative paths start at the CSV's folder)")
+        cid = (row.get("case") or "").strip() or strip_suffix(images[0])
+        if cid in seen:
+            raise UserError(f"CSV {str(path)!r} line {n}: case {cid!r} appears twice; "
+                            "give each row a unique case")
+        seen.add(cid)
+        cases.append(Case(cid, images, label))
+    return Dataset(path, tuple(cases), "csv")
+
+
+def _resolve(base: Path, value: str) -> Path:
+    p = Path(value.strip())
+    return p if p.is_absolute() else base / p
+
+
+def load_image(case: Case) -> Volume:
+    """Read a case's image as a volume; several channels are stacked on a last axis."""
+    vols = [read_volume(p) for p in case.images]
+    first = vols[0]
+    for p, v in zip(case.images[1:], vols[1:], strict=True):
+        check_same_space(first, v, name=f"{case.case_id} channel {p.name}")
+    if len(vols) == 1:
+        return first
+    return Volume(np.stack([v.array for v in vols], axis=-1), first.affine)
+
+
+def load_label(case: Case, *, image: Volume | None = None) -> Volume:
+    """Read a case's label, checked against its image's grid when ``image`` is given."""
+    if case.label is None:
+        raise UserError(f"case {case.case_id!r} has no label; labels are required here")
+    label = read_label(case.label)
+    if image is not None:
+        check_same_space(image, label, name=case.case_id)
+    return label
+
+
+@dataclass(frozen=True)
+class Split:
+    """Disjoint train / validation / test case lists."""
+
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
+
+
+def split_cases(case_ids: list[str], *, seed: int, val: float = 0.1, test: float = 0.2) -> Split:
+    """Deterministic random split of case ids by ``seed``.
+
+    The result depends only on the set of ids and the seed (ids are sorted first), so
+    re-listing a folder in another order gives the same split.
+
+    Examples
+    --------
+    >>> s = split_cases([f"c{i}" for i in range(10)], seed=0)
+    >>> len(s.train), len(s.val), len(s.test)
+    (7, 1, 2)
+    """
+    for name, frac in (("val", val), ("test", test)):
+        if not 0 <= frac < 1:
+            raise UserError(f"{name} must be a fraction in [0, 1), got {frac}; e.g. 0.1")
+    if val + test >= 1:
+        raise UserError(f"val + test must leave cases for training, got {val} + {test}; "
+                        "lower them")
+    ids = sorted(set(case_ids))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    shuffled = [ids[i] for i in order]
+    n_test = int(round(test * len(ids)))
+    n_val = int(round(val * len(ids)))
+    return Split(
+        train=tuple(sorted(shuffled[n_test + n_val:])),
+        val=tuple(sorted(shuffled[n_test:n_test + n_val])),
+        test=tuple(sorted(shuffled[:n_test])),
+    )
+
+
+def dataset_slice_axis(shapes: list[tuple[int, ...]], spacings: list[tuple[float, ...]]) -> int:
+    """One slice axis for a whole dataset: the most common per-case default axis.
+
+    A 2D model needs slices of one orientation, so a dataset gets a single axis; ties go to
+    the lowest axis index.
+    """
+    votes = Counter(default_slice_axis(sp, sh) for sh, sp in zip(shapes, spacings, strict=True))
+    top = max(votes.values())
+    return min(a for a, n in votes.items() if n == top)

@@ -1,0 +1,34 @@
+"""The one exception type for mistakes a user can fix.
+
+The CLI prints a :class:`UserError` as a single line and exits with status 2, never with a
+traceback. Library callers can catch it like any ``ValueError``.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input: the message names the argument, shows the value and says how to fix it."""
+
+
+def fail(argument: str, value: object, fix: str, *, problem: str | None = None) -> UserError:
+    """Build a :class:`UserError` with the project's message shape.
+
+    Parameters
+    ----------
+    argument : str
+        Name of the argument or file at fault.
+    value : object
+        The offending value (shown with ``repr`` for strings, ``str`` otherwise).
+    fix : str
+        What the user should do instead.
+    problem : str, optional
+        What is wrong; defaults to ``"is invalid"``.
+
+    Examples
+    --------
+    >>> str(fail("spacing", (1.0, 1.0), "pass the image's spacing", problem="must have 3 values"))
+    "spacing must have 3 values, got (1.0, 1.0); pass the image's spacing"
+    """
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return UserError(f"{argument} {problem or 'is invalid'}, got {shown}; {fix}")

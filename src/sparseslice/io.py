@@ -1,0 +1,322 @@
+"""Reading and writing volumes (NIfTI, NRRD, MetaImage) without losing space or dtype.
+
+Every volume is held the way nibabel holds NIfTI: ``array`` indexed ``[i, j, k]`` and a 4x4
+``affine`` mapping voxel indices to RAS+ world millimetres. NRRD and MetaImage files go
+through SimpleITK and are converted to and from that convention (SimpleITK's arrays are
+``[k, j, i]`` and its world is LPS), so a label written here reopens in 3D Slicer or ITK-SNAP
+on top of its image. Intensities are never rescaled and dtypes are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sparseslice.atomic import atomic_path
+from sparseslice.errors import UserError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D image or label array with its place in the world.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        Voxel values, indexed ``[i, j, k]``.
+    affine : numpy.ndarray
+        4x4 matrix from voxel indices to RAS+ millimetres.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        """Voxel size along each array axis, in millimetres."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def like(self, array: np.ndarray) -> Volume:
+        """Return a volume with the same space holding ``array`` (same shape required)."""
+        if array.shape[:3] != self.array.shape[:3]:
+            raise UserError(
+                f"array shape must match the volume, got {array.shape} for {self.array.shape}; "
+                "pass an array on the same grid"
+            )
+        return Volume(array, self.affine.copy())
+
+
+def affine_from_spacing(spacing: tuple[float, ...], origin: tuple[float, ...] = (0, 0, 0)) -> np.ndarray:
+    """Axis-aligned affine with the given voxel spacing and origin."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([float(s) for s in spacing])
+    affine[:3, 3] = origin
+    return affine
+
+
+def volume_suffix(path: str | os.PathLike[str]) -> str | None:
+    """The recognised volume suffix of ``path`` (``".nii.gz"``, ``".nrrd"``...), or None."""
+    name = Path(path).name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def strip_suffix(path: str | os.PathLike[str]) -> str:
+    """File name without its volume suffix: ``"case_001.nii.gz"`` -> ``"case_001"``."""
+    name = Path(path).name
+    suffix = volume_suffix(name)
+    return name[: -len(suffix)] if suffix else name
+
+
+def read_volume(path: str | os.PathLike[str]) -> Volume:
+    """Read a NIfTI, NRRD or MetaImage file.
+
+    Raises
+    ------
+    UserError
+        If the file is missing, has an unknown suffix, or cannot be decoded (the message
+        names the file).
+
+    Examples
+    --------
+    >>> vol = read_volume("image.nii.gz")  # doctest: +SKIP
+    >>> vol.array.shape, vol.spacing  # doctest: +SKIP
+    ((35, 50, 36), (1.0, 1.0, 1.0))
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file {str(path)!r} does not exist; check the path")
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise UserError(
+            f"file {str(path)!r} has an unknown format; use one of {', '.join(VOLUME_SUFFIXES)}"
+        )
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            return _read_nifti(path)
+        return _read_itk(path)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file for the user
+        raise UserError(
+            f"file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); "
+            "it may be truncated or corrupt, re-export or re-download it"
+        ) from exc
+
+
+def _read_nifti(path: Path) -> Volume:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    array = np.asanyarray(img.dataobj)
+    array = np.array(array, copy=False)
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim not in (3, 4):
+        raise UserError(f"file {str(path)!r} must hold a 3D volume, got shape {array.shape}; "
+                        "pass a 3D image")
+    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=float))
+
+
+def _read_itk(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(path))
+    if img.GetDimension() != 3:
+        raise UserError(f"file {str(path)!r} must hold a 3D volume, got {img.GetDimension()}D; "
+                        "pass a 3D image")
+    array = sitk.GetArrayFromImage(img)  # [k, j, i] (+ components)
+    if img.GetNumberOfComponentsPerPixel() > 1:
+        array = np.transpose(array, (2, 1, 0, 3))
+    else:
+        array = np.transpose(array, (2, 1, 0))
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(img.GetSpacing(), dtype=float)
+    affine = np.eye(4)
+    affine[:3, :3] = _LPS @ direction @ np.diag(spacing)
+    affine[:3, 3] = _LPS @ np.asarray(img.GetOrigin(), dtype=float)
+    return Volume(np.ascontiguousarray(array), affine)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
+    """Write ``volume`` atomically; the format follows the suffix of ``path``.
+
+    The dtype is written as is (no scaling); a temporary file is renamed into place so an
+    interrupted write never leaves a half-written file under ``path``.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix is None:
+        raise UserError(
+            f"output {str(path)!r} has an unknown format; use one of {', '.join(VOLUME_SUFFIXES)}"
+        )
+    array = volume.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    with atomic_path(path) as tmp:
+        if suffix in NIFTI_SUFFIXES:
+            _write_nifti(array, volume.affine, tmp)
+        else:
+            _write_itk(array, volume.affine, tmp, compress=suffix != ".mhd")
+    return path
+
+
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+
+
+def _write_itk(array: np.ndarray, affine: np.ndarray, path: Path, *, compress: bool) -> None:
+    import SimpleITK as sitk
+
+    if array.ndim == 4:
+        img = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0, 3)), isVector=True)
+    else:
+        img = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
+    lps = _LPS @ affine[:3, :3]
+    spacing = np.linalg.norm(lps, axis=0)
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetDirection([float(v) for v in (lps / spacing).ravel()])
+    img.SetOrigin([float(v) for v in _LPS @ affine[:3, 3]])
+    sitk.WriteImage(img, str(path), useCompression=compress)
+
+
+def read_label(path: str | os.PathLike[str], *, ignore_value: int | None = None) -> Volume:
+    """Read a label volume and check that it holds non-negative integers.
+
+    Float files holding whole numbers are accepted and converted to integers (many tools
+    save labels as float); any fractional or negative value is refused.
+    """
+    vol = read_volume(path)
+    arr = vol.array
+    if arr.ndim != 3:
+        raise UserError(f"label {str(path)!r} must be 3D, got shape {arr.shape}; "
+                        "pass a single-channel label map")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(
+            np.mod(arr, 1) == 0
+        ):
+            arr = arr.astype(np.int64)
+        else:
+            bad = arr[~np.isfinite(arr) | (np.mod(arr, 1) != 0)] if arr.dtype.kind == "f" else arr
+            raise UserError(
+                f"label {str(path)!r} must hold integer values, got {bad.flat[0]!r} "
+                f"(dtype {vol.array.dtype}); pass a label map, not an image or probability map"
+            )
+    if arr.size and arr.min() < 0:
+        raise UserError(f"label {str(path)!r} must hold non-negative values, got {arr.min()}; "
+                        "labels are 0 (background), 1, 2, ...")
+    arr = narrow_label_dtype(arr)
+    return Volume(arr, vol.affine)
+
+
+def narrow_label_dtype(array: np.ndarray) -> np.ndarray:
+    """Smallest unsigned dtype holding every value of ``array`` (uint8 when possible)."""
+    top = int(array.max()) if array.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return array.astype(dtype, copy=False)
+    return array.astype(np.int64, copy=False)
+
+
+def check_same_space(image: Volume, label: Volume, *, name: str, atol: float = 1e-3) -> None:
+    """Refuse an image/label pair whose shapes or affines differ (names the case)."""
+    if image.shape[:3] != label.shape[:3]:
+        raise UserError(
+            f"case {name!r}: label shape must match the image, got {label.shape[:3]} vs "
+            f"{image.shape[:3]}; resample the label onto the image grid"
+        )
+    if not np.allclose(image.affine, label.affine, atol=atol):
+        raise UserError(
+            f"case {name!r}: label affine must match the image, got spacing {label.spacing} "
+            f"origin {tuple(np.round(label.affine[:3, 3], 3))} vs spacing {image.spacing} "
+            f"origin {tuple(np.round(image.affine[:3, 3], 3))}; resample the label onto the image"
+        )
+
+
+def default_slice_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> int:
+    """The axis slices are annotated along: largest spacing, ties broken by fewest voxels.
+
+    Spacings within 0.1 % of each other count as equal; a remaining tie goes to the lowest
+    axis index.
+
+    Examples
+    --------
+    >>> default_slice_axis((0.8, 0.8, 5.0), (512, 512, 40))
+    2
+    >>> default_slice_axis((1.0, 1.0, 1.0), (35, 50, 36))
+    0
+    """
+    if len(spacing) != 3 or len(shape) < 3:
+        raise UserError(f"spacing must have 3 values, got {tuple(spacing)}; pass the image's spacing")
+    top = max(spacing)
+    candidates = [a for a in range(3) if spacing[a] >= top * (1 - 1e-3)]
+    return min(candidates, key=lambda a: (shape[a], a))
+
+
+def check_axis(axis: int, ndim: int = 3) -> int:
+    """Validate a slice-axis argument and return it as a non-negative int."""
+    if not isinstance(axis, int | np.integer) or not -ndim <= int(axis) < ndim:
+        raise UserError(f"axis must be 0, 1 or 2, got {axis!r}; pass the slice axis of the volume")
+    return int(axis) % ndim
+
+
+@dataclass(frozen=True)
+class Header:
+    """Shape, affine and dtype of a volume file, read without decoding its voxels."""
+
+    shape: tuple[int, ...]
+    affine: np.ndarray
+    dtype: np.dtype
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def read_header(path: str | os.PathLike[str]) -> Header:
+    """Read only the header of a volume file (fast: no voxel data is decoded)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"file {str(path)!r} does not exist; check the path")
+    suffix = volume_suffix(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+            if len(shape) == 4 and shape[3] == 1:
+                shape = shape[:3]
+            return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()))
+        if suffix is None:
+            raise UserError(f"file {str(path)!r} has an unknown format; use one of "
+                            f"{', '.join(VOLUME_SUFFIXES)}")
+        vol = read_volume(path)
+        return Header(vol.shape, vol.affine, vol.array.dtype)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); "
+                        "it may be truncated or corrupt, re-export it") from exc

@@ -1,0 +1,253 @@
+"""Sparse labels: a label volume plus which slices of it are trustworthy.
+
+Voxels in slices that are not annotated are *unknown*, never background. On disk a sparse
+label is one volume whose unknown voxels hold the ignore value (255 by default, nnU-Net v2's
+convention) plus a JSON sidecar (``<case>.sparse.json``) recording the axis, the annotated
+and border slices and the extent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from sparseslice.atomic import write_json
+from sparseslice.errors import UserError
+from sparseslice.io import Volume, check_axis, read_label, strip_suffix, write_volume
+
+DEFAULT_IGNORE_VALUE = 255
+SIDECAR_SUFFIX = ".sparse.json"
+
+
+@dataclass(frozen=True)
+class SparseLabel:
+    """A label array whose annotated slices along ``axis`` are known.
+
+    Parameters
+    ----------
+    label : numpy.ndarray
+        Integer labels; values in unannotated slices are meaningless.
+    annotated : numpy.ndarray
+        Boolean vector, one entry per slice along ``axis``.
+    axis : int
+        The slice axis.
+    border : numpy.ndarray, optional
+        Boolean vector of annotated slices that are border slices (known background outside
+        the extent, free of drawing cost). Defaults to none.
+    extent : tuple of int, optional
+        First and last slice containing the structure, when known.
+
+    Examples
+    --------
+    >>> lab = np.zeros((4, 4, 6), np.uint8); lab[1:3, 1:3, 2:4] = 1
+    >>> sp = SparseLabel.from_slices(lab, [0, 3], axis=2)
+    >>> sp.annotated.astype(int).tolist()
+    [1, 0, 0, 1, 0, 0]
+    >>> int(sp.known_mask().sum())
+    32
+    """
+
+    label: np.ndarray
+    annotated: np.ndarray
+    axis: int
+    border: np.ndarray | None = None
+    extent: tuple[int, int] | None = None
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        axis = check_axis(self.axis, self.label.ndim)
+        object.__setattr__(self, "axis", axis)
+        annotated = np.asarray(self.annotated, dtype=bool)
+        n = self.label.shape[axis]
+        if annotated.shape != (n,):
+            raise UserError(f"annotated must have one entry per slice ({n} along axis {axis}), "
+                            f"got shape {annotated.shape}; pass a boolean vector over the slice axis")
+        object.__setattr__(self, "annotated", annotated)
+        border = np.zeros(n, bool) if self.border is None else np.asarray(self.border, bool)
+        if border.shape != (n,):
+            raise UserError(f"border must have shape ({n},), got {border.shape}; "
+                            "pass a boolean vector over the slice axis")
+        if np.any(border & ~annotated):
+            raise UserError("border slices must be annotated, got border slices "
+                            f"{np.flatnonzero(border & ~annotated).tolist()} that are not; "
+                            "use with_border_slices() to add them")
+        object.__setattr__(self, "border", border)
+        if self.extent is not None:
+            object.__setattr__(self, "extent", check_extent(self.extent, n))
+
+    @classmethod
+    def from_slices(cls, label: np.ndarray, slices: list[int] | np.ndarray, *, axis: int) -> SparseLabel:
+        """Sparse label keeping ``slices`` (indices along ``axis``) of a full label."""
+        axis = check_axis(axis, label.ndim)
+        n = label.shape[axis]
+        idx = np.asarray(list(slices), dtype=int)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise UserError(f"slices must lie in [0, {n - 1}] along axis {axis}, got "
+                            f"{idx[(idx < 0) | (idx >= n)].tolist()}; pick slices inside the volume")
+        annotated = np.zeros(n, bool)
+        annotated[idx] = True
+        return cls(label, annotated, axis)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.label.shape[self.axis])
+
+    @property
+    def annotated_indices(self) -> list[int]:
+        return np.flatnonzero(self.annotated).tolist()
+
+    @property
+    def drawn(self) -> np.ndarray:
+        """Annotated slices an annotator had to draw (annotated and not border)."""
+        return self.annotated & ~self.border
+
+    def known_mask(self) -> np.ndarray:
+        """Boolean voxel mask, True where the label is known (annotated slices)."""
+        shape = [1] * self.label.ndim
+        shape[self.axis] = self.n_slices
+        return np.broadcast_to(self.annotated.reshape(shape), self.label.shape)
+
+    def with_border_slices(self, extent: tuple[int, int] | None = None) -> SparseLabel:
+        """Mark every slice outside ``extent`` as annotated background (border slices).
+
+        ``extent`` defaults to the stored extent. Labels in those slices are set to 0.
+        """
+        extent = check_extent(extent if extent is not None else self.extent, self.n_slices)
+        if extent is None:
+            raise UserError("extent is None; pass (first, last) slice of the structure or use "
+                            "extent_of() on a full label")
+        first, last = extent
+        outside = np.ones(self.n_slices, bool)
+        outside[first:last + 1] = False
+        label = self.label.copy()
+        index = [slice(None)] * label.ndim
+        index[self.axis] = outside
+        label[tuple(index)] = 0
+        return replace(self, label=label, annotated=self.annotated | outside,
+                       border=self.border | (outside & ~self.annotated), extent=extent)
+
+
+def check_extent(extent: tuple[int, int] | None, n_slices: int) -> tuple[int, int] | None:
+    """Validate an extent (first, last) against a number of slices."""
+    if extent is None:
+        return None
+    try:
+        first, last = (int(v) for v in extent)
+    except (TypeError, ValueError):
+        raise UserError(f"extent must be (first, last), got {extent!r}; pass two slice indices") from None
+    if not 0 <= first <= last < n_slices:
+        raise UserError(f"extent must satisfy 0 <= first <= last < {n_slices}, got ({first}, {last}); "
+                        "give the first and last slice that contain the structure")
+    return first, last
+
+
+def extent_of(label: np.ndarray, *, axis: int) -> tuple[int, int] | None:
+    """First and last slice along ``axis`` containing any foreground, or None if empty."""
+    axis = check_axis(axis, label.ndim)
+    other = tuple(a for a in range(label.ndim) if a != axis)
+    present = np.flatnonzero(np.any(label > 0, axis=other))
+    if present.size == 0:
+        return None
+    return int(present[0]), int(present[-1])
+
+
+def structure_slices(label: np.ndarray, *, axis: int) -> int:
+    """Number of slices along ``axis`` that contain any foreground."""
+    other = tuple(a for a in range(label.ndim) if a != check_axis(axis, label.ndim))
+    return int(np.count_nonzero(np.any(label > 0, axis=other)))
+
+
+def encode(sparse: SparseLabel, *, ignore_value: int = DEFAULT_IGNORE_VALUE) -> np.ndarray:
+    """One volume: true labels in annotated slices, ``ignore_value`` everywhere else.
+
+    Raises if a real label equals ``ignore_value`` (the two would be indistinguishable).
+    """
+    known = sparse.known_mask()
+    present = np.unique(sparse.label[known]) if known.any() else np.array([], int)
+    if np.any(present == ignore_value):
+        raise UserError(f"ignore_value collides with a real label, got {ignore_value}; "
+                        f"pass an ignore value above {int(present.max())}")
+    dtype = np.uint8 if max(ignore_value, int(present.max(initial=0))) <= 255 else np.uint16
+    out = np.full(sparse.label.shape, ignore_value, dtype=dtype)
+    out[known] = sparse.label[known]
+    return out
+
+
+def decode(volume: np.ndarray, *, axis: int, ignore_value: int = DEFAULT_IGNORE_VALUE,
+           border: np.ndarray | None = None, extent: tuple[int, int] | None = None) -> SparseLabel:
+    """Inverse of :func:`encode`: a slice is annotated when none of its voxels is ignored.
+
+    A slice holding both ignore and real values is refused: annotation is per whole slice.
+    """
+    axis = check_axis(axis, volume.ndim)
+    other = tuple(a for a in range(volume.ndim) if a != axis)
+    ignored = volume == ignore_value
+    any_ignored = np.any(ignored, axis=other)
+    all_ignored = np.all(ignored, axis=other)
+    partial = np.flatnonzero(any_ignored & ~all_ignored)
+    if partial.size:
+        raise UserError(f"slice {int(partial[0])} along axis {axis} is partly ignored (value "
+                        f"{ignore_value}); annotated slices must be complete: check the axis or "
+                        "the ignore value")
+    annotated = ~all_ignored
+    label = np.where(ignored, 0, volume).astype(volume.dtype)
+    return SparseLabel(label, annotated, axis, border=border, extent=extent)
+
+
+def sidecar_path(label_path: str | os.PathLike[str]) -> Path:
+    """``labels/case.nii.gz`` -> ``labels/case.sparse.json``."""
+    p = Path(label_path)
+    return p.with_name(strip_suffix(p) + SIDECAR_SUFFIX)
+
+
+def write_sparse(sparse: SparseLabel, path: str | os.PathLike[str], *, like: Volume,
+                 ignore_value: int = DEFAULT_IGNORE_VALUE, extra: dict | None = None) -> Path:
+    """Write the encoded volume (in ``like``'s space) and its JSON sidecar, both atomically.
+
+    The sidecar is written last, so its presence means the pair is complete.
+    """
+    write_volume(like.like(encode(sparse, ignore_value=ignore_value)), path)
+    record = {
+        "axis": sparse.axis,
+        "n_slices": sparse.n_slices,
+        "ignore_value": ignore_value,
+        "annotated": sparse.annotated_indices,
+        "border": np.flatnonzero(sparse.border).tolist(),
+        "drawn": np.flatnonzero(sparse.drawn).tolist(),
+        "extent": list(sparse.extent) if sparse.extent is not None else None,
+        **(extra or {}),
+    }
+    write_json(sidecar_path(path), record)
+    return Path(path)
+
+
+def read_sparse(path: str | os.PathLike[str], *, axis: int | None = None,
+                ignore_value: int | None = None) -> tuple[SparseLabel, Volume]:
+    """Read a sparse label volume and its sidecar; returns the label and its volume (space).
+
+    Without a sidecar, ``axis`` is required and annotated slices are the slices free of the
+    ignore value. With one, the sidecar's annotated slices must agree with the volume.
+    """
+    side = sidecar_path(path)
+    record = json.loads(side.read_text()) if side.is_file() else {}
+    ignore = int(ignore_value if ignore_value is not None
+                 else record.get("ignore_value", DEFAULT_IGNORE_VALUE))
+    vol = read_label(path)
+    if axis is None:
+        if "axis" not in record:
+            raise UserError(f"file {str(path)!r} has no sidecar {side.name}; pass axis=")
+        axis = int(record["axis"])
+    n = vol.shape[check_axis(axis)]
+    border = np.zeros(n, bool)
+    border[record.get("border", [])] = True
+    extent = tuple(record["extent"]) if record.get("extent") is not None else None
+    sparse = decode(vol.array, axis=axis, ignore_value=ignore, border=border, extent=extent)
+    if "annotated" in record and sorted(record["annotated"]) != sparse.annotated_indices:
+        raise UserError(f"file {str(path)!r} disagrees with its sidecar: volume has annotated "
+                        f"slices {sparse.annotated_indices[:8]}, sidecar {record['annotated'][:8]}; "
+                        "rewrite both with sparseslice simulate")
+    return replace(sparse, meta=record), vol
