@@ -1,0 +1,193 @@
+"""Networks, intensity normalisation and checkpoints shared by ``train`` and ``predict``.
+
+A checkpoint holds everything inference needs: the :class:`ModelSpec`, the
+:class:`Normalization`, the slice axis, the label values, the patch size and the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparseslice.atomic import atomic_path
+from sparseslice.errors import UserError
+
+ARCHITECTURES = ("unet", "dynunet")
+SCHEMES = ("zscore", "ct", "none")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of a MONAI U-Net.
+
+    ``in_channels`` counts image channels plus one when ``mask_channel`` is on (the
+    annotated-slice mask given as input, Specktor-Fadida et al.). At inference that channel
+    is all ones: every slice is to be segmented.
+    """
+
+    dims: int
+    in_channels: int
+    out_channels: int
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    arch: str = "unet"
+    mask_channel: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.dims not in (2, 3):
+            raise UserError(f"model dims must be 2 or 3, got {self.dims}; use --model 2d or 3d")
+        if self.arch not in ARCHITECTURES:
+            raise UserError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+        if len(self.strides) != len(self.channels) - 1:
+            raise UserError(f"strides must have len(channels) - 1 = {len(self.channels) - 1} values, "
+                            f"got {tuple(self.strides)}; e.g. channels 16,32,64,128 with strides 2,2,2")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+
+    @property
+    def divisor(self) -> int:
+        """Patch sizes must be multiples of this (product of the strides)."""
+        return int(np.prod(self.strides)) if self.strides else 1
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """Instantiate the network described by ``spec`` (MONAI ``UNet`` or ``DynUNet``)."""
+    if spec.arch == "unet":
+        from monai.networks.nets import UNet
+
+        return UNet(spatial_dims=spec.dims, in_channels=spec.in_channels,
+                    out_channels=spec.out_channels, channels=spec.channels, strides=spec.strides,
+                    num_res_units=spec.num_res_units, dropout=spec.dropout, norm="instance")
+    from monai.networks.nets import DynUNet
+
+    kernels = [3] * len(spec.channels)
+    strides = [1, *spec.strides]
+    return DynUNet(spatial_dims=spec.dims, in_channels=spec.in_channels,
+                   out_channels=spec.out_channels, kernel_size=kernels, strides=strides,
+                   upsample_kernel_size=strides[1:], filters=list(spec.channels),
+                   norm_name="instance", res_block=spec.num_res_units > 0, dropout=spec.dropout)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-modality intensity normalisation.
+
+    ``zscore`` (MRI): subtract the mean and divide by the standard deviation of the volume,
+    after clipping to the ``clip`` percentiles. ``ct``: clip to ``window`` (HU) and scale
+    to [0, 1]; HU values are never rescaled silently before that. ``none``: cast only.
+    """
+
+    scheme: str = "zscore"
+    window: tuple[float, float] = (-1000.0, 1000.0)
+    clip: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise UserError(f"normalization must be one of {', '.join(SCHEMES)}, got {self.scheme!r}; "
+                            "use zscore for MRI, ct for CT")
+
+
+def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Normalise a ``(C, ...)`` image channel by channel; returns float32.
+
+    Examples
+    --------
+    >>> x = normalize(np.arange(10, dtype=np.uint8)[None], Normalization("zscore", clip=(0, 100)))
+    >>> round(float(x.mean()), 6), round(float(x.std()), 6)
+    (0.0, 1.0)
+    """
+    out = np.empty(image.shape, np.float32)
+    for c in range(image.shape[0]):
+        x = image[c].astype(np.float32)
+        if norm.scheme == "ct":
+            lo, hi = norm.window
+            x = (np.clip(x, lo, hi) - lo) / (hi - lo)
+        elif norm.scheme == "zscore":
+            lo, hi = np.percentile(x, norm.clip)
+            x = np.clip(x, lo, hi)
+            x = (x - x.mean()) / max(float(x.std()), 1e-8)
+        out[c] = x
+    return out
+
+
+@dataclass
+class Checkpoint:
+    """What a trained run leaves for inference."""
+
+    spec: ModelSpec
+    normalization: Normalization
+    axis: int
+    labels: tuple[int, ...]
+    patch_size: tuple[int, ...]
+    state_dict: dict[str, Any] = field(repr=False)
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
+    """Write a checkpoint atomically (plain dicts and tensors; loads with weights_only)."""
+    payload = {
+        "format": "sparseslice-checkpoint-1",
+        "spec": asdict(ckpt.spec),
+        "normalization": asdict(ckpt.normalization),
+        "axis": int(ckpt.axis),
+        "labels": [int(v) for v in ckpt.labels],
+        "patch_size": [int(v) for v in ckpt.patch_size],
+        "state_dict": ckpt.state_dict,
+        "epoch": int(ckpt.epoch),
+        "metrics": {k: float(v) for k, v in ckpt.metrics.items()},
+        "extra": ckpt.extra,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model of a checkpoint in eval mode on ``device``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass a run folder from "
+                        "sparseslice train (it holds best.pt)")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"checkpoint {str(path)!r} could not be read ({exc}); retrain or copy it again") from exc
+    if not isinstance(payload, dict) or payload.get("format") != "sparseslice-checkpoint-1":
+        raise UserError(f"checkpoint {str(path)!r} is not a sparseslice checkpoint; "
+                        "pass the best.pt written by sparseslice train")
+    spec = ModelSpec(**{**payload["spec"], "channels": tuple(payload["spec"]["channels"]),
+                        "strides": tuple(payload["spec"]["strides"])})
+    norm = payload["normalization"]
+    ckpt = Checkpoint(spec=spec,
+                      normalization=Normalization(norm["scheme"], tuple(norm["window"]), tuple(norm["clip"])),
+                      axis=payload["axis"], labels=tuple(payload["labels"]),
+                      patch_size=tuple(payload["patch_size"]), state_dict=payload["state_dict"],
+                      epoch=payload["epoch"], metrics=payload["metrics"], extra=payload["extra"])
+    model = build_model(spec).to(device)
+    model.load_state_dict(ckpt.state_dict)
+    model.eval()
+    return model, ckpt
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """``device`` if given, else CUDA when present, else CPU."""
+    if device:
+        try:
+            return torch.device(device)
+        except RuntimeError as exc:
+            raise UserError(f"device is not valid, got {device!r}; use cpu, cuda or cuda:N") from exc
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
