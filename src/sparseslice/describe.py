@@ -102,10 +102,14 @@ def render_description(desc: DatasetDescription, console: Console, *, rows: int 
     labelled = sum(c.labels is not None for c in desc.cases)
     names = ", ".join(f"{v}={desc.label_names.get(v, '?')}" for v in desc.label_values)
     sl = [c.structure_slices for c in desc.cases if c.structure_slices is not None]
-    console.print(
-        f"[bold]{len(desc.cases)} cases[/bold] ({labelled} labelled); shapes "
-        f"{'x'.join(map(str, shapes.min(axis=0)))} to {'x'.join(map(str, shapes.max(axis=0)))} "
-        f"(per-axis min to max); "
-        f"labels {{{', '.join(map(str, desc.label_values))}}} ({names}); slice axis {desc.axis}"
-        + (f"; structure slices per case {min(sl)}-{max(sl)} (median {int(np.median(sl))})" if sl else "")
-    )
+    lines = [
+        f"[bold]{len(desc.cases)} cases ({labelled} labelled)[/bold], {desc.layout} layout",
+        f"shapes {'x'.join(map(str, shapes.min(axis=0)))} to {'x'.join(map(str, shapes.max(axis=0)))}"
+        " (per-axis min to max)",
+        f"labels {{{', '.join(map(str, desc.label_values))}}} ({names})",
+        f"slice axis {desc.axis}",
+    ]
+    if sl:
+        lines.append(f"structure slices per case {min(sl)}-{max(sl)} (median {int(np.median(sl))})")
+    for line in lines:
+        console.print(line, soft_wrap=True)

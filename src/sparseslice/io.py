@@ -221,11 +221,11 @@ def read_label(path: str | os.PathLike[str], *, ignore_value: int | None = None)
         else:
             bad = arr[~np.isfinite(arr) | (np.mod(arr, 1) != 0)] if arr.dtype.kind == "f" else arr
             raise UserError(
-                f"label {str(path)!r} must hold integer values, got {bad.flat[0]!r} "
+                f"label {str(path)!r} must hold integer values, got {bad.flat[0].item()!r} "
                 f"(dtype {vol.array.dtype}); pass a label map, not an image or probability map"
             )
     if arr.size and arr.min() < 0:
-        raise UserError(f"label {str(path)!r} must hold non-negative values, got {arr.min()}; "
+        raise UserError(f"label {str(path)!r} must hold non-negative values, got {arr.min().item()}; "
                         "labels are 0 (background), 1, 2, ...")
     arr = narrow_label_dtype(arr)
     return Volume(arr, vol.affine)

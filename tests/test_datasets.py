@@ -1,0 +1,122 @@
+"""Dataset discovery in every layout, splits, phantoms, and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sparseslice.datasets import discover_dataset, load_image, load_label, split_cases
+from sparseslice.errors import UserError
+from sparseslice.io import Volume, affine_from_spacing, write_volume
+from sparseslice.sparse import extent_of
+from sparseslice.synthetic import make_phantom, write_phantom_dataset
+
+
+def test_msd_layout(phantom_dataset):
+    ds = discover_dataset(phantom_dataset, require_labels=True)
+    assert ds.layout == "msd" and ds.case_ids == [f"phantom_{i:03d}" for i in range(4)]
+    assert ds.label_names == {0: "background", 1: "part1", 2: "part2"}
+    case = ds.case("phantom_001")
+    image = load_image(case)
+    label = load_label(case, image=image)
+    assert image.shape == label.shape and image.array.dtype == np.float32
+    with pytest.raises(UserError, match="case 'nope' is not in the dataset"):
+        ds.case("nope")
+
+
+def test_nnunet_channels_and_unlabelled_pool(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    for cid in ("a", "b"):
+        for ch in range(2):
+            write_volume(Volume(np.full((3, 3, 3), ch, np.int16)), tmp_path / "imagesTr" / f"{cid}_{ch:04d}.nii.gz")
+    write_volume(Volume(np.zeros((3, 3, 3), np.uint8)), tmp_path / "labelsTr" / "a.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "tumour": 1}}))
+    ds = discover_dataset(tmp_path)
+    assert ds.case_ids == ["a", "b"] and len(ds.case("a").images) == 2
+    assert ds.case("b").label is None and ds.label_names == {0: "background", 1: "tumour"}
+    assert load_image(ds.case("a")).shape == (3, 3, 3, 2)
+    with pytest.raises(UserError, match="case 'b' has an image but no label"):
+        discover_dataset(tmp_path, require_labels=True)
+
+
+def test_folder_pairs_and_flat_tags(tmp_path):
+    vol = Volume(np.zeros((3, 3, 3), np.uint8))
+    for cid in ("x1", "x2"):
+        write_volume(vol, tmp_path / "sub" / "images" / f"{cid}.nrrd")
+        write_volume(vol, tmp_path / "sub" / "labels" / f"{cid}.nrrd")
+        write_volume(vol, tmp_path / "flat" / f"{cid}.nii.gz")
+        write_volume(vol, tmp_path / "flat" / f"{cid}_seg.nii.gz")
+    write_volume(vol, tmp_path / "flat" / "x3.mha")
+    write_volume(vol, tmp_path / "flat" / "x3.seg.nrrd")
+    sub = discover_dataset(tmp_path / "sub", require_labels=True)
+    assert sub.layout == "pairs" and sub.case_ids == ["x1", "x2"]
+    flat = discover_dataset(tmp_path / "flat", require_labels=True)
+    assert flat.case_ids == ["x1", "x2", "x3"]
+    assert flat.case("x3").label.name == "x3.seg.nrrd"
+
+
+def test_csv_layout(tmp_path):
+    vol = Volume(np.zeros((3, 3, 3), np.uint8))
+    write_volume(vol, tmp_path / "img" / "p.nii.gz")
+    write_volume(vol, tmp_path / "lab" / "p.nii.gz")
+    write_volume(vol, tmp_path / "img" / "q.nii.gz")
+    (tmp_path / "list.csv").write_text("image,label\nimg/p.nii.gz,lab/p.nii.gz\nimg/q.nii.gz,\n")
+    ds = discover_dataset(tmp_path / "list.csv")
+    assert ds.case_ids == ["p", "q"] and ds.case("q").label is None
+    (tmp_path / "bad.csv").write_text("image,label\nimg/missing.nii.gz,\n")
+    with pytest.raises(UserError, match="line 2: file .*missing.nii.gz' does not exist"):
+        discover_dataset(tmp_path / "bad.csv")
+    (tmp_path / "nohead.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="must have an 'image' column"):
+        discover_dataset(tmp_path / "nohead.csv")
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        discover_dataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no image files"):
+        discover_dataset(tmp_path / "empty")
+
+
+def test_mismatched_label_is_named(tmp_path, phantom_dataset):
+    root = tmp_path / "ds"
+    shutil.copytree(phantom_dataset, root)
+    case = discover_dataset(root).case("phantom_002")
+    write_volume(Volume(np.zeros((5, 5, 5), np.uint8)), case.label)
+    with pytest.raises(UserError, match="case 'phantom_002': label shape must match"):
+        load_label(case, image=load_image(case))
+
+
+def test_split_is_deterministic_disjoint_and_order_free():
+    ids = [f"c{i:03d}" for i in range(50)]
+    a = split_cases(ids, seed=3)
+    b = split_cases(list(reversed(ids)), seed=3)
+    assert a == b
+    assert (len(a.train), len(a.val), len(a.test)) == (35, 5, 10)
+    assert set(a.train) | set(a.val) | set(a.test) == set(ids)
+    assert not (set(a.train) & set(a.val)) and not (set(a.train) & set(a.test))
+    assert split_cases(ids, seed=4) != a
+    with pytest.raises(UserError, match="val \\+ test must leave cases"):
+        split_cases(ids, seed=0, val=0.5, test=0.5)
+
+
+def test_phantoms_are_seeded_and_anisotropic(tmp_path):
+    a, b, c = make_phantom(seed=5), make_phantom(seed=5), make_phantom(seed=6)
+    np.testing.assert_array_equal(a.image.array, b.image.array)
+    assert not np.array_equal(a.label.array, c.label.array)
+    assert a.image.spacing == (1.0, 1.0, 2.5)
+    assert set(np.unique(a.label.array)) == {0, 1, 2}
+    first, last = extent_of(a.label.array, axis=2)
+    assert 0 < first < last < a.label.shape[2] - 1, "structure must not touch the volume ends"
+    fg = a.image.array[a.label.array > 0].mean()
+    bg = a.image.array[a.label.array == 0].mean()
+    assert fg - bg > 0.2, "structure must be visible in the image"
+    out = write_phantom_dataset(tmp_path / "p", cases=2, seed=1, n_labels=1)
+    ds = discover_dataset(out, require_labels=True)
+    assert len(ds.cases) == 2
+    np.testing.assert_allclose(load_image(ds.cases[0]).affine, affine_from_spacing((1.0, 1.0, 2.5)))

@@ -1,0 +1,143 @@
+"""Volume I/O: round-trips for every format keep values, dtype, spacing and affine."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from sparseslice.errors import UserError
+from sparseslice.io import (
+    Volume,
+    check_same_space,
+    default_slice_axis,
+    read_header,
+    read_label,
+    read_volume,
+    write_volume,
+)
+
+SUFFIXES = [".nii", ".nii.gz", ".nrrd", ".seg.nrrd", ".mha", ".mhd"]
+
+
+def oblique_affine() -> np.ndarray:
+    """A rotated, anisotropic, shifted affine: catches axis-order and LPS/RAS mistakes."""
+    theta = 0.3
+    rot = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
+    affine = np.eye(4)
+    affine[:3, :3] = rot @ np.diag([0.7, 0.9, 2.5])
+    affine[:3, 3] = [-12.5, 30.25, 7.0]
+    return affine
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_round_trip_keeps_values_dtype_spacing_affine(tmp_path, suffix, dtype):
+    rng = np.random.default_rng(0)
+    array = (rng.random((5, 6, 7)) * 100).astype(dtype)
+    vol = Volume(array, oblique_affine())
+    path = write_volume(vol, tmp_path / f"v{suffix}")
+    back = read_volume(path)
+    assert back.array.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(back.array, array)
+    np.testing.assert_allclose(back.affine, vol.affine, atol=1e-5)
+    np.testing.assert_allclose(back.spacing, (0.7, 0.9, 2.5), atol=1e-6)
+    head = read_header(path)
+    assert head.shape == (5, 6, 7)
+    np.testing.assert_allclose(head.affine, vol.affine, atol=1e-5)
+
+
+def test_nrrd_written_by_us_matches_nifti_world_coordinates(tmp_path):
+    """The same voxel lands at the same world point whichever format it went through."""
+    vol = Volume(np.arange(60, dtype=np.int16).reshape(3, 4, 5), oblique_affine())
+    write_volume(vol, tmp_path / "a.nii.gz")
+    write_volume(vol, tmp_path / "a.nrrd")
+    nii = nib.load(str(tmp_path / "a.nii.gz"))
+    itk = sitk.ReadImage(str(tmp_path / "a.nrrd"))
+    ijk = (2, 1, 3)
+    ras = nii.affine @ np.array([*ijk, 1.0])
+    lps = np.array(itk.TransformIndexToPhysicalPoint(ijk))
+    np.testing.assert_allclose(ras[:3], lps * [-1, -1, 1], atol=1e-5)
+    assert itk.GetPixel(ijk) == nii.get_fdata()[ijk]
+
+
+def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
+    import sparseslice.io as sio
+
+    target = tmp_path / "x.nii.gz"
+    write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), target)
+    before = target.read_bytes()
+
+    def half_write(array, affine, path):
+        path.write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sio, "_write_nifti", half_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_volume(Volume(np.ones((2, 2, 2), np.uint8)), target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+def test_missing_and_unknown_format_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_volume(tmp_path / "nope.nii.gz")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="unknown format"):
+        read_volume(tmp_path / "a.txt")
+
+
+def test_truncated_file_names_the_file(tmp_path):
+    path = write_volume(Volume(np.ones((20, 20, 20), np.float32)), tmp_path / "t.nii.gz")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="t.nii.gz.*truncated or corrupt"):
+        read_volume(path)
+    (tmp_path / "g.nii.gz").write_bytes(gzip.compress(b"not a nifti header"))
+    with pytest.raises(UserError, match="g.nii.gz"):
+        read_volume(tmp_path / "g.nii.gz")
+
+
+def test_label_validation(tmp_path):
+    write_volume(Volume(np.full((3, 3, 3), 1.5, np.float32)), tmp_path / "frac.nii.gz")
+    with pytest.raises(UserError, match="must hold integer values, got 1.5"):
+        read_label(tmp_path / "frac.nii.gz")
+    write_volume(Volume(np.full((3, 3, 3), -1, np.int16)), tmp_path / "neg.nii.gz")
+    with pytest.raises(UserError, match="non-negative"):
+        read_label(tmp_path / "neg.nii.gz")
+    write_volume(Volume(np.full((3, 3, 3), 2.0, np.float32)), tmp_path / "wholefloat.nii.gz")
+    lab = read_label(tmp_path / "wholefloat.nii.gz")
+    assert lab.array.dtype == np.uint8 and int(lab.array.max()) == 2
+
+
+def test_check_same_space():
+    a = Volume(np.zeros((4, 4, 4)), np.eye(4))
+    with pytest.raises(UserError, match="case 'c1': label shape must match"):
+        check_same_space(a, Volume(np.zeros((4, 4, 5)), np.eye(4)), name="c1")
+    shifted = np.eye(4)
+    shifted[0, 3] = 3.0
+    with pytest.raises(UserError, match="case 'c1': label affine must match"):
+        check_same_space(a, Volume(np.zeros((4, 4, 4)), shifted), name="c1")
+
+
+@pytest.mark.parametrize(
+    ("spacing", "shape", "axis"),
+    [
+        ((0.8, 0.8, 5.0), (512, 512, 40), 2),
+        ((3.0, 0.5, 0.5), (30, 256, 256), 0),
+        ((1.0, 1.0, 1.0), (35, 50, 36), 0),  # tie: fewest voxels
+        ((1.0, 1.0, 1.0), (50, 40, 36), 2),
+        ((1.0, 2.0, 2.0), (10, 20, 20), 1),  # tie on spacing and size: lowest index
+        ((1.0, 1.0, 1.0004), (20, 30, 40), 0),  # within 0.1 %: a tie, fewest voxels wins
+    ],
+)
+def test_default_slice_axis(spacing, shape, axis):
+    assert default_slice_axis(spacing, shape) == axis
+
+
+def test_default_slice_axis_needs_three_spacings():
+    with pytest.raises(UserError, match=r"spacing must have 3 values, got \(1.0, 1.0\)"):
+        default_slice_axis((1.0, 1.0), (4, 4, 4))

@@ -1,0 +1,127 @@
+"""Sparse labels: ignore-value encoding, sidecars, border slices, extents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sparseslice.errors import UserError
+from sparseslice.io import Volume, affine_from_spacing
+from sparseslice.sparse import (
+    SparseLabel,
+    decode,
+    encode,
+    extent_of,
+    read_sparse,
+    sidecar_path,
+    structure_slices,
+    write_sparse,
+)
+
+
+def toy_label() -> np.ndarray:
+    lab = np.zeros((6, 5, 8), np.uint8)
+    lab[1:4, 1:4, 2:6] = 1
+    lab[2:4, 2:4, 4:6] = 2
+    return lab
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_encode_decode_round_trip(axis):
+    lab = toy_label()
+    n = lab.shape[axis]
+    sp = SparseLabel.from_slices(lab, [0, n // 2, n - 1], axis=axis)
+    enc = encode(sp)
+    known = sp.known_mask()
+    assert np.all(enc[~known] == 255)
+    np.testing.assert_array_equal(enc[known], lab[known])
+    back = decode(enc, axis=axis)
+    np.testing.assert_array_equal(back.annotated, sp.annotated)
+    np.testing.assert_array_equal(back.label[known], lab[known])
+
+
+def test_unannotated_slices_are_unknown_not_background():
+    lab = toy_label()
+    sp = SparseLabel.from_slices(lab, [3], axis=2)
+    enc = encode(sp)
+    assert not np.any(enc[:, :, 4] == 0), "an unannotated slice must not read as background"
+    assert sp.known_mask().sum() == 6 * 5
+
+
+def test_ignore_value_collision_is_refused():
+    lab = toy_label()
+    lab[0, 0, 0] = 255
+    sp = SparseLabel.from_slices(lab, [0], axis=2)
+    with pytest.raises(UserError, match="ignore_value collides with a real label, got 255"):
+        encode(sp)
+    enc = encode(sp, ignore_value=300)
+    assert enc.dtype == np.uint16
+    assert decode(enc, axis=2, ignore_value=300).annotated_indices == [0]
+
+
+def test_partly_ignored_slice_is_refused():
+    enc = np.full((3, 3, 3), 255, np.uint8)
+    enc[0, 0, 1] = 0
+    with pytest.raises(UserError, match="slice 1 along axis 2 is partly ignored"):
+        decode(enc, axis=2)
+
+
+def test_border_slices_become_annotated_background():
+    lab = toy_label()
+    ext = extent_of(lab, axis=2)
+    assert ext == (2, 5)
+    sp = SparseLabel.from_slices(lab, [3], axis=2).with_border_slices(ext)
+    assert sp.annotated_indices == [0, 1, 3, 6, 7]
+    assert np.flatnonzero(sp.border).tolist() == [0, 1, 6, 7]
+    assert np.flatnonzero(sp.drawn).tolist() == [3]
+    assert not sp.label[:, :, [0, 1, 6, 7]].any()
+    # extent is validated
+    with pytest.raises(UserError, match="extent must satisfy"):
+        sp.with_border_slices((5, 2))
+    with pytest.raises(UserError, match="extent must satisfy"):
+        sp.with_border_slices((0, 8))
+
+
+def test_structure_slices_and_empty_extent():
+    lab = toy_label()
+    assert structure_slices(lab, axis=2) == 4
+    assert structure_slices(lab, axis=0) == 3
+    assert extent_of(np.zeros((3, 3, 3)), axis=0) is None
+
+
+def test_write_read_sparse_with_sidecar(tmp_path):
+    lab = toy_label()
+    like = Volume(np.zeros(lab.shape, np.float32), affine_from_spacing((1.0, 1.0, 3.0)))
+    sp = SparseLabel.from_slices(lab, [3, 4], axis=2).with_border_slices((2, 5))
+    path = write_sparse(sp, tmp_path / "case.nii.gz", like=like, extra={"strategy": "interval"})
+    side = json.loads(sidecar_path(path).read_text())
+    assert side["annotated"] == [0, 1, 3, 4, 6, 7] and side["border"] == [0, 1, 6, 7]
+    assert side["drawn"] == [3, 4] and side["extent"] == [2, 5] and side["strategy"] == "interval"
+    back, vol = read_sparse(path)
+    assert back.axis == 2 and back.extent == (2, 5)
+    np.testing.assert_array_equal(back.border, sp.border)
+    np.testing.assert_array_equal(back.label[back.known_mask()], sp.label[sp.known_mask()])
+    np.testing.assert_allclose(vol.affine, like.affine)
+
+
+def test_sidecar_disagreeing_with_volume_is_refused(tmp_path):
+    lab = toy_label()
+    like = Volume(np.zeros(lab.shape, np.float32))
+    path = write_sparse(SparseLabel.from_slices(lab, [3], axis=2), tmp_path / "c.nii.gz", like=like)
+    side = sidecar_path(path)
+    record = json.loads(side.read_text())
+    record["annotated"] = [2]
+    side.write_text(json.dumps(record))
+    with pytest.raises(UserError, match="disagrees with its sidecar"):
+        read_sparse(path)
+
+
+def test_bad_annotated_vector():
+    with pytest.raises(UserError, match="annotated must have one entry per slice"):
+        SparseLabel(np.zeros((2, 2, 4)), np.ones(3, bool), axis=2)
+    with pytest.raises(UserError, match="slices must lie in"):
+        SparseLabel.from_slices(np.zeros((2, 2, 4)), [4], axis=2)
+    with pytest.raises(UserError, match="axis must be 0, 1 or 2"):
+        SparseLabel(np.zeros((2, 2, 4)), np.ones(4, bool), axis=3)
