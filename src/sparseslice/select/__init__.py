@@ -1,0 +1,36 @@
+"""Annotation planning: spend a slice budget over volumes and pick slices within each.
+
+- :mod:`~sparseslice.select.allocation`: which volumes, how many slices each (``rho``/``volumes``).
+- :mod:`~sparseslice.select.strategies`: ``random``, ``interval``, ``ual``, ``block`` within a volume.
+- :mod:`~sparseslice.select.cost`: annotation time model.
+- :mod:`~sparseslice.select.plan`: :func:`make_plan`, :class:`Plan`, plan files.
+"""
+
+from sparseslice.select.allocation import VOLUME_SELECTIONS, apportion, default_volume_encoder, k_center_order
+from sparseslice.select.cost import CostModel
+from sparseslice.select.plan import (
+    Plan,
+    PlanEntry,
+    extents_from_labels,
+    make_plan,
+    read_extents,
+    read_plan,
+    render_plan,
+    write_plan,
+)
+from sparseslice.select.strategies import (
+    STRATEGIES,
+    block_slices,
+    default_slice_encoder,
+    interval_slices,
+    random_slices,
+    select_slices,
+    ual_slices,
+)
+
+__all__ = [
+    "STRATEGIES", "VOLUME_SELECTIONS", "CostModel", "Plan", "PlanEntry", "apportion", "block_slices",
+    "default_slice_encoder", "default_volume_encoder", "extents_from_labels", "interval_slices",
+    "k_center_order", "make_plan", "random_slices", "read_extents", "read_plan", "render_plan",
+    "select_slices", "ual_slices", "write_plan",
+]

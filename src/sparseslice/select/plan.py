@@ -1,0 +1,535 @@
+"""Annotation plans: which slices of which volumes to draw, made by :func:`make_plan`.
+
+A :class:`Plan` is the worklist an annotator follows (``plan.json`` plus ``plan.csv``) and the
+input of :func:`sparseslice.simulate.simulate`. It records the strategy, seed, budget and how
+the budget was allocated, so the same call gives the same plan.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseslice.atomic import write_json, write_text
+from sparseslice.datasets import Dataset, dataset_slice_axis, load_image
+from sparseslice.errors import UserError
+from sparseslice.io import check_axis, read_header, read_label
+from sparseslice.select.allocation import (
+    VOLUME_SELECTIONS,
+    apportion,
+    default_volume_encoder,
+    order_volumes,
+    volumes_for_rho,
+)
+from sparseslice.select.cost import CostModel
+from sparseslice.select.strategies import SliceEncoder, check_strategy, default_slice_encoder, select_slices
+from sparseslice.sparse import check_extent, extent_of
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlanEntry:
+    """Slices to annotate in one volume.
+
+    Parameters
+    ----------
+    case_id : str
+        The case.
+    axis : int
+        Slice axis.
+    slices : tuple of int
+        Sorted, distinct 0-based slice indices along ``axis``.
+    n_slices : int
+        Slices of the volume along ``axis`` (checked against the data before simulating).
+    extent : tuple of int, optional
+        First and last structure slice, when known; slices then lie inside it.
+    """
+
+    case_id: str
+    axis: int
+    slices: tuple[int, ...]
+    n_slices: int
+    extent: tuple[int, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"case": self.case_id, "axis": self.axis, "n_slices": self.n_slices,
+                "extent": list(self.extent) if self.extent is not None else None,
+                "slices": list(self.slices)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PlanEntry:
+        try:
+            case_id, axis, n = str(d["case"]), check_axis(int(d["axis"])), int(d["n_slices"])
+            slices = tuple(int(s) for s in d["slices"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"plan entry is malformed ({type(exc).__name__}: {exc}), got {dict(d)!r}; "
+                            "each entry needs case, axis, n_slices and slices") from None
+        if len(set(slices)) != len(slices) or any(not 0 <= s < n for s in slices):
+            bad = [s for s in slices if not 0 <= s < n] or sorted(s for s in slices if slices.count(s) > 1)
+            raise UserError(f"plan entry for case {case_id!r} names slices outside [0, {n - 1}] or twice, "
+                            f"got {bad[:5]}; fix the plan or make a new one")
+        extent = check_extent(d.get("extent"), n) if d.get("extent") is not None else None
+        return cls(case_id, axis, tuple(sorted(slices)), n, extent)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete annotation plan.
+
+    ``budget`` is the number of drawn slices (always ``sum(len(e.slices))``); ``rho`` is the
+    requested density, or the derived one ``budget / selectable slices of the chosen volumes``
+    when ``volumes`` was given; ``volumes`` is the number of volumes annotated.
+    """
+
+    entries: list[PlanEntry]
+    strategy: str
+    seed: int
+    budget: int
+    rho: float | None
+    volumes: int
+    volume_selection: str = "random"
+    axis: int | None = None
+    block_fraction: float | None = None
+    rho_effective: float | None = None
+    rho_of: str = "volume"
+    allocation: str = ""
+    minutes: float | None = None
+    budget_hours: float | None = None
+    cost: CostModel = field(default_factory=CostModel)
+    dataset: str | None = None
+
+    @property
+    def hours(self) -> float | None:
+        return None if self.minutes is None else self.minutes / 60
+
+    @property
+    def case_ids(self) -> list[str]:
+        return [e.case_id for e in self.entries]
+
+    def entry(self, case_id: str) -> PlanEntry:
+        for e in self.entries:
+            if e.case_id == case_id:
+                return e
+        raise UserError(f"case {case_id!r} is not in the plan; planned cases: {', '.join(self.case_ids[:5])}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION, "strategy": self.strategy, "seed": self.seed, "budget": self.budget,
+            "rho": self.rho, "volumes": self.volumes, "volume_selection": self.volume_selection,
+            "axis": self.axis, "block_fraction": self.block_fraction, "rho_effective": self.rho_effective,
+            "rho_of": self.rho_of, "allocation": self.allocation, "minutes": self.minutes,
+            "hours": None if self.minutes is None else round(self.minutes / 60, 4),
+            "budget_hours": self.budget_hours, "cost": self.cost.to_dict(), "dataset": self.dataset,
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        if not isinstance(d, Mapping) or "entries" not in d or "strategy" not in d:
+            raise UserError("plan must be a JSON object with 'strategy' and 'entries', got "
+                            f"{type(d).__name__}; pass a plan.json written by sparseslice plan")
+        entries = [PlanEntry.from_dict(e) for e in d["entries"]]
+        seen: set[str] = set()
+        for e in entries:
+            if e.case_id in seen:
+                raise UserError(f"plan names case {e.case_id!r} twice; keep one entry per case")
+            seen.add(e.case_id)
+        return cls(
+            entries=entries, strategy=str(d["strategy"]), seed=int(d.get("seed", 0)),
+            budget=sum(len(e.slices) for e in entries), rho=d.get("rho"), volumes=len(entries),
+            volume_selection=str(d.get("volume_selection", "random")), axis=d.get("axis"),
+            block_fraction=d.get("block_fraction"), rho_effective=d.get("rho_effective"),
+            rho_of=str(d.get("rho_of", "volume")), allocation=str(d.get("allocation", "")),
+            minutes=d.get("minutes"), budget_hours=d.get("budget_hours"),
+            cost=CostModel.from_dict(d.get("cost") or {}), dataset=d.get("dataset"),
+        )
+
+
+# ---------------------------------------------------------------------------------------- files
+
+
+def _plan_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    p = Path(path)
+    if p.suffix.lower() != ".json":
+        p = p / "plan.json"
+    return p, p.with_suffix(".csv")
+
+
+def plan_csv(plan: Plan) -> str:
+    """The worklist as CSV: one row per volume, slice indices 0-based and 1-based (ITK-SNAP)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case", "axis", "n_slices", "first", "last", "n_drawn", "slices", "slices_1based"])
+    for e in plan.entries:
+        first, last = e.extent if e.extent is not None else ("", "")
+        w.writerow([e.case_id, e.axis, e.n_slices, first, last, len(e.slices),
+                    " ".join(map(str, e.slices)), " ".join(str(s + 1) for s in e.slices)])
+    return buf.getvalue()
+
+
+def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
+    """Write ``plan.json`` and ``plan.csv`` (same stem) atomically; returns the JSON path.
+
+    ``path`` is a ``.json`` file or a folder (then ``folder/plan.json``).
+    """
+    json_path, csv_path = _plan_paths(path)
+    write_text(csv_path, plan_csv(plan))
+    write_json(json_path, plan.to_dict())
+    return json_path
+
+
+def read_plan(path: str | os.PathLike[str]) -> Plan:
+    """Read a plan written by :func:`write_plan` (a ``.json`` file or a folder holding ``plan.json``)."""
+    import json
+
+    json_path, _ = _plan_paths(path)
+    if not json_path.is_file():
+        raise UserError(f"plan {str(json_path)!r} does not exist; make one with sparseslice plan")
+    try:
+        data = json.loads(json_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"plan {str(json_path)!r} is not valid JSON ({exc}); rewrite it with "
+                        "sparseslice plan") from None
+    return Plan.from_dict(data)
+
+
+def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
+    """Read the annotators' clicks: a CSV with columns ``case,first,last`` (0-based slices).
+
+    Checked here for shape (integers, ``0 <= first <= last``, one row per case); checked
+    against each volume's slice count by :func:`make_plan`.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"extents file {str(p)!r} does not exist; pass a CSV with case,first,last")
+    with p.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"case", "first", "last"} <= set(rows[0]):
+        raise UserError(f"extents file {str(p)!r} must have columns case,first,last; add that header line")
+    out: dict[str, tuple[int, int]] = {}
+    for n, row in enumerate(rows, start=2):
+        case = (row["case"] or "").strip()
+        try:
+            first, last = int(row["first"]), int(row["last"])
+        except (TypeError, ValueError):
+            raise UserError(f"extents file {str(p)!r} line {n}: first/last must be integers, got "
+                            f"{row['first']!r}, {row['last']!r}; give 0-based slice indices") from None
+        if not 0 <= first <= last:
+            raise UserError(f"extents file {str(p)!r} line {n}: extent must satisfy 0 <= first <= last, got "
+                            f"({first}, {last}) for case {case!r}; swap or fix the clicks")
+        if case in out:
+            raise UserError(f"extents file {str(p)!r} line {n}: case {case!r} appears twice; keep one row")
+        out[case] = (first, last)
+    return out
+
+
+def extents_from_labels(dataset: Dataset, *, axis: int, cases: Sequence[str] | None = None
+                        ) -> dict[str, tuple[int, int]]:
+    """Extents taken from the full labels (simulation); cases with an empty label are left out."""
+    out: dict[str, tuple[int, int]] = {}
+    for cid in cases if cases is not None else dataset.case_ids:
+        case = dataset.case(cid)
+        if case.label is None:
+            raise UserError(f"case {cid!r} has no label to take its extent from; pass extents "
+                            "(a CSV case,first,last) instead")
+        ext = extent_of(read_label(case.label).array, axis=axis)
+        if ext is not None:
+            out[cid] = ext
+    return out
+
+
+# ---------------------------------------------------------------------------------------- planning
+
+
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """The random generator for one volume: depends on the seed and the case id only."""
+    return np.random.default_rng([int(seed), zlib.crc32(case_id.encode())])
+
+
+@dataclass
+class _Pool:
+    ids: list[str]
+    n_slices: dict[str, int]
+    extents: dict[str, tuple[int, int]]
+
+    def range_of(self, cid: str) -> tuple[int, int]:
+        return self.extents.get(cid, (0, self.n_slices[cid] - 1))
+
+    def capacity(self, cid: str) -> int:
+        lo, hi = self.range_of(cid)
+        return hi - lo + 1
+
+
+def _allocate(budget: int, order: list[str], pool: _Pool, *, rho: float | None, volumes: int | None,
+              block_fraction: float | None) -> tuple[list[str], list[int], str]:
+    caps = [pool.capacity(c) for c in order]
+    total = sum(caps)
+    if budget > total:
+        raise UserError(f"budget is larger than the data, got {budget} slices; the {len(order)} volumes hold "
+                        f"{total} selectable slices: lower the budget")
+    if block_fraction is not None:
+        lengths = [max(1, int(round(block_fraction * c))) for c in caps]
+        cumulative = np.cumsum(lengths)
+        s = int(np.searchsorted(cumulative, budget) + 1) if cumulative[-1] >= budget else len(order)
+        if cumulative[-1] < budget:
+            raise UserError(f"budget exceeds what block_fraction={block_fraction} can use on {len(order)} "
+                            f"volumes, got {budget} (at most {int(cumulative[-1])}); raise the fraction or "
+                            "lower the budget")
+        counts = lengths[:s]
+        counts[-1] = budget - sum(counts[:-1])
+        note = (f"blocks of {block_fraction:g} x structure slices on {s} volumes; the last volume's block "
+                f"holds the remainder ({counts[-1]} of {lengths[s - 1]})")
+        return order[:s], counts, note
+    if volumes is not None:
+        if not 1 <= volumes <= len(order):
+            raise UserError(f"volumes must be between 1 and the {len(order)} candidate cases, got {volumes}; "
+                            "lower it or add cases")
+        s = volumes
+        if budget < s:
+            raise UserError(f"budget must give each of the {s} volumes at least one slice, got {budget}; "
+                            f"raise the budget to {s} or lower volumes")
+        if budget > sum(caps[:s]):
+            raise UserError(f"budget is larger than {s} volumes can hold, got {budget} (they have "
+                            f"{sum(caps[:s])} selectable slices); raise volumes or lower the budget")
+        how = f"{s} volumes requested"
+    elif rho is not None:
+        s = volumes_for_rho(rho, caps, budget)
+        how = f"rho={rho:g} needs {s} volumes"
+    else:
+        s = min(len(order), budget)
+        how = f"no rho or volumes given: spread over {s} volumes (as many as the budget allows)"
+    counts = apportion(budget, caps[:s])
+    note = (f"{how}; one slice each, the other {budget - s} apportioned in proportion to each volume's "
+            "selectable slices (largest remainder, ties to earlier volumes)")
+    return order[:s], counts, note
+
+
+def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: float | None = None,
+              rho: float | None = None, volumes: int | None = None, strategy: str = "random", seed: int = 0,
+              axis: int | None = None, cases: Sequence[str] | None = None,
+              extents: Mapping[str, tuple[int, int]] | None = None, volume_selection: str = "random",
+              block_fraction: float | None = None, cost: CostModel | None = None,
+              slice_encoder: SliceEncoder | None = None,
+              volume_encoder: Callable[[np.ndarray], np.ndarray] | None = None,
+              progress: bool = False) -> Plan:
+    """Choose the volumes and slices to annotate under a budget.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Candidate cases (images are needed; labels only to derive extents for ``block``).
+    budget : int, optional
+        Slices to draw (border slices are free). Exactly one of ``budget`` and
+        ``budget_hours`` is required.
+    budget_hours : float, optional
+        Annotation time instead: the largest slice budget whose estimated time (``cost``)
+        fits is used.
+    rho : float, optional
+        Density: drawn slices / selectable slices per volume (selectable = the extent when
+        known, otherwise every slice). Gives the number of volumes; exclusive with ``volumes``.
+    volumes : int, optional
+        Number of volumes to annotate; ``rho`` then follows. With neither, the budget is
+        spread over as many volumes as possible (see :mod:`sparseslice.select.allocation`).
+    strategy : {"random", "interval", "ual", "block"}
+        Slice choice within a volume (:mod:`sparseslice.select.strategies`).
+    seed : int
+        Seeds volume order and slice choice; each volume's generator depends only on the
+        seed and its case id.
+    axis : int, optional
+        Slice axis; default: one axis for the dataset (largest spacing, majority vote).
+    cases : sequence of str, optional
+        Candidate pool (default: every case), e.g. the training split.
+    extents : mapping, optional
+        ``case -> (first, last)`` structure slices (annotators' clicks, :func:`read_extents`,
+        or :func:`extents_from_labels`). Slices are chosen inside them. For ``block`` they
+        default to the labels' extents; cases without one use the whole volume.
+    volume_selection : {"random", "diverse"}
+        Order in which volumes receive annotation: seeded shuffle, or greedy k-center over
+        volume embeddings (``volume_encoder``, default :func:`default_volume_encoder`).
+    block_fraction : float, optional
+        ``block`` only, exclusive with ``rho``/``volumes``: each block is this fraction of the
+        volume's structure slices (Specktor-Fadida's percentage); volumes are added until the
+        budget is spent, the last block takes the remainder.
+    cost : CostModel, optional
+        Time model for ``minutes``/``budget_hours`` (default :class:`CostModel`).
+    slice_encoder : callable, optional
+        ``ual`` features, ``encoder(image, axis) -> (n_slices, n_features)``; default
+        :func:`default_slice_encoder`.
+    progress : bool
+        Show a progress bar while reading images.
+
+    Returns
+    -------
+    Plan
+
+    Examples
+    --------
+    >>> plan = make_plan(ds, budget=300, rho=0.1, strategy="interval", seed=0)  # doctest: +SKIP
+    >>> plan.budget, plan.volumes  # doctest: +SKIP
+    (300, 84)
+    """
+    check_strategy(strategy)
+    if volume_selection not in VOLUME_SELECTIONS:
+        raise UserError(f"volume_selection is unknown, got {volume_selection!r}; use one of "
+                        f"{', '.join(VOLUME_SELECTIONS)}")
+    if (budget is None) == (budget_hours is None):
+        raise UserError(f"budget and budget_hours are exclusive and one is required, got budget={budget}, "
+                        f"budget_hours={budget_hours}; give exactly one")
+    if budget is not None and (not isinstance(budget, int | np.integer) or budget < 1):
+        raise UserError(f"budget must be a positive whole number of slices, got {budget!r}; e.g. 300")
+    if budget_hours is not None and not budget_hours > 0:
+        raise UserError(f"budget_hours must be positive, got {budget_hours}; e.g. 10")
+    if rho is not None and volumes is not None:
+        raise UserError(f"rho and volumes are exclusive, got rho={rho}, volumes={volumes}; give one, the "
+                        "other follows from the budget")
+    if rho is not None and not 0 < rho <= 1:
+        raise UserError(f"rho must be a fraction in (0, 1], got {rho}; e.g. 0.1 annotates 10% of the slices")
+    if block_fraction is not None:
+        if strategy != "block":
+            raise UserError(f"block_fraction only applies to strategy 'block', got strategy {strategy!r}; "
+                            "drop block_fraction or use strategy='block'")
+        if rho is not None or volumes is not None:
+            raise UserError("block_fraction is exclusive with rho and volumes, got both; give one")
+        if not 0 < block_fraction <= 1:
+            raise UserError(f"block_fraction must be in (0, 1], got {block_fraction}; e.g. 0.2")
+    cost = cost or CostModel()
+
+    ids = list(dict.fromkeys(cases)) if cases is not None else dataset.case_ids
+    if not ids:
+        raise UserError("cases is empty; give at least one case to plan for")
+    for cid in ids:
+        dataset.case(cid)  # raises for unknown cases
+    heads = {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
+    if axis is None:
+        axis = dataset_slice_axis([h.shape[:3] for h in heads.values()], [h.spacing for h in heads.values()])
+    axis = check_axis(axis)
+    n_slices = {cid: int(heads[cid].shape[axis]) for cid in ids}
+
+    if extents is None and strategy == "block":
+        extents = extents_from_labels(dataset, axis=axis, cases=ids)
+    checked: dict[str, tuple[int, int]] = {}
+    known = set(dataset.case_ids)
+    for cid, ext in (extents or {}).items():
+        if cid not in known:
+            raise UserError(f"extents name case {cid!r}, which is not in the dataset; remove the row or fix "
+                            "the case id")
+        if cid in n_slices:
+            try:
+                checked[cid] = check_extent(ext, n_slices[cid])  # type: ignore[assignment]
+            except UserError as exc:
+                raise UserError(f"case {cid!r}: {exc}") from None
+    pool = _Pool(ids, n_slices, checked)
+
+    embeddings = None
+    if volume_selection == "diverse":
+        enc = volume_encoder or default_volume_encoder
+        embeddings = np.stack([np.asarray(enc(load_image(dataset.case(c)).array), float).ravel()
+                               for c in _progress(ids, "embedding volumes", progress)])
+    order = order_volumes(ids, selection=volume_selection, seed=seed, embeddings=embeddings)
+    features: dict[str, np.ndarray] = {}
+
+    def build(b: int) -> Plan:
+        chosen, counts, note = _allocate(b, order, pool, rho=rho, volumes=volumes, block_fraction=block_fraction)
+        if strategy == "ual":
+            enc = slice_encoder or default_slice_encoder
+            for c in _progress([c for c in chosen if c not in features], "embedding slices", progress):
+                features[c] = np.asarray(enc(load_image(dataset.case(c)).array, axis))
+        entries = []
+        for cid, k in zip(chosen, counts, strict=True):
+            lo, hi = pool.range_of(cid)
+            try:
+                slices = select_slices(strategy, k, lo, hi, rng=case_rng(seed, cid), features=features.get(cid))
+            except UserError as exc:
+                raise UserError(f"case {cid!r}: {exc}") from None
+            entries.append(PlanEntry(cid, axis, slices, n_slices[cid], pool.extents.get(cid)))
+        selectable = sum(pool.capacity(c) for c in chosen)
+        has_ext = [c in pool.extents for c in chosen]
+        minutes = cost.plan_cost([(e.slices, x) for e, x in zip(entries, has_ext, strict=True)])
+        return Plan(entries=entries, strategy=strategy, seed=int(seed), budget=b,
+                    rho=rho if rho is not None else round(b / selectable, 6), volumes=len(entries),
+                    volume_selection=volume_selection, axis=axis, block_fraction=block_fraction,
+                    rho_effective=round(b / selectable, 6),
+                    rho_of="extent" if all(has_ext) else ("volume" if not any(has_ext) else "extent where known"),
+                    allocation=note, minutes=minutes, budget_hours=budget_hours, cost=cost,
+                    dataset=str(dataset.root))
+
+    if budget is not None:
+        return build(int(budget))
+    return _plan_by_time(build, budget_hours * 60, _budget_range(order, pool, rho=rho, volumes=volumes,
+                                                                  block_fraction=block_fraction))
+
+
+def _budget_range(order: list[str], pool: _Pool, *, rho: float | None, volumes: int | None,
+                  block_fraction: float | None) -> tuple[int, int]:
+    caps = [pool.capacity(c) for c in order]
+    if volumes is not None:
+        return volumes, sum(caps[:volumes])
+    if rho is not None:
+        return 1, int(np.floor(sum(rho * c for c in caps) + 1e-9))
+    if block_fraction is not None:
+        return 1, sum(max(1, int(round(block_fraction * c))) for c in caps)
+    return 1, sum(caps)
+
+
+def _plan_by_time(build: Callable[[int], Plan], minutes: float, bounds: tuple[int, int]) -> Plan:
+    """Largest slice budget whose plan fits ``minutes`` (binary search, then a safe step down)."""
+    lo, hi = bounds
+    first = build(lo)
+    if first.minutes > minutes:
+        raise UserError(f"budget_hours is too small for even {lo} slice(s), got {minutes / 60:g} h; that plan "
+                        f"takes {first.minutes / 60:.2f} h: raise budget_hours")
+    best = first
+    while lo < hi:  # time grows with the budget (almost always monotone)
+        mid = (lo + hi + 1) // 2
+        plan = build(mid)
+        if plan.minutes <= minutes:
+            lo, best = mid, plan
+        else:
+            hi = mid - 1
+    return best
+
+
+def _progress(items: list[str], label: str, show: bool):
+    if not show or not items:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=label, transient=True)
+
+
+def render_plan(plan: Plan, console: Any, *, rows: int = 20) -> None:
+    """Print a Rich summary: volumes, slices each, total, estimated annotation time."""
+    from rich.table import Table
+
+    counts = [len(e.slices) for e in plan.entries]
+    table = Table(title=f"plan: {plan.strategy}, seed {plan.seed}", show_lines=False)
+    for col in ("case", "n_slices", "extent", "drawn", "slices"):
+        table.add_column(col, justify="left" if col in ("case", "slices") else "right")
+    shown = plan.entries if rows <= 0 else plan.entries[:rows]
+    for e in shown:
+        ext = f"{e.extent[0]}-{e.extent[1]}" if e.extent else "-"
+        table.add_row(e.case_id, str(e.n_slices), ext, str(len(e.slices)), " ".join(map(str, e.slices)))
+    if len(shown) < len(plan.entries):
+        table.add_row(f"... {len(plan.entries) - len(shown)} more", "", "", "", "")
+    console.print(table)
+    rho = f"{plan.rho:.3g}" if plan.rho is not None else "-"
+    console.print(
+        f"[bold]{plan.volumes}[/bold] volumes, [bold]{plan.budget}[/bold] slices "
+        f"({min(counts)}-{max(counts)} per volume), axis {plan.axis}, rho {rho} of {plan.rho_of} slices "
+        f"(effective {plan.rho_effective:.3g})")
+    if plan.minutes is not None:
+        console.print(f"estimated annotation time: [bold]{plan.minutes / 60:.1f} h[/bold] "
+                      f"({plan.minutes:.0f} min; {plan.cost.volume_minutes:g} min/volume, "
+                      f"{plan.cost.slice_minutes:g} min/slice, {plan.cost.consecutive_discount:.0%} off "
+                      "consecutive slices)")
+    console.print(f"allocation: {plan.allocation}")

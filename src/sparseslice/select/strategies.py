@@ -1,0 +1,192 @@
+"""Which slices of one volume to annotate: ``random``, ``interval``, ``ual`` and ``block``.
+
+Every strategy picks ``k`` distinct slices from an inclusive range ``[lo, hi]`` (the extent
+when it is known, otherwise the whole volume) and returns them sorted. All randomness comes
+from the ``rng`` passed in, so the same generator state gives the same slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from sparseslice.errors import UserError
+from sparseslice.io import check_axis
+
+STRATEGIES = ("random", "interval", "ual", "block")
+
+#: An encoder maps an image array (channels last, if any) and the slice axis to one feature
+#: row per slice: ``encoder(image, axis) -> (n_slices, n_features)``.
+SliceEncoder = Callable[[np.ndarray, int], np.ndarray]
+
+
+def check_strategy(strategy: str) -> str:
+    """Return ``strategy`` if known, else raise listing the valid ones."""
+    if strategy not in STRATEGIES:
+        raise UserError(f"strategy is unknown, got {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def _check_request(k: int, lo: int, hi: int, strategy: str) -> int:
+    if hi < lo:
+        raise UserError(f"slice range must satisfy lo <= hi, got ({lo}, {hi}); pass a valid extent")
+    available = hi - lo + 1
+    if not 1 <= k <= available:
+        raise UserError(f"{strategy} was asked for {k} slices but the range [{lo}, {hi}] holds "
+                        f"{available}; ask for 1 to {available} slices (lower rho or spread the budget "
+                        "over more volumes)")
+    return available
+
+
+def random_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator) -> tuple[int, ...]:
+    """``k`` slices drawn uniformly without replacement from ``[lo, hi]``.
+
+    Examples
+    --------
+    >>> random_slices(3, 0, 9, rng=np.random.default_rng(0))
+    (5, 6, 9)
+    """
+    _check_request(k, lo, hi, "random")
+    picked = rng.choice(np.arange(lo, hi + 1), size=k, replace=False)
+    return tuple(sorted(int(s) for s in picked))
+
+
+def interval_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator) -> tuple[int, ...]:
+    """``k`` evenly spaced slices over ``[lo, hi]`` with a random offset.
+
+    The step is ``L / k`` for ``L = hi - lo + 1`` slices and the offset ``u`` is uniform in
+    ``[0, L / k)``; slice ``i`` is ``lo + floor(u + i * L / k)``. Gaps between consecutive
+    slices are therefore ``floor(L / k)`` or ``ceil(L / k)``: they differ by at most one and
+    the whole range is covered evenly (a fixed integer interval would leave the end uncovered).
+
+    Examples
+    --------
+    >>> interval_slices(4, 0, 19, rng=np.random.default_rng(0))
+    (3, 8, 13, 18)
+    """
+    length = _check_request(k, lo, hi, "interval")
+    step = length / k
+    offset = rng.uniform(0.0, step)
+    idx = np.floor(offset + np.arange(k) * step).astype(int)
+    idx = np.minimum(idx, length - 1)  # guards float round-off at the top end
+    return tuple(int(lo + i) for i in idx)
+
+
+def block_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator) -> tuple[int, ...]:
+    """``k`` consecutive slices around a random slice of ``[lo, hi]``, clamped to the range.
+
+    Specktor-Fadida et al.: a slice is drawn uniformly inside the structure's extent and a
+    block centred on it is annotated; a block that would cross an end of the extent is
+    shifted back inside it (so blocks near the ends are not shortened).
+
+    Examples
+    --------
+    >>> block_slices(3, 0, 9, rng=np.random.default_rng(0))
+    (7, 8, 9)
+    """
+    _check_request(k, lo, hi, "block")
+    centre = int(rng.integers(lo, hi + 1))
+    start = min(max(centre - (k - 1) // 2, lo), hi - k + 1)
+    return tuple(range(start, start + k))
+
+
+def default_slice_encoder(image: np.ndarray, axis: int, *, size: int = 16, components: int = 16) -> np.ndarray:
+    """Per-slice features: intensity-normalised, downsampled slice projected by PCA.
+
+    Each slice (all channels) is z-scored with the volume's robust statistics (median and
+    inter-quartile range, so slices stay comparable), resampled to ``size x size`` by linear
+    interpolation, flattened, and the rows are projected on their first ``components``
+    principal components (numpy SVD of the centred rows).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Volume ``[i, j, k]`` or ``[i, j, k, c]``.
+    axis : int
+        Slice axis.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_slices, min(components, n_slices, size * size * c))`` float64 features.
+    """
+    from scipy import ndimage
+
+    axis = check_axis(axis)
+    arr = np.asarray(image, dtype=np.float64)
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    arr = np.moveaxis(arr, axis, 0)  # (n, a, b, c)
+    q25, med, q75 = np.percentile(arr, [25, 50, 75])
+    arr = (arr - med) / max(q75 - q25, 1e-6)
+    n, a, b, c = arr.shape
+    zoom = (1.0, size / a, size / b, 1.0)
+    small = ndimage.zoom(arr, zoom, order=1, grid_mode=True, mode="nearest")
+    rows = small.reshape(n, -1)
+    rows = rows - rows.mean(axis=0, keepdims=True)
+    u, s, _ = np.linalg.svd(rows, full_matrices=False)
+    keep = min(components, s.size)
+    return u[:, :keep] * s[:keep]
+
+
+def ual_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator, features: np.ndarray) -> tuple[int, ...]:
+    """Unsupervised active learning: the slice nearest each k-means centre.
+
+    The feature rows of slices ``lo..hi`` (``features`` has one row per slice of the
+    volume) are clustered with k-means (``scipy.cluster.vq.kmeans2``, k-means++ start drawn
+    from ``rng``), ``k`` = slices to annotate. Each cluster contributes the member nearest its
+    centre (clusters are disjoint, so picks are distinct); a centre left with an empty
+    cluster takes the nearest slice not yet picked. Diverse slices, one per appearance mode:
+    the idea of Zhang et al.'s UAL baseline, with a cheap encoder instead of a pretrained one.
+
+    Examples
+    --------
+    >>> feats = np.repeat(np.eye(3), 4, axis=0) + 0.01 * np.arange(12)[:, None]
+    >>> len(set(ual_slices(3, 0, 11, rng=np.random.default_rng(0), features=feats)))
+    3
+    """
+    from scipy.cluster.vq import kmeans2
+
+    _check_request(k, lo, hi, "ual")
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2 or feats.shape[0] <= hi:
+        raise UserError(f"features must have one row per slice (at least {hi + 1}), got shape "
+                        f"{feats.shape}; pass encoder(image, axis) output for the whole volume")
+    x = feats[lo:hi + 1]
+    n = x.shape[0]
+    if k == n:
+        return tuple(range(lo, hi + 1))
+    if np.allclose(x, x[0]):  # featureless range: nothing to cluster, fall back to spreading
+        return interval_slices(k, lo, hi, rng=rng)
+    centres, assign = kmeans2(x, k, minit="++", seed=rng)
+    dist = ((x[:, None, :] - centres[None, :, :]) ** 2).sum(-1)  # (n, k)
+    picked: list[int] = []
+    taken = np.zeros(n, bool)
+    empty = []
+    for c in range(k):
+        members = np.flatnonzero(assign == c)
+        if members.size == 0:
+            empty.append(c)
+            continue
+        best = int(members[np.argmin(dist[members, c])])
+        picked.append(best)
+        taken[best] = True
+    for c in empty:
+        order = np.argsort(dist[:, c], kind="stable")
+        best = int(next(i for i in order if not taken[i]))
+        picked.append(best)
+        taken[best] = True
+    return tuple(sorted(lo + i for i in picked))
+
+
+def select_slices(strategy: str, k: int, lo: int, hi: int, *, rng: np.random.Generator,
+                  features: np.ndarray | None = None) -> tuple[int, ...]:
+    """Dispatch to a strategy by name (``features`` only for ``ual``)."""
+    check_strategy(strategy)
+    if strategy == "ual":
+        if features is None:
+            raise UserError("features is None for strategy 'ual'; pass one feature row per slice")
+        return ual_slices(k, lo, hi, rng=rng, features=features)
+    return {"random": random_slices, "interval": interval_slices, "block": block_slices}[strategy](
+        k, lo, hi, rng=rng)
