@@ -1,0 +1,249 @@
+"""Inference: sliding-window prediction, flip test-time augmentation and post-processing.
+
+A 2D model sees the slices along the checkpoint's slice axis (in batches); a 3D model sees
+patches of the checkpoint's patch size. Both go through MONAI's
+``sliding_window_inference`` with Gaussian blending. Test-time augmentation averages the
+softmax over every combination of flips of the chosen axes (nnU-Net's mirroring). The
+label map is then post-processed per label: largest connected component (26-connectivity)
+and hole filling (3D cavities of background enclosed by the label), each switchable.
+Output label maps have the image's shape and affine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from sparseslice.errors import UserError
+from sparseslice.io import Volume, narrow_label_dtype, write_volume
+from sparseslice.model import Checkpoint, normalize
+
+
+def keep_largest_component(labels: np.ndarray) -> np.ndarray:
+    """Keep, for each label value, only its largest connected component (26-connectivity).
+
+    Removed voxels become background (0).
+
+    Examples
+    --------
+    >>> a = np.zeros((6, 6, 6), np.uint8); a[0:3, 0:3, 0:3] = 1; a[5, 5, 5] = 1
+    >>> int(keep_largest_component(a).sum())
+    27
+    """
+    out = labels.copy()
+    structure = np.ones((3,) * labels.ndim, bool)
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        comp, n = ndimage.label(labels == value, structure=structure)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            out[(comp > 0) & (comp != int(np.argmax(sizes)))] = 0
+    return out
+
+
+def fill_label_holes(labels: np.ndarray) -> np.ndarray:
+    """Fill, for each label value, background cavities fully enclosed by it.
+
+    Only background voxels are filled, so a structure nested inside another label is kept.
+
+    Examples
+    --------
+    >>> a = np.ones((5, 5, 5), np.uint8); a[2, 2, 2] = 0
+    >>> int(fill_label_holes(a)[2, 2, 2])
+    1
+    """
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        mask = labels == value
+        holes = ndimage.binary_fill_holes(mask) & ~mask & (out == 0)
+        out[holes] = value
+    return out
+
+
+def postprocess(labels: np.ndarray, *, fill_holes: bool = True, largest_component: bool = True) -> np.ndarray:
+    """Largest connected component per label, then hole filling, each switchable."""
+    if largest_component:
+        labels = keep_largest_component(labels)
+    if fill_holes:
+        labels = fill_label_holes(labels)
+    return labels
+
+
+def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
+    axes = sorted(set(int(a) for a in axes))
+    return [c for n in range(len(axes) + 1) for c in itertools.combinations(axes, n)]
+
+
+def _check_tta_axes(tta_axes: Sequence[int] | None, ckpt: Checkpoint) -> tuple[int, ...]:
+    default = tuple(a for a in range(3) if ckpt.spec.dims == 3 or a != ckpt.axis)
+    if tta_axes is None:
+        return default
+    axes = tuple(int(a) for a in tta_axes)
+    if any(a not in (0, 1, 2) for a in axes):
+        raise UserError(f"tta_axes must be among 0, 1, 2, got {axes}; pass image axes to flip")
+    # flipping along the slice axis does not change a 2D model's per-slice prediction
+    return tuple(a for a in axes if ckpt.spec.dims == 3 or a != ckpt.axis)
+
+
+def _prepare(image: Volume, ckpt: Checkpoint) -> np.ndarray:
+    arr = image.array
+    arr = arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0)
+    want = ckpt.spec.in_channels - int(ckpt.spec.mask_channel)
+    if arr.shape[0] != want:
+        raise UserError(f"image must have {want} channel(s) for this model, got {arr.shape[0]} "
+                        f"(shape {image.shape}); pass images like those the model was trained on")
+    x = normalize(arr, ckpt.normalization)
+    if ckpt.spec.mask_channel:
+        x = np.concatenate([x, np.ones((1, *x.shape[1:]), np.float32)], axis=0)
+    return x
+
+
+def _roi(ckpt: Checkpoint, plane: tuple[int, ...]) -> tuple[int, ...]:
+    divisor = ckpt.spec.divisor
+    patch = tuple(int(p) for p in ckpt.patch_size)
+    if len(patch) == 3 and ckpt.spec.dims == 2:
+        patch = tuple(p for a, p in enumerate(patch) if a != ckpt.axis)
+    if len(patch) != ckpt.spec.dims:  # unknown: whole slice/volume, rounded up to the divisor
+        patch = tuple(-(-s // divisor) * divisor for s in plane)
+    return patch
+
+
+@torch.inference_mode()
+def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
+                          batch_size: int = 16) -> np.ndarray:
+    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window)."""
+    from monai.inferers import sliding_window_inference
+
+    device = _device_of(model)
+    if ckpt.spec.dims == 3:
+        t = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
+        logits = sliding_window_inference(t, _roi(ckpt, x.shape[1:]), batch_size, model, overlap=overlap,
+                                          mode="gaussian")
+        return torch.softmax(logits, dim=1)[0].float().cpu().numpy()
+    axis = ckpt.axis
+    slices = np.moveaxis(x, axis + 1, 0)  # (N, C, H, W)
+    roi = _roi(ckpt, slices.shape[2:])
+    out = np.empty((slices.shape[0], ckpt.spec.out_channels, *slices.shape[2:]), np.float32)
+    for start in range(0, slices.shape[0], batch_size):
+        t = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size])).to(device)
+        logits = sliding_window_inference(t, roi, batch_size, model, overlap=overlap, mode="gaussian")
+        out[start:start + batch_size] = torch.softmax(logits, dim=1).float().cpu().numpy()
+    return np.moveaxis(out, 0, axis + 1)  # (K, X, Y, Z)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _label_values(ckpt: Checkpoint) -> np.ndarray:
+    k = ckpt.spec.out_channels
+    labels = [int(v) for v in ckpt.labels]
+    if len(labels) == k:
+        return np.asarray(labels)
+    if len(labels) == k - 1:  # foreground values only; channel 0 is background
+        return np.asarray([0, *labels])
+    return np.arange(k)
+
+
+def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bool = False, fill_holes: bool = True,
+                   largest_component: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
+                   batch_size: int = 16) -> np.ndarray:
+    """Label map of one image, on the image's own grid.
+
+    Parameters
+    ----------
+    model, ckpt
+        From :func:`sparseslice.model.load_checkpoint`.
+    image : Volume
+        The image (channels on a last axis if several), unnormalised.
+    tta : bool
+        Average the softmax over all flips of ``tta_axes`` (2^n passes).
+    fill_holes, largest_component : bool
+        Post-processing per label (see :func:`postprocess`).
+    tta_axes : sequence of int, optional
+        Image axes to flip; default all three for 3D models, the two in-plane axes for 2D.
+    overlap : float
+        Sliding-window overlap in [0, 1).
+    batch_size : int
+        Windows (3D) or slices (2D) per forward pass.
+
+    Returns
+    -------
+    numpy.ndarray
+        Integer label map with the image's spatial shape (values from ``ckpt.labels``).
+    """
+    if not 0 <= overlap < 1:
+        raise UserError(f"overlap must lie in [0, 1), got {overlap}; e.g. 0.5")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be at least 1, got {batch_size}; e.g. 16")
+    x = _prepare(image, ckpt)
+    flips = _flip_sets(_check_tta_axes(tta_axes, ckpt)) if tta else [()]
+    prob = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
+    for flip in flips:
+        dims = tuple(a + 1 for a in flip)
+        xf = np.flip(x, dims) if dims else x
+        p = predict_probabilities(model, ckpt, xf, overlap=overlap, batch_size=batch_size)
+        prob += np.flip(p, dims) if dims else p
+    labels = narrow_label_dtype(_label_values(ckpt)[np.argmax(prob, axis=0)])
+    return postprocess(labels, fill_holes=fill_holes, largest_component=largest_component)
+
+
+def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[str] | None = None, tta: bool = False,
+                   fill_holes: bool = True, largest_component: bool = True, device: str | None = None,
+                   progress: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
+                   batch_size: int = 16) -> list[Path]:
+    """Predict every image of a dataset into ``out/<case>.nii.gz`` (image's own space).
+
+    ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
+    if any, are not used. The resolved settings go to ``out/predict.json``. Each file is
+    written atomically, so an interrupted run leaves only complete predictions.
+
+    Examples
+    --------
+    >>> predict_folder(Path("runs/r1"), Path("data/test"), Path("pred"))  # doctest: +SKIP
+    [PosixPath('pred/case_001.nii.gz'), ...]
+    """
+    from sparseslice.atomic import write_json
+    from sparseslice.datasets import discover_dataset, load_image
+    from sparseslice.model import load_checkpoint, pick_device
+
+    model, ckpt = load_checkpoint(run_dir, device=pick_device(device))
+    ds = discover_dataset(images)
+    todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "predict.json", {
+        "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
+        "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
+        "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
+        "device": str(_device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
+        "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
+    })
+    written = []
+    for case in _track(todo, "predicting", progress):
+        image = load_image(case)
+        labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
+                                largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
+                                batch_size=batch_size)
+        written.append(write_volume(Volume(labels, image.affine.copy()), out / f"{case.case_id}.nii.gz"))
+    return written
+
+
+def _track(items: list, description: str, progress: bool):  # noqa: ANN202 - generator of items
+    if not progress:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=description, transient=True)
