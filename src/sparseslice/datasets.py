@@ -144,6 +144,8 @@ def _read_dataset_json(root: Path) -> tuple[dict[int, str], str]:
     names: dict[int, str] = {}
     labels = meta.get("labels", {})
     for k, v in labels.items():
+        if str(k) == "ignore":  # nnU-Net v2's ignore label marks unknown voxels, it is not a class
+            continue
         if isinstance(v, int | float) and not str(k).lstrip("-").isdigit():  # nnU-Net v2: name -> value
             names[int(v)] = str(k)
         elif str(k).lstrip("-").isdigit():  # MSD: "value" -> name

@@ -1,0 +1,256 @@
+"""Apply a plan to a fully labelled dataset: the sparse labels a real annotator would produce.
+
+The output is a *sparse dataset* that :func:`~sparseslice.datasets.discover_dataset` reads::
+
+    out/imagesTr/<case>.nii.gz         (nnU-Net: <case>_0000.nii.gz, one file per channel)
+    out/labelsTr/<case>.nii.gz         ignore-encoded label (planned slices true, the rest ignored)
+    out/labelsTr/<case>.sparse.json    sidecar: axis, annotated/border/drawn slices, extent
+    out/dataset.json                   written last: its presence means the folder is complete
+    out/plan.json, out/plan.csv        the plan that produced it
+
+Images are absolute symbolic links to the originals by default (no copy of large CT data;
+the dataset stays valid while the originals stay where they are); ``copy_images=True``
+copies them instead. Images not stored as ``.nii.gz`` are converted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparseslice.atomic import atomic_path, write_json
+from sparseslice.datasets import Case, Dataset, load_image
+from sparseslice.errors import UserError
+from sparseslice.io import check_same_space, read_header, read_label, volume_suffix, write_volume
+from sparseslice.select.plan import Plan, write_plan
+from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SparseLabel, extent_of, write_sparse
+
+FORMATS = ("msd", "nnunet")
+
+
+def check_plan(plan: Plan, dataset: Dataset) -> None:
+    """Refuse a plan naming a case the dataset lacks or a slice outside its volume."""
+    known = set(dataset.case_ids)
+    for e in plan.entries:
+        if e.case_id not in known:
+            raise UserError(f"plan names case {e.case_id!r}, which is not in the dataset {str(dataset.root)!r}; "
+                            "simulate with the dataset the plan was made for")
+        shape = read_header(dataset.case(e.case_id).images[0]).shape[:3]
+        n = shape[e.axis]
+        if n != e.n_slices or (e.slices and max(e.slices) >= n):
+            raise UserError(f"plan slices for case {e.case_id!r} lie outside the volume, got n_slices "
+                            f"{e.n_slices} and slices up to {max(e.slices, default=-1)} for {n} slices along axis "
+                            f"{e.axis}; make the plan for this dataset")
+
+
+def label_values(dataset: Dataset, cases: Sequence[str]) -> list[int]:
+    """Label values of a dataset: from ``dataset.json`` when it names them, else read from the labels."""
+    if dataset.label_names:
+        return sorted(dataset.label_names)
+    values: set[int] = {0}
+    for cid in cases:
+        values.update(int(v) for v in np.unique(read_label(dataset.case(cid).label).array))
+    return sorted(values)
+
+
+def nnunet_ignore_value(values: Sequence[int]) -> int:
+    """nnU-Net v2's ignore label for labels ``values``: the next integer after the highest.
+
+    nnU-Net requires the ignore label to be the highest label value and all values,
+    ignore included, to be consecutive (``verify_dataset_integrity`` checks
+    ``0, 1, 2, ...``), so for labels 0, 1, 2 it is 3.
+
+    Examples
+    --------
+    >>> nnunet_ignore_value([0, 1, 2])
+    3
+    """
+    vals = sorted(set(int(v) for v in values) | {0})
+    if vals != list(range(len(vals))):
+        raise UserError(f"labels must be consecutive (0, 1, 2, ...) for an nnU-Net export, got {vals}; "
+                        "relabel the dataset first or use format='msd'")
+    return len(vals)
+
+
+def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", border_slices: bool = False,
+             ignore_value: int = DEFAULT_IGNORE_VALUE, copy_images: bool = False, overwrite: bool = False,
+             progress: bool = False) -> Path:
+    """Write the sparse dataset produced by annotating ``plan`` on ``dataset``'s full labels.
+
+    Parameters
+    ----------
+    dataset : Dataset
+        Fully labelled source.
+    plan : Plan
+        From :func:`~sparseslice.select.make_plan` or :func:`~sparseslice.select.read_plan`.
+    out : Path
+        Output folder; only planned cases are written.
+    format : {"msd", "nnunet"}
+        ``msd``: MSD layout, ``dataset.json`` with ``"labels": {"0": "background", ...}`` and
+        the ignore value under ``"sparse"``. ``nnunet``: nnU-Net v2 raw dataset (images
+        ``<case>_0000.nii.gz``, ``channel_names``, ``labels`` name -> value with ``"ignore"``).
+    border_slices : bool
+        Also mark the slices outside the structure's extent as annotated background (free of
+        drawing cost, Specktor-Fadida et al.). The extent is the true label's (the
+        annotator's two clicks); a plan extent is recorded but the truth decides.
+    ignore_value : int
+        Value of unknown voxels (default 255, nnU-Net's convention for sparse labels). For
+        ``nnunet`` nnU-Net requires the value after the highest label (3 for labels 0, 1, 2);
+        the default is replaced by it and any other value is refused.
+    copy_images : bool
+        Copy images instead of linking them (absolute symbolic links by default).
+    overwrite : bool
+        Replace the files of an earlier simulation in ``out`` (its ``imagesTr``, ``labelsTr``,
+        ``dataset.json`` and plan); without it a non-empty ``out`` is refused.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    if format not in FORMATS:
+        raise UserError(f"format is unknown, got {format!r}; use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"out {str(out)!r} is not empty; choose a new folder or pass overwrite "
+                            "(--overwrite) to replace an earlier simulation")
+        for name in ("dataset.json", "imagesTr", "labelsTr", "plan.json", "plan.csv"):
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    check_plan(plan, dataset)
+    cases = plan.case_ids
+    for cid in cases:
+        if dataset.case(cid).label is None:
+            raise UserError(f"case {cid!r} has no label; simulate needs fully labelled cases")
+    values = label_values(dataset, cases)
+    if format == "nnunet":
+        needed = nnunet_ignore_value(values)
+        if ignore_value not in (DEFAULT_IGNORE_VALUE, needed):
+            raise UserError(f"ignore_value must be the value after the highest label for nnU-Net, got "
+                            f"{ignore_value}; use {needed} (or leave the default)")
+        ignore_value = needed
+    elif ignore_value <= max(values):
+        raise UserError(f"ignore_value must exceed every label value, got {ignore_value} with labels up to "
+                        f"{max(values)}; use 255")
+
+    training = []
+    for entry in _track(plan.entries, progress):
+        case = dataset.case(entry.case_id)
+        label = read_label(case.label)
+        head = read_header(case.images[0])
+        if head.shape[:3] != label.shape or not np.allclose(head.affine, label.affine, atol=1e-3):
+            check_same_space(load_image(case), label, name=case.case_id)
+        extra_values = sorted(set(np.unique(label.array).tolist()) - set(values))
+        if extra_values:
+            raise UserError(f"case {case.case_id!r} holds label values {extra_values} that dataset.json does "
+                            f"not declare ({values}); fix the label or dataset.json")
+        sparse = SparseLabel.from_slices(label.array, entry.slices, axis=entry.axis)
+        if border_slices:
+            ext = extent_of(label.array, axis=entry.axis)
+            if ext is not None:
+                sparse = sparse.with_border_slices(ext)
+        images = _write_images(case, out / "imagesTr", nnunet=format == "nnunet", copy=copy_images)
+        label_path = out / "labelsTr" / f"{case.case_id}.nii.gz"
+        write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
+                     extra={"case": case.case_id, "strategy": plan.strategy, "seed": plan.seed,
+                            "plan_extent": list(entry.extent) if entry.extent else None,
+                            "source_label": str(Path(case.label).resolve())})
+        training.append({"image": f"./imagesTr/{images[0].name}" if format == "msd" or len(images) == 1
+                         else [f"./imagesTr/{p.name}" for p in images],
+                         "label": f"./labelsTr/{label_path.name}"})
+    write_plan(plan, out / "plan.json")
+    write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, format=format,
+                                                   ignore_value=ignore_value, border_slices=border_slices))
+    return out
+
+
+def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool) -> list[Path]:
+    """Link, copy or convert a case's image files; nnU-Net gets one ``_000c`` file per channel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = list(case.images)
+    if nnunet and len(sources) == 1:
+        head = read_header(sources[0])
+        if len(head.shape) == 4 and head.shape[3] > 1:  # one 4D file: split channels for nnU-Net
+            image = load_image(case)
+            targets = []
+            for c in range(image.array.shape[3]):
+                target = folder / f"{case.case_id}_{c:04d}.nii.gz"
+                write_volume(image.like(np.ascontiguousarray(image.array[..., c])), target)
+                targets.append(target)
+            return targets
+    several = nnunet or len(sources) > 1
+    targets = []
+    for c, src in enumerate(sources):
+        name = f"{case.case_id}_{c:04d}.nii.gz" if several else f"{case.case_id}.nii.gz"
+        target = folder / name
+        if volume_suffix(src) != ".nii.gz":
+            from sparseslice.io import read_volume
+
+            write_volume(read_volume(src), target)
+        else:
+            _link_or_copy(Path(src), target, copy=copy)
+        targets.append(target)
+    return targets
+
+
+def _link_or_copy(src: Path, target: Path, *, copy: bool) -> None:
+    with atomic_path(target) as tmp:
+        if copy:
+            shutil.copyfile(src, tmp)
+            return
+        tmp.unlink()
+        try:
+            os.symlink(src.resolve(), tmp)
+        except OSError:  # file systems without symlinks: fall back to a copy
+            shutil.copyfile(src, tmp)
+
+
+def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: list[dict], *, format: str,
+                  ignore_value: int, border_slices: bool) -> dict[str, Any]:
+    import json
+
+    source: dict[str, Any] = {}
+    meta_path = Path(dataset.root) / "dataset.json"
+    if meta_path.is_file():
+        source = json.loads(meta_path.read_text())
+    channels = source.get("channel_names") or source.get("modality") or {"0": dataset.modality}
+    names = {v: dataset.label_names.get(v, "background" if v == 0 else f"label{v}") for v in values}
+    names[0] = "background"
+    sparse = {"ignore_value": ignore_value, "axis": plan.axis, "strategy": plan.strategy, "seed": plan.seed,
+              "budget": plan.budget, "volumes": plan.volumes, "rho": plan.rho, "border_slices": border_slices,
+              "source": str(Path(dataset.root).resolve())}
+    name = f"{source.get('name', Path(dataset.root).name)} sparse ({plan.strategy}, {plan.budget} slices)"
+    if format == "nnunet":
+        labels: dict[str, int] = {}
+        for v in values:
+            key = names[v] if names[v] not in labels else f"{names[v]}_{v}"
+            labels[key] = v
+        labels["ignore"] = ignore_value
+        return {"channel_names": channels, "labels": labels, "numTraining": len(training),
+                "file_ending": ".nii.gz", "name": name,
+                "description": "sparse slice labels written by sparseslice simulate; 'ignore' marks unknown voxels",
+                "sparse": sparse}
+    return {"name": name, "description": "sparse slice labels written by sparseslice simulate; unknown voxels "
+            f"hold {ignore_value}", "tensorImageSize": "3D", "modality": channels,
+            "labels": {str(v): names[v] for v in values}, "numTraining": len(training), "numTest": 0,
+            "training": training, "test": [], "sparse": sparse}
+
+
+def _track(entries: list, show: bool):
+    if not show:
+        yield from entries
+        return
+    from rich.progress import track
+
+    yield from track(entries, description="simulating", transient=True)
