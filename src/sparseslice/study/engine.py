@@ -1,0 +1,139 @@
+"""Running a study: expand the grid, skip finished runs, execute the rest, collect results."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sparseslice.errors import UserError
+from sparseslice.study.executors import (
+    EXECUTORS,
+    Outcome,
+    RunFunction,
+    Task,
+    run_local,
+    run_ray,
+    threads_per_worker,
+)
+from sparseslice.study.results import write_results
+from sparseslice.study.spec import RunSpec, StudySpec
+from sparseslice.study.store import StudyStore
+
+
+@dataclass
+class StudySummary:
+    """What one ``run_study`` call did."""
+
+    root: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) -> dict[str, Any]:
+    """The resolved configuration of one run, as written to its ``config.json``."""
+    return {
+        "study": spec.name,
+        "run_id": run.run_id,
+        "run": run.to_dict(),
+        "dataset": spec.dataset.to_dict(),
+        "training": spec.training_config(run),
+        "evaluation": dict(spec.evaluation),
+        "metrics": list(spec.metrics),
+        "execution": {"executor": executor, "threads": threads},
+    }
+
+
+def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFunction | None = None,
+              executor: str = "local", workers: int = 1, address: str | None = None, force: bool = False,
+              results_format: str = "csv", progress: bool = True) -> StudySummary:
+    """Run every unfinished run of ``spec`` into the study folder ``out``.
+
+    Parameters
+    ----------
+    spec : StudySpec
+        The study (see :func:`~sparseslice.study.spec.load_spec`).
+    out : path
+        Study folder. Finished runs found there are skipped; interrupted or failed runs are
+        redone. A folder holding another study is refused unless ``force``.
+    run_fn : callable, optional
+        ``run_fn(run, config, run_dir) -> RunOutput``; defaults to the full pipeline
+        (:func:`~sparseslice.study.runner.run_pipeline`), after checking the spec against the
+        dataset. Tests pass a fast fake.
+    executor : {"local", "ray"}
+        Where runs execute.
+    workers : int
+        Local worker processes (torch threads are split among them).
+    address : str, optional
+        Ray cluster address (``executor="ray"``); none starts a local Ray instance.
+    force : bool
+        Replace the spec of a folder that holds another study.
+    results_format : {"csv", "parquet"}
+        Format of the study's tidy results table.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    StudySummary
+        Runs executed, skipped (already finished) and failed (with their error line). Failed
+        runs do not stop the grid.
+    """
+    if executor not in EXECUTORS:
+        raise UserError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if workers < 1:
+        raise UserError(f"workers must be at least 1, got {workers}; e.g. --workers 2")
+    if address is not None and executor != "ray":
+        raise UserError(f"address only applies to --executor ray, got address {address!r}; add --executor ray")
+    if results_format not in ("csv", "parquet"):
+        raise UserError(f"results format must be csv or parquet, got {results_format!r}")
+    if run_fn is None:
+        from sparseslice.study.runner import preflight, run_pipeline
+
+        preflight(spec)
+        run_fn = run_pipeline
+    store = StudyStore.open(out, spec, force=force)
+    threads = int(spec.resources["cpus"]) if executor == "ray" else threads_per_worker(workers)
+    summary = StudySummary(store.root)
+    tasks = []
+    for run in spec.runs():
+        config = run_config(spec, run, threads=threads, executor=executor)
+        if store.is_done(run.run_id, config):
+            summary.skipped.append(run.run_id)
+        else:
+            tasks.append(Task(run, config, store.root))
+    if executor == "ray":
+        outcomes = run_ray(tasks, run_fn, address=address, cpus=spec.resources["cpus"],
+                           gpus=spec.resources["gpus"])
+    else:
+        outcomes = run_local(tasks, run_fn, workers=workers)
+    try:
+        _consume(outcomes, summary, total=len(tasks), progress=progress)
+    finally:
+        write_results(store, spec, format=results_format)
+    return summary
+
+
+def _consume(outcomes: Any, summary: StudySummary, *, total: int, progress: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]study[/bold]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.description}"))
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        job = bar.add_task("", total=total)
+        for outcome in outcomes:
+            _record(outcome, summary)
+            note = "" if outcome.status == "done" else f"[red]{outcome.run_id} failed[/red]"
+            bar.update(job, advance=1, description=note or outcome.run_id)
+
+
+def _record(outcome: Outcome, summary: StudySummary) -> None:
+    summary.ran.append(outcome.run_id)
+    if outcome.status != "done":
+        summary.failed[outcome.run_id] = outcome.message
