@@ -90,10 +90,214 @@ def synth(
 
 # --- plan / simulate (issue 3) ---
 
+
+@command()
+def plan(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (MSD / nnU-Net raw, pairs) or CSV.")],
+    budget: Annotated[int | None, typer.Option(help="Slices to draw (border slices are free).")] = None,
+    budget_hours: Annotated[float | None, typer.Option(
+        help="Plan by annotation time instead of slices: the largest budget whose estimate fits.")] = None,
+    rho: Annotated[float | None, typer.Option(
+        help="Density: drawn / selectable slices per volume (the extent when known); sets the volume count.")] = None,
+    volumes: Annotated[int | None, typer.Option(
+        help="Volumes to annotate (rho follows). Default with neither: as many volumes as the budget allows.")] = None,
+    strategy: Annotated[str, typer.Option(help="random | interval | ual | block.")] = "random",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    axis: Annotated[int | None, typer.Option(help="Slice axis (default: the dataset's, largest spacing).")] = None,
+    cases: Annotated[str | None, typer.Option(help="Comma-separated candidate cases (default: all).")] = None,
+    extents: Annotated[str | None, typer.Option(
+        help="CSV case,first,last of the structure's slices (annotators' two clicks), or 'labels' to take "
+             "them from the dataset's labels. Slices are then chosen inside them.")] = None,
+    volume_selection: Annotated[str, typer.Option(help="random | diverse (k-center over volumes).")] = "random",
+    block_fraction: Annotated[float | None, typer.Option(
+        help="block only: each block is this fraction of the structure slices (instead of rho/volumes).")] = None,
+    volume_minutes: Annotated[float, typer.Option(help="Cost model: minutes of overhead per volume.")] = 2.0,
+    slice_minutes: Annotated[float, typer.Option(help="Cost model: minutes to draw one slice.")] = 1.5,
+    consecutive_discount: Annotated[float, typer.Option(
+        help="Cost model: fraction saved on a slice next to the previous drawn one.")] = 0.4,
+    extent_minutes: Annotated[float, typer.Option(
+        help="Cost model: minutes for the two extent clicks per volume (when extents are used).")] = 0.25,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file (plan.csv is written beside it).")] = Path(
+        "plan.json"),
+    rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
+) -> None:
+    """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import CostModel, make_plan, read_extents, render_plan, write_plan
+
+    ds = discover_dataset(data)
+    ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+    ext = None
+    if extents == "labels":
+        from sparseslice.select import extents_from_labels
+        from sparseslice.select.plan import plan_axis
+
+        ext = extents_from_labels(ds, axis=plan_axis(ds, axis=axis, cases=ids), cases=ids)
+    elif extents is not None:
+        ext = read_extents(extents)
+    cost = CostModel(volume_minutes=volume_minutes, slice_minutes=slice_minutes,
+                     consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
+    result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
+                       seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
+                       block_fraction=block_fraction, cost=cost, progress=True)
+    render_plan(result, console, rows=rows)
+    path = write_plan(result, out)
+    console.print(f"wrote {path} and {path.with_suffix('.csv')}")
+
+
+@command()
+def simulate(
+    data: Annotated[Path, typer.Argument(help="Fully labelled dataset the plan was made for.")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json from sparseslice plan.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the sparse dataset.")],
+    format: Annotated[str, typer.Option(
+        "--format", help="msd (ignore value 255) | nnunet (nnU-Net v2 raw; ignore = highest label + 1).")] = "msd",
+    border_slices: Annotated[bool, typer.Option(
+        help="Mark slices outside the structure's extent as annotated background (free).")] = False,
+    ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels (msd format).")] = 255,
+    copy_images: Annotated[bool, typer.Option(
+        help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier simulation in OUT.")] = False,
+) -> None:
+    """Apply a plan to full labels: write the sparse labels an annotator would produce."""
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import read_plan
+    from sparseslice.simulate import simulate as run_simulate
+
+    ds = discover_dataset(data, require_labels=True)
+    the_plan = read_plan(plan_file)
+    run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
+                 copy_images=copy_images, overwrite=overwrite, progress=True)
+    console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
+
+
 # --- interpolate (issue 4) ---
 
 # --- train (issue 5) ---
 
 # --- predict / evaluate (issue 6) ---
 
+
+def _case_list(cases: str | None) -> list[str] | None:
+    return [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+
+
+@command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run folder from sparseslice train (best.pt) or a .pt file.")],
+    images: Annotated[Path, typer.Argument(help="Images: dataset folder (MSD / nnU-Net raw, pairs) or CSV.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for <case>.nii.gz label maps.")],
+    cases: Annotated[str | None, typer.Option(help="Comma-separated cases (default: all).")] = None,
+    tta: Annotated[bool, typer.Option(help="Test-time augmentation: average over flips.")] = False,
+    tta_axes: Annotated[str | None, typer.Option(help="Axes to flip for TTA, e.g. 0,1 (default: all "
+                                                      "for 3D, in-plane for 2D).")] = None,
+    fill_holes: Annotated[bool, typer.Option(help="Fill enclosed holes of each label.")] = True,
+    largest_component: Annotated[bool, typer.Option(help="Keep each label's largest component.")] = True,
+    overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Windows or slices per forward pass.")] = 16,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
+) -> None:
+    """Predict label maps for a folder of images, in each image's own space."""
+    from sparseslice.predict import predict_folder
+
+    axes = None
+    if tta_axes:
+        try:
+            axes = [int(a) for a in tta_axes.split(",") if a.strip()]
+        except ValueError:
+            raise UserError(f"--tta-axes must be comma-separated integers, got {tta_axes!r}; e.g. 0,1") from None
+    written = predict_folder(run, images, out, cases=_case_list(cases), tta=tta, fill_holes=fill_holes,
+                             largest_component=largest_component, device=device, tta_axes=axes,
+                             overlap=overlap, batch_size=batch_size)
+    console.print(f"wrote {len(written)} label maps to {out}")
+
+
+@command()
+def evaluate(
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz.")],
+    ref: Annotated[Path, typer.Argument(help="Reference: dataset with labels, or a folder of label files.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Tidy CSV of per-case values.")] = None,
+    cases: Annotated[str | None, typer.Option(help="Comma-separated cases (default: all).")] = None,
+    allow_missing: Annotated[bool, typer.Option(help="Succeed even if some cases have no prediction.")] = False,
+    axis: Annotated[int | None, typer.Option(help="Slice axis for 2D ASSD (default: dataset's).")] = None,
+) -> None:
+    """Score predictions: Dice, HD, HD95, ASSD, 2D slice ASSD, RVD per label and foreground."""
+    from sparseslice.evaluate import evaluate_folder, render_summary, summarize, write_metrics
+
+    df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis)
+    if out is not None:
+        write_metrics(df, out)
+    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
+    if out is not None:
+        console.print(f"wrote {out}")
+    missing = df.attrs.get("missing", [])
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        message = f"{len(missing)} case(s) have no prediction in {str(pred)!r}: {shown}"
+        if not allow_missing:
+            raise UserError(f"pred is missing case {missing[0]!r}, got {message}; predict them or pass "
+                            "--allow-missing")
+        err_console.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+
 # --- study / demo (issue 7) ---
+
+study_app = typer.Typer(help="Run a grid of experiments (a study) and report on it.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+@command(study_app, name="run")
+def study_run(
+    spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset: slice-selection, partial-annotation, "
+                                             "quick, demo.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Study folder (resumed if it holds this study).")],
+    data: Annotated[Path | None, typer.Option(help="Dataset folder; replaces the spec's dataset.path.")] = None,
+    executor: Annotated[str, typer.Option(help="local (worker processes) or ray.")] = "local",
+    workers: Annotated[int, typer.Option(help="Local worker processes; torch threads are split among them.")] = 1,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (with --executor ray).")] = None,
+    force: Annotated[bool, typer.Option(help="Use a folder that holds another study (unchanged runs are kept).")]
+    = False,
+    results_format: Annotated[str, typer.Option("--format", help="Results table: csv or parquet.")] = "csv",
+    report: Annotated[bool, typer.Option(help="Write STUDY/report.html at the end.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run every unfinished run of a study; finished runs are skipped, crashed runs recorded (exit 1)."""
+    from sparseslice.study import load_spec, run_study
+
+    summary = run_study(load_spec(spec, data=data), out, executor=executor, workers=workers, address=address,
+                        force=force, results_format=results_format, progress=progress)
+    console.print(f"study {out}: {len(summary.ran) - len(summary.failed)} runs finished, "
+                  f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
+    if report:
+        from sparseslice.study.report import write_report
+
+        console.print(f"report: {write_report(out)}")
+    for run_id, message in summary.failed.items():
+        err_console.print(f"[red]failed:[/red] {run_id}: {message}", markup=True)
+    if summary.failed:
+        err_console.print(f"{len(summary.failed)} runs failed (errors in {out}/runs/<run>/error.json); "
+                          "rerun the same command to retry them")
+        raise typer.Exit(1)
+
+
+@command(study_app, name="report")
+def study_report(
+    study: Annotated[Path, typer.Argument(help="Study folder written by sparseslice study run.")],
+) -> None:
+    """Write STUDY/report.html: findings, recommendation, figures, tables (self-contained)."""
+    from sparseslice.study.report import write_report
+
+    console.print(f"report: {write_report(study)}")
+
+
+@command()
+def demo(
+    out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (phantoms, study, report).")]
+    = Path("demo-output"),
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Offline demo: synthetic phantoms, a small study and its report (a few minutes on 2 cores)."""
+    from sparseslice.study.demo import run_demo
+
+    report = run_demo(out, workers=workers, progress=progress)
+    console.print(f"demo report: {report}")

@@ -250,6 +250,16 @@ def extents_from_labels(dataset: Dataset, *, axis: int, cases: Sequence[str] | N
 # ---------------------------------------------------------------------------------------- planning
 
 
+def plan_axis(dataset: Dataset, *, axis: int | None = None, cases: Sequence[str] | None = None,
+              headers: Mapping[str, Any] | None = None) -> int:
+    """The slice axis a plan uses: ``axis`` if given, else the dataset's (majority of per-case defaults)."""
+    if axis is not None:
+        return check_axis(axis)
+    ids = list(cases) if cases is not None else dataset.case_ids
+    heads = headers or {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
+    return dataset_slice_axis([heads[c].shape[:3] for c in ids], [heads[c].spacing for c in ids])
+
+
 def case_rng(seed: int, case_id: str) -> np.random.Generator:
     """The random generator for one volume: depends on the seed and the case id only."""
     return np.random.default_rng([int(seed), zlib.crc32(case_id.encode())])
@@ -409,9 +419,7 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
     for cid in ids:
         dataset.case(cid)  # raises for unknown cases
     heads = {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
-    if axis is None:
-        axis = dataset_slice_axis([h.shape[:3] for h in heads.values()], [h.spacing for h in heads.values()])
-    axis = check_axis(axis)
+    axis = plan_axis(dataset, axis=axis, cases=ids, headers=heads)
     n_slices = {cid: int(heads[cid].shape[axis]) for cid in ids}
 
     if extents is None and strategy == "block":
