@@ -233,11 +233,10 @@ def evaluate(
     missing = df.attrs.get("missing", [])
     if missing:
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        message = f"{len(missing)} case(s) have no prediction in {str(pred)!r}: {shown}"
         if not allow_missing:
-            raise UserError(f"pred is missing case {missing[0]!r}, got {message}; predict them or pass "
-                            "--allow-missing")
-        err_console.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+            raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
+                            f"{str(pred)!r}; predict them or pass --allow-missing (the rest was evaluated)")
+        err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
 
 # --- study / demo (issue 7) ---
 

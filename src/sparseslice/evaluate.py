@@ -1,0 +1,222 @@
+"""Evaluate a folder of predicted label maps against references: tidy per-case metrics.
+
+``evaluate_folder`` returns one row per case, label and metric (columns ``case, label,
+metric, value, note``); ``summarize`` turns that into the per-label table the CLI prints.
+References may be sparse: a label file with a ``.sparse.json`` sidecar, or one holding the
+ignore value, is scored on its annotated slices only (see
+:func:`sparseslice.metrics.mask_metrics` for what that means for each metric).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sparseslice.datasets import dataset_slice_axis, discover_dataset
+from sparseslice.errors import UserError
+from sparseslice.io import Volume, check_axis, read_header, read_label, strip_suffix, volume_suffix
+from sparseslice.metrics import METRICS, label_metrics
+from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
+
+COLUMNS = ("case", "label", "metric", "value", "note")
+
+
+def prediction_files(pred_dir: Path) -> dict[str, Path]:
+    """``{case: file}`` for the volume files directly inside ``pred_dir``."""
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise UserError(f"prediction folder {str(pred_dir)!r} does not exist; pass the -o folder of "
+                        "sparseslice predict")
+    return {strip_suffix(p): p for p in sorted(pred_dir.iterdir())
+            if p.is_file() and not p.name.startswith(".") and volume_suffix(p)}
+
+
+def reference_files(ref: Path) -> dict[str, Path]:
+    """``{case: label file}`` of a reference: a dataset with labels, or a folder of label files."""
+    ds = discover_dataset(ref)
+    labelled = {c.case_id: c.label for c in ds.cases if c.label is not None}
+    if labelled:
+        return labelled
+    # a bare folder of label maps: discover_dataset sees them as images
+    return {c.case_id: c.images[0] for c in ds.cases if len(c.images) == 1}
+
+
+def _reference_labels(ref: Path) -> list[int]:
+    meta = (Path(ref) / "dataset.json") if Path(ref).is_dir() else None
+    if meta is None or not meta.is_file():
+        return []
+    names = discover_dataset(ref).label_names
+    return sorted(v for v in names if v > 0)
+
+
+def load_reference(path: Path, *, axis: int) -> tuple[Volume, np.ndarray | None, int]:
+    """Read a reference label; returns (volume with unknown voxels set to 0, annotated or None, axis).
+
+    A sidecar gives the annotated slices and axis; without one, a label holding the ignore
+    value is decoded along ``axis``; otherwise the label is dense (``annotated`` is None).
+    """
+    if sidecar_path(path).is_file():
+        sparse, vol = read_sparse(path)
+        return vol.like(sparse.label), sparse.annotated, sparse.axis
+    vol = read_label(path)
+    if np.any(vol.array == DEFAULT_IGNORE_VALUE):
+        sparse = decode(vol.array, axis=axis)
+        return vol.like(sparse.label), sparse.annotated, axis
+    return vol, None, axis
+
+
+def check_pair(pred: Volume, ref: Volume, *, case: str) -> None:
+    """Refuse a prediction whose shape or spacing differs from its reference (names the case)."""
+    if pred.shape != ref.shape:
+        raise UserError(f"case {case!r}: prediction shape must match the reference, got {pred.shape} vs "
+                        f"{ref.shape}; predict on the reference's image grid (sparseslice predict does)")
+    if not np.allclose(pred.spacing, ref.spacing, rtol=1e-3, atol=1e-4):
+        shown = tuple(round(s, 4) for s in pred.spacing)
+        raise UserError(f"case {case!r}: prediction spacing must match the reference, got {shown} vs "
+                        f"{tuple(round(s, 4) for s in ref.spacing)}; resample the prediction onto the reference")
+
+
+def evaluate_case(pred: Volume, ref: Volume, *, case: str, axis: int, labels: Sequence[int] | None = None,
+                  annotated: np.ndarray | None = None) -> list[dict[str, object]]:
+    """Tidy rows for one case; ``labels`` defaults to the foreground values in either map."""
+    check_pair(pred, ref, case=case)
+    if pred.array.ndim != 3:
+        raise UserError(f"case {case!r}: prediction must be a 3D label map, got shape {pred.shape}; "
+                        "pass label maps, not probabilities")
+    if labels is None:
+        labels = sorted(int(v) for v in np.union1d(np.unique(pred.array), np.unique(ref.array)) if v > 0)
+    rows = label_metrics(pred.array, ref.array, spacing=ref.spacing, axis=axis, labels=labels,
+                         annotated=annotated)
+    return [{"case": case, **row} for row in rows]
+
+
+def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = None, allow_missing: bool = False,
+                    axis: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Score every reference case that has a prediction; tidy DataFrame.
+
+    Parameters
+    ----------
+    pred_dir : Path
+        Folder of predicted label maps named ``<case>.nii.gz`` (or any volume suffix).
+    ref : Path
+        Reference labels: a dataset ``discover_dataset`` reads (its labels are used), or a
+        folder of label files. Sidecars ``<case>.sparse.json`` mark sparse references.
+    cases : sequence of str, optional
+        Cases to score (default: every reference case).
+    allow_missing : bool
+        If False (default) a reference case without a prediction raises :class:`UserError`
+        naming it before anything is computed; if True it is skipped and listed in
+        ``df.attrs["missing"]``.
+    axis : int, optional
+        Slice axis for ``assd2d`` and for decoding sidecar-less sparse references
+        (default: the dataset's slice axis, from the reference headers).
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``case, label, metric, value, note``; ``label`` is ``"1"``, ``"2"``... or
+        ``"fg"`` (union of foreground); ``metric`` one of :data:`sparseslice.metrics.METRICS`;
+        ``note`` explains NaN values (``"empty pred"``, ``"sparse ref"``...). Labels scored
+        are those of the reference's ``dataset.json`` if any, else those present in the case.
+    """
+    refs = reference_files(Path(ref))
+    preds = prediction_files(Path(pred_dir))
+    if cases is not None:
+        unknown = [c for c in cases if c not in refs]
+        if unknown:
+            raise UserError(f"case {unknown[0]!r} is not in the reference {str(ref)!r}; pick cases from "
+                            f"{', '.join(sorted(refs)[:5])}{' ...' if len(refs) > 5 else ''}")
+        refs = {c: refs[c] for c in cases}
+    missing = [c for c in refs if c not in preds]
+    if missing and not allow_missing:
+        raise UserError(f"case {missing[0]!r} has no prediction in {str(pred_dir)!r} ({len(missing)} missing: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); predict it or pass "
+                        "--allow-missing")
+    if axis is None:
+        headers = [read_header(p) for p in refs.values()]
+        axis = dataset_slice_axis([h.shape for h in headers], [h.spacing for h in headers]) if headers else 0
+    axis = check_axis(axis)
+    labels = _reference_labels(Path(ref)) or None
+    todo = [c for c in refs if c in preds]
+    rows: list[dict[str, object]] = []
+    for case in _track(todo, "evaluating", progress):
+        ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis)
+        pred_vol = read_label(preds[case])
+        rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    df.attrs["missing"] = missing
+    df.attrs["axis"] = axis
+    return df
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per label and metric: n (finite values), nan count, mean, std, median, 5th percentile.
+
+    NaN values (empty masks, sparse references) are excluded from the statistics and counted
+    in ``nan``; there are no infinite values to average.
+    """
+    order = {m: i for i, m in enumerate(METRICS)}
+    out = []
+    for (label, metric), group in df.groupby(["label", "metric"], sort=False):
+        v = group["value"].to_numpy(dtype=float)
+        ok = v[np.isfinite(v)]
+        stats = {"label": label, "metric": metric, "n": int(ok.size), "nan": int(v.size - ok.size)}
+        if ok.size:
+            stats.update(mean=float(ok.mean()), std=float(ok.std(ddof=1)) if ok.size > 1 else 0.0,
+                         median=float(np.median(ok)), p5=float(np.percentile(ok, 5)))
+        else:
+            stats.update(mean=math.nan, std=math.nan, median=math.nan, p5=math.nan)
+        out.append(stats)
+    table = pd.DataFrame(out, columns=["label", "metric", "n", "nan", "mean", "std", "median", "p5"])
+    if table.empty:
+        return table
+    table["_l"] = table["label"].map(lambda s: (1, 0) if s == "fg" else (0, int(s)) if s.isdigit() else (2, 0))
+    table["_m"] = table["metric"].map(lambda m: order.get(m, len(order)))
+    return table.sort_values(["_l", "_m"]).drop(columns=["_l", "_m"]).reset_index(drop=True)
+
+
+def write_metrics(df: pd.DataFrame, path: Path) -> Path:
+    """Write the tidy frame as CSV atomically, with a ``<stem>.json`` beside it (summary, missing)."""
+    from sparseslice.atomic import atomic_path, write_text
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    summary = summarize(df)
+    record = {"missing": list(df.attrs.get("missing", [])), "axis": df.attrs.get("axis"),
+              "summary": json.loads(summary.to_json(orient="records"))}
+    write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def render_summary(summary: pd.DataFrame, console: object, *, title: str = "metrics") -> None:
+    """Print the summary as a Rich table (mm for distances)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("label", "metric", "n", "nan", "mean", "std", "median", "p5"):
+        table.add_column(name, justify="left" if name in ("label", "metric") else "right")
+    for row in summary.itertuples(index=False):
+        table.add_row(str(row.label), str(row.metric), str(row.n), str(row.nan),
+                      *(_fmt(getattr(row, k)) for k in ("mean", "std", "median", "p5")))
+    console.print(table)  # type: ignore[attr-defined]
+
+
+def _fmt(value: float) -> str:
+    return "nan" if not np.isfinite(value) else f"{value:.4f}"
+
+
+def _track(items: list[str], description: str, progress: bool):  # noqa: ANN202 - generator of items
+    if not progress:
+        yield from items
+        return
+    from rich.progress import track
+
+    yield from track(items, description=description, transient=True)
