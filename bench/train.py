@@ -1,0 +1,263 @@
+"""Training benchmarks: throughput against the bare model step, and quality on hippocampus.
+
+Run from the repository root::
+
+    .venv/bin/python bench/train.py throughput          # (a) a minute or two
+    .venv/bin/python bench/train.py quality             # (b) two 5-minute runs + inference
+
+(a) End-to-end training samples/s (sampling, batching, augmentation, loss, backward,
+optimiser, progress bookkeeping; validation timed separately) divided by the bare model
+step (forward + selective loss + backward + Adam step on one batch already in memory, same
+model and batch size), both measured in the same process. Goal >= 0.90. Also the cost of the
+batched augmentation against MONAI's ``RandAffined`` applied sample by sample.
+
+(b) MSD hippocampus, ``split_cases(ids, seed=0)``: a 2D model on full labels and on 10 % of
+the slices of every training volume (fixed interval), each trained for at most 5 minutes
+with 2 threads, validated on the val split, scored on the test split (mean foreground Dice).
+Goal: full >= 0.85; sparse >= 95 % of full.
+
+Timings on a shared CPU are noisy: ratios are measured in the same run to limit that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparseslice.datasets import discover_dataset, load_image, load_label, split_cases
+from sparseslice.io import Volume
+from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.train import TrainConfig, train
+from sparseslice.train.losses import selective_loss
+
+HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd-hippocampus"
+
+
+def link_subset(src: Path, out: Path, case_ids: list[str]) -> Path:
+    """A dataset folder of symlinks to some cases (no data copied)."""
+    ds = discover_dataset(src)
+    for sub in ("imagesTr", "labelsTr"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for cid in case_ids:
+        case = ds.case(cid)
+        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
+        (out / "labelsTr" / case.label.name).symlink_to(case.label)
+    (out / "dataset.json").symlink_to(src / "dataset.json")
+    return out
+
+
+def interval_slices(n: int, fraction: float) -> list[int]:
+    """``round(fraction * n)`` (at least 1) slices at a fixed interval, centred."""
+    k = max(1, int(round(fraction * n)))
+    return sorted({int((i + 0.5) * n / k) for i in range(k)})
+
+
+def write_sparse_subset(src: Path, out: Path, case_ids: list[str], *, axis: int, fraction: float) -> Path:
+    """Sparse dataset with ``fraction`` of the slices at fixed interval (``SparseLabel.from_slices``)."""
+    ds = discover_dataset(src)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    for cid in case_ids:
+        case = ds.case(cid)
+        label = load_label(case)
+        sparse = SparseLabel.from_slices(label.array, interval_slices(label.shape[axis], fraction), axis=axis)
+        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
+        write_sparse(sparse, out / "labelsTr" / case.label.name, like=label)
+    (out / "dataset.json").symlink_to(src / "dataset.json")
+    return out
+
+
+def predict_2d(run_dir: Path, image: Volume) -> np.ndarray:
+    """Slice-wise argmax (used when sparseslice.predict has not landed)."""
+    from sparseslice.model import load_checkpoint, normalize
+    from sparseslice.train.data import pad_end, round_up
+
+    model, ckpt = load_checkpoint(run_dir)
+    arr = image.array if image.array.ndim == 4 else image.array[..., None]
+    img = normalize(np.moveaxis(arr, -1, 0), ckpt.normalization)
+    slices = np.moveaxis(img, 1 + ckpt.axis, 0)
+    h, w = slices.shape[-2:]
+    x = torch.from_numpy(np.ascontiguousarray(pad_end(slices, (round_up(h, ckpt.spec.divisor),
+                                                                round_up(w, ckpt.spec.divisor)))))
+    if ckpt.spec.mask_channel:
+        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    with torch.no_grad():
+        pred = model(x).argmax(1)[:, :h, :w].numpy()
+    return np.asarray(ckpt.labels)[np.moveaxis(pred, 0, ckpt.axis)]
+
+
+def test_dice(run_dir: Path, src: Path, case_ids: list[str]) -> dict[str, float]:
+    """Mean Dice per foreground label over the test cases (a label absent from both counts 1)."""
+    ds = discover_dataset(src)
+    try:
+        from sparseslice.model import load_checkpoint
+        from sparseslice.predict import predict_volume
+
+        model, ckpt = load_checkpoint(run_dir)
+
+        def predict(image: Volume) -> np.ndarray:
+            return predict_volume(model, ckpt, image)
+        how = "sparseslice.predict.predict_volume"
+    except ImportError:
+        def predict(image: Volume) -> np.ndarray:
+            return predict_2d(run_dir, image)
+        how = "slice-wise argmax in bench"
+    scores: dict[str, list[float]] = {"1": [], "2": []}
+    for cid in case_ids:
+        case = ds.case(cid)
+        image = load_image(case)
+        ref = load_label(case).array
+        pred = predict(image)
+        for lab in (1, 2):
+            p, r = pred == lab, ref == lab
+            denom = p.sum() + r.sum()
+            scores[str(lab)].append(1.0 if denom == 0 else 2 * (p & r).sum() / denom)
+    out = {k: float(np.mean(v)) for k, v in scores.items()}
+    out["mean"] = float(np.mean([out["1"], out["2"]]))
+    out["inference"] = how
+    return out
+
+
+def throughput(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    ds = discover_dataset(HIPPO)
+    split = split_cases(ds.case_ids, seed=0)
+    config = TrainConfig(model="2d", epochs=1, num_threads=args.threads, seed=0, augment=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train_dir = link_subset(HIPPO, tmp / "train", list(split.train[:args.cases]))
+        val_dir = link_subset(HIPPO, tmp / "val", list(split.val[:2]))
+        # warm-up run resolves the config (patch size, batch size) and loads the code paths
+        res = train(train_dir, tmp / "warm", config=config.updated(samples_per_epoch=64), val_dir=val_dir,
+                    progress=False)
+        resolved = TrainConfig.from_dict(json.loads((res.run_dir / "config.json").read_text()))
+        bs, patch = resolved.batch_size, resolved.patch_size
+        steps = args.steps
+        # bare model step: same model, same batch size, tensors already in memory
+        from sparseslice.model import ModelSpec, build_model
+
+        spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=resolved.channels,
+                         strides=resolved.strides, num_res_units=resolved.num_res_units)
+        model = build_model(spec)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((bs, 1, *patch), generator=gen)
+        y = torch.randint(0, 3, (bs, *patch), generator=gen)
+        w = torch.ones((bs, *patch))
+
+        def bare(n: int) -> float:
+            t = time.perf_counter()
+            for _ in range(n):
+                loss = selective_loss(model(x), y, w)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            return time.perf_counter() - t
+
+        bare(3)
+        results = []
+        for rep in range(args.repeats):  # interleave to share the noise of the shared CPU
+            t_bare = bare(steps)
+            run = train(train_dir, tmp / f"e2e{rep}", config=config.updated(samples_per_epoch=steps * bs),
+                        val_dir=val_dir, progress=False)
+            import csv
+
+            row = next(csv.DictReader((run.run_dir / "history.csv").open()))
+            e2e = float(row["samples"]) / float(row["train_seconds"])
+            results.append((steps * bs / t_bare, e2e, float(row["val_seconds"])))
+            print(f"  repeat {rep}: bare {results[-1][0]:.1f} samples/s, end-to-end {e2e:.1f} samples/s, "
+                  f"ratio {e2e / results[-1][0]:.3f}")
+        bare_sps = np.median([r[0] for r in results])
+        e2e_sps = np.median([r[1] for r in results])
+        print(f"batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, {args.threads} threads")
+        print(f"bare model step: {bare_sps:.1f} samples/s; end-to-end training: {e2e_sps:.1f} samples/s")
+        print(f"throughput ratio (median): {e2e_sps / bare_sps:.3f} (goal >= 0.90)")
+        augment_cost(bs, patch)
+
+
+def augment_cost(bs: int, patch: tuple[int, ...]) -> None:
+    """Batched grid_sample augmentation vs MONAI RandAffined per sample (same batch)."""
+    from monai.transforms import RandAffined
+
+    from sparseslice.train.augment import augment_batch
+    from sparseslice.train.data import Batch
+
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn((bs, 1, *patch)), torch.randint(0, 3, (bs, *patch)), torch.ones((bs, *patch)),
+                  torch.ones((bs, *patch)))
+    t = time.perf_counter()
+    for _ in range(20):
+        augment_batch(batch, axis=None, gen=gen)
+    ours = (time.perf_counter() - t) / 20
+    tr = RandAffined(keys=["image", "label"], prob=1.0, rotate_range=0.26, scale_range=0.15,
+                     mode=["bilinear", "nearest"], padding_mode="zeros")
+    tr.set_random_state(0)
+    t = time.perf_counter()
+    for _ in range(20):
+        for i in range(bs):
+            tr({"image": batch.image[i], "label": batch.label[i][None].float()})
+    monai = (time.perf_counter() - t) / 20
+    print(f"augmentation per batch: batched grid_sample {ours * 1e3:.1f} ms, MONAI RandAffined per sample "
+          f"{monai * 1e3:.1f} ms (ratio {monai / ours:.1f}x)")
+
+
+def quality(args: argparse.Namespace) -> None:
+    ds = discover_dataset(HIPPO)
+    split = split_cases(ds.case_ids, seed=0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"cores visible: {os.cpu_count()}, load average at start: {os.getloadavg()}")
+    train_dir = link_subset(HIPPO, out / "full", list(split.train)) if not (out / "full").exists() else out / "full"
+    val_dir = link_subset(HIPPO, out / "val", list(split.val)) if not (out / "val").exists() else out / "val"
+    sparse_dir = out / "sparse10"
+    if not sparse_dir.exists():
+        write_sparse_subset(HIPPO, sparse_dir, list(split.train), axis=0, fraction=0.1)
+    config = TrainConfig(model="2d", epochs=200, max_minutes=args.minutes, num_threads=2, seed=0, patience=15)
+    report = {}
+    for name, data in (("full", train_dir), ("interval10", sparse_dir)):
+        if name not in args.runs:
+            continue
+        t = time.perf_counter()
+        res = train(data, out / f"run_{name}", config=config, val_dir=val_dir, progress=False, resume=True)
+        wall = time.perf_counter() - t
+        scores = test_dice(res.run_dir, HIPPO, list(split.test))
+        report[name] = {"test_dice": scores, "best_val_dice": res.best_val_dice, "epochs": res.epochs,
+                        "train_wall_s": wall, "load_average": os.getloadavg()}
+        print(f"{name}: test Dice label1 {scores['1']:.4f} label2 {scores['2']:.4f} mean {scores['mean']:.4f} "
+              f"(val {res.best_val_dice:.4f}, {res.epochs} epochs, {wall:.0f} s wall, "
+              f"load {os.getloadavg()[0]:.1f}, inference: {scores['inference']})")
+        sys.stdout.flush()
+    if "full" in report and "interval10" in report:
+        ratio = report["interval10"]["test_dice"]["mean"] / report["full"]["test_dice"]["mean"]
+        report["ratio"] = ratio
+        print(f"10% interval / full mean Dice: {ratio:.3f} (goal >= 0.95)")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("throughput")
+    a.add_argument("--threads", type=int, default=2)
+    a.add_argument("--steps", type=int, default=40)
+    a.add_argument("--repeats", type=int, default=3)
+    a.add_argument("--cases", type=int, default=40)
+    b = sub.add_parser("quality")
+    b.add_argument("--minutes", type=float, default=5.0)
+    b.add_argument("--out", default="/tmp/sparseslice-bench-train")
+    b.add_argument("--runs", nargs="+", default=["full", "interval10"])
+    args = parser.parse_args()
+    if not HIPPO.is_dir():
+        sys.exit(f"hippocampus data not found at {HIPPO}")
+    throughput(args) if args.what == "throughput" else quality(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Training configuration: one dataclass, loaded from dicts or YAML, with helpful errors.
+
+Unset sizes (``patch_size``, ``batch_size``, ``samples_per_epoch``, ``axis``) are resolved
+from the data by the trainer; the resolved configuration is written to ``config.json`` in
+the run folder, so a run can be reproduced from its files alone.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from sparseslice.errors import UserError
+
+MODELS = ("2d", "3d")
+SCHEDULES = ("one-step", "two-step")
+NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+# keys that may differ when resuming: where it runs, and budgets (raise them to extend a run)
+RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    Parameters
+    ----------
+    model : str
+        ``"2d"`` (slice-wise network trained on annotated slices only) or ``"3d"`` (patches
+        that contain at least one annotated slice, with a voxel mask of known voxels).
+    arch : str
+        ``"unet"`` or ``"dynunet"`` (MONAI).
+    channels, strides, num_res_units, dropout
+        Network width and depth (see :class:`sparseslice.model.ModelSpec`).
+    epochs : int
+        Maximum number of epochs of the first (or only) optimisation step.
+    samples_per_epoch : int, optional
+        Training samples (slices or patches) per epoch; default: the number of known
+        training slices (2D) or ``4 x`` the number of training cases (3D), at most 100 batches.
+    batch_size : int, optional
+        Default 16 (2D) or 2 (3D).
+    patch_size : tuple of int, optional
+        2D: in-plane size; 3D: block size. Default: the largest case (in-plane for 2D) rounded
+        up to a multiple of the network divisor, capped at 256 (2D) or 96 (3D) per axis.
+    lr : float
+        Adam learning rate.
+    weight_decay : float
+        Adam weight decay.
+    schedule : str
+        ``"one-step"``: ReduceLROnPlateau on validation Dice. ``"two-step"``: the same, then
+        fine-tuning from the best checkpoint with learning-rate restarts every
+        ``restart_every`` epochs for ``finetune_epochs`` epochs (Specktor-Fadida et al.).
+    plateau_patience, plateau_factor : int, float
+        ReduceLROnPlateau settings.
+    restart_every, finetune_epochs : int
+        Two-step fine-tuning settings.
+    patience : int
+        Early stopping: stop a step after this many epochs without a better validation Dice.
+    mask_channel : bool
+        Give the network the annotated-slice mask as an extra last input channel.
+    interpolated_weight : float
+        Weight of voxels in interpolated slices (sidecar ``"interpolated"``) in both losses;
+        0 ignores them.
+    dice_weight, ce_weight : float
+        Weights of the selective batch Dice and masked cross-entropy terms.
+    normalization : str
+        ``"auto"`` (``ct`` when the dataset's modality is CT, else ``zscore``), ``"zscore"``,
+        ``"ct"`` or ``"none"``.
+    ct_window : tuple of float
+        HU window for ``ct`` normalisation.
+    axis : int, optional
+        Slice axis; default: the sidecars' axis, else the dataset's slice axis.
+    augment : bool
+        Random flips, small in-plane rotations and scaling, intensity scale/shift/noise.
+    val_fraction : float
+        Fraction of training cases held out for validation when no ``val_dir`` is given.
+    seed : int
+        Seed of every random choice (split, sampling, augmentation, weights).
+    device : str, optional
+        ``cpu``, ``cuda``...; default CUDA when present.
+    num_threads : int, optional
+        ``torch.set_num_threads`` value.
+    max_minutes : float, optional
+        Wall-clock budget of the whole run (both steps), checked after each epoch.
+    bf16 : bool
+        bfloat16 autocast for forward passes.
+    channels_last : bool
+        Channels-last memory format.
+    """
+
+    model: str = "2d"
+    arch: str = "unet"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    dropout: float = 0.0
+    epochs: int = 50
+    samples_per_epoch: int | None = None
+    batch_size: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    schedule: str = "one-step"
+    plateau_patience: int = 3
+    plateau_factor: float = 0.5
+    restart_every: int = 5
+    finetune_epochs: int = 15
+    patience: int = 10
+    mask_channel: bool = False
+    interpolated_weight: float = 0.5
+    dice_weight: float = 1.0
+    ce_weight: float = 1.0
+    normalization: str = "auto"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    axis: int | None = None
+    augment: bool = True
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str | None = None
+    num_threads: int | None = None
+    max_minutes: float | None = None
+    bf16: bool = False
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}; "
+                                f"e.g. {name}: {allowed[0]}")
+
+        choice("model", self.model, MODELS)
+        choice("schedule", self.schedule, SCHEDULES)
+        choice("normalization", self.normalization, NORMALIZATIONS)
+        for name in ("epochs", "restart_every", "patience", "plateau_patience"):
+            if int(getattr(self, name)) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}; e.g. {name}: 10")
+        for name in ("batch_size", "samples_per_epoch", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise UserError(f"{name} must be at least 1 (or unset), got {value}; e.g. {name}: 8")
+        if self.finetune_epochs < 0:
+            raise UserError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}; e.g. 15")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}; e.g. lr: 0.001")
+        if not 0 <= self.interpolated_weight <= 1:
+            raise UserError(f"interpolated_weight must lie in [0, 1], got {self.interpolated_weight}; e.g. 0.5")
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"val_fraction must lie in [0, 1), got {self.val_fraction}; e.g. 0.1")
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise UserError(f"dice_weight and ce_weight must be >= 0 and not both 0, got "
+                            f"{self.dice_weight} and {self.ce_weight}; e.g. 1 and 1")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"max_minutes must be positive (or unset), got {self.max_minutes}; e.g. 5")
+        if self.axis is not None and self.axis not in (0, 1, 2):
+            raise UserError(f"axis must be 0, 1 or 2 (or unset), got {self.axis}; pass the slice axis")
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+        object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
+        if self.patch_size is not None:
+            patch = tuple(int(p) for p in self.patch_size)
+            want = 2 if self.model == "2d" else 3
+            if len(patch) != want or min(patch) < 1:
+                raise UserError(f"patch_size must have {want} positive sizes for a {self.model} model, got "
+                                f"{tuple(self.patch_size)}; e.g. {(64,) * want}")
+            divisor = 1
+            for s in self.strides:
+                divisor *= s
+            if any(p % divisor for p in patch):
+                raise UserError(f"patch_size must be multiples of {divisor} (product of strides), got {patch}; "
+                                f"round each size up to a multiple of {divisor}")
+            object.__setattr__(self, "patch_size", patch)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build a config from a plain dict, refusing unknown keys with a suggestion.
+
+        Examples
+        --------
+        >>> TrainConfig.from_dict({"model": "3d", "epochs": 2}).epochs
+        2
+        >>> TrainConfig.from_dict({"epoch": 2})
+        Traceback (most recent call last):
+        ...
+        sparseslice.errors.UserError: config key 'epoch' does not exist, got 'epoch'; did you mean 'epochs'?
+        """
+        if not isinstance(data, dict):
+            raise UserError(f"config must be a mapping of keys to values, got {type(data).__name__}; "
+                            "write key: value lines")
+        valid = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in valid:
+                near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
+                hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
+                raise UserError(f"config key {key!r} does not exist, got {key!r}; {hint}")
+        clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            return cls(**clean)
+        except TypeError as exc:
+            raise UserError(f"config is invalid ({exc}); check the value types") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML ready); tuples become lists."""
+        out = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def updated(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
+
+def load_config(path: str | os.PathLike[str]) -> TrainConfig:
+    """Read a YAML (or JSON) training config file."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist; pass a YAML file of key: value lines")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {str(p)!r} is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") \
+            from exc
+    return TrainConfig.from_dict(data)
+
+
+def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """First key whose value differs between two resolved configs (ignoring free keys)."""
+    for key in sorted(set(stored) | set(current)):
+        if key in RESUME_FREE_KEYS:
+            continue
+        a, b = stored.get(key), current.get(key)
+        a = list(a) if isinstance(a, tuple) else a
+        b = list(b) if isinstance(b, tuple) else b
+        if a != b:
+            return key
+    return None

@@ -1,0 +1,315 @@
+"""Training data in memory: cases with known-slice weights, 2D slice and 3D block samplers.
+
+Every case is read once: normalised float32 image ``(C, X, Y, Z)``, label as class indices,
+and one weight per slice along the slice axis (0 unknown, 1 annotated or border,
+``interpolated_weight`` for interpolated slices). Samplers only draw known data: the 2D
+sampler keeps annotated slices only; the 3D sampler draws blocks around an annotated slice,
+so every sample holds known voxels.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from sparseslice.datasets import Dataset, dataset_slice_axis, load_image
+from sparseslice.errors import UserError
+from sparseslice.io import read_header, read_label
+from sparseslice.model import Normalization, normalize
+from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
+
+
+@dataclass
+class CaseArrays:
+    """One case in memory.
+
+    ``image`` is ``(C, X, Y, Z)`` float32, ``label`` ``(X, Y, Z)`` uint8 class indices
+    (positions in the run's label list), ``slice_weight`` one float per slice along ``axis``.
+    """
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    slice_weight: np.ndarray
+    axis: int
+    interpolated: np.ndarray | None = None
+
+    @property
+    def validation_slices(self) -> np.ndarray:
+        """Slices with a true (drawn or border) annotation: known and not interpolated."""
+        interp = self.interpolated if self.interpolated is not None else np.zeros(self.slice_weight.shape, bool)
+        return np.flatnonzero((self.slice_weight > 0) & ~interp)
+
+    @property
+    def known_slices(self) -> np.ndarray:
+        return np.flatnonzero(self.slice_weight > 0)
+
+    def voxel_weight(self) -> np.ndarray:
+        shape = [1, 1, 1]
+        shape[self.axis] = -1
+        return np.broadcast_to(self.slice_weight.reshape(shape), self.label.shape)
+
+
+class Batch(NamedTuple):
+    """A training batch: image ``(B, C, ...)``, label ``(B, ...)`` int64, weight ``(B, ...)``
+    float32 (0 at unknown voxels) and annotated ``(B, ...)`` (the annotated-slice mask)."""
+
+    image: torch.Tensor
+    label: torch.Tensor
+    weight: torch.Tensor
+    annotated: torch.Tensor
+
+
+def resolve_axis(dataset: Dataset, axis: int | None) -> int:
+    """The slice axis: ``axis`` if given, else the sidecars' axis, else the dataset's axis."""
+    side_axes = set()
+    for case in dataset.labelled:
+        side = sidecar_path(case.label)
+        if side.is_file():
+            side_axes.add(int(json.loads(side.read_text())["axis"]))
+    if len(side_axes) > 1:
+        raise UserError(f"sidecar axis must be the same for all cases, got {sorted(side_axes)}; "
+                        "simulate the sparse dataset again with one axis")
+    if side_axes:
+        found = side_axes.pop()
+        if axis is not None and axis != found:
+            raise UserError(f"axis disagrees with the sparse labels, got {axis} vs {found} in the sidecars; "
+                            "leave axis unset or pass the sidecars' axis")
+        return found
+    if axis is not None:
+        return axis
+    headers = [read_header(c.images[0]) for c in dataset.labelled]
+    return dataset_slice_axis([h.shape[:3] for h in headers], [h.spacing[:3] for h in headers])
+
+
+def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read a label file as ``(label, annotated, interpolated)``.
+
+    With a sidecar it is sparse; without one it is fully annotated, unless it holds the ignore
+    value 255, in which case slices free of it are annotated.
+    """
+    side = sidecar_path(case_label)
+    if side.is_file():
+        sparse, _ = read_sparse(case_label, axis=axis)
+        interpolated = np.zeros(sparse.n_slices, bool)
+        interpolated[sparse.meta.get("interpolated", [])] = True
+        return sparse.label, sparse.annotated, interpolated & sparse.annotated
+    arr = read_label(case_label).array
+    n = arr.shape[axis]
+    if np.any(arr == DEFAULT_IGNORE_VALUE):
+        sparse = decode(arr, axis=axis)
+        return sparse.label, sparse.annotated, np.zeros(n, bool)
+    return arr, np.ones(n, bool), np.zeros(n, bool)
+
+
+def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
+               labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
+               progress: bool = False) -> tuple[list[CaseArrays], tuple[int, ...]]:
+    """Read cases into memory; returns them and the label values (index = class).
+
+    ``labels`` defaults to the dataset's label names plus every value found in known voxels.
+    """
+    raw = []
+    found: set[int] = set()
+    from sparseslice.train.progress import track
+
+    for cid in track(case_ids, "loading cases", enabled=progress):
+        case = dataset.case(cid)
+        if case.label is None:
+            raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
+        image = load_image(case)
+        arr = image.array if image.array.ndim == 4 else image.array[..., None]
+        label, annotated, interpolated = read_case_label(case.label, axis=axis)
+        if label.shape != arr.shape[:3]:
+            raise UserError(f"case {cid!r}: label shape must match the image, got {label.shape} vs "
+                            f"{arr.shape[:3]}; resample the label onto the image grid")
+        weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
+        weight[interpolated] = interpolated_weight
+        known = weight > 0
+        if known.any():
+            found.update(np.unique(np.compress(known, label, axis=axis)).tolist())
+        img = normalize(np.moveaxis(arr, -1, 0), normalization)
+        raw.append((cid, img, label, weight, interpolated))
+    if labels is None:
+        labels = tuple(sorted({0, *dataset.label_names, *found}))
+    lut = np.zeros(max(max(labels), max(found, default=0)) + 1, np.int64)
+    unexpected = sorted(found - set(labels))
+    if unexpected:
+        raise UserError(f"label value {unexpected[0]} is not one of the run's labels {list(labels)}; "
+                        "check the labels or dataset.json")
+    lut[list(labels)] = np.arange(len(labels))
+    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp)
+             for cid, img, label, weight, interp in raw]
+    return cases, tuple(int(v) for v in labels)
+
+
+def warn_missing_classes(cases: list[CaseArrays], labels: tuple[int, ...], names: dict[int, str]) -> list[int]:
+    """Warn (naming them) about classes with no annotated voxel; returns their values."""
+    seen = np.zeros(len(labels), bool)
+    for c in cases:
+        idx = c.known_slices
+        if idx.size:
+            seen[np.unique(np.take(c.label, idx, axis=c.axis))] = True
+    missing = [labels[i] for i in np.flatnonzero(~seen)]
+    for value in missing:
+        name = f" ({names[value]!r})" if value in names else ""
+        warnings.warn(f"class {value}{name} has no annotated voxel in the training data; the model cannot "
+                      "learn it: annotate slices that contain it", UserWarning, stacklevel=2)
+    return missing
+
+
+def round_up(value: int, divisor: int) -> int:
+    return int(-(-value // divisor) * divisor)
+
+
+def pad_end(array: np.ndarray, shape: tuple[int, ...], value: float = 0) -> np.ndarray:
+    """Pad the last ``len(shape)`` axes of ``array`` at their end up to ``shape`` (never crops)."""
+    lead = array.ndim - len(shape)
+    pads = [(0, 0)] * lead + [(0, max(0, s - n)) for s, n in zip(shape, array.shape[lead:], strict=True)]
+    return np.pad(array, pads, constant_values=value) if any(p[1] for p in pads) else array
+
+
+def pad_center(array: np.ndarray, shape: tuple[int, ...], value: float = 0) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Pad the last ``len(shape)`` axes symmetrically up to ``shape``; returns the array and the offsets."""
+    lead = array.ndim - len(shape)
+    before = [max(0, s - n) // 2 for s, n in zip(shape, array.shape[lead:], strict=True)]
+    pads = [(0, 0)] * lead + [(b, max(0, s - n) - b) for b, s, n in zip(before, shape, array.shape[lead:],
+                                                                         strict=True)]
+    return (np.pad(array, pads, constant_values=value) if any(p[0] or p[1] for p in pads) else array), tuple(before)
+
+
+def default_patch_size(cases: list[CaseArrays], *, model: str, axis: int, divisor: int) -> tuple[int, ...]:
+    """Largest case (in-plane for 2D) rounded up to ``divisor``, capped at 256 (2D) / 96 (3D)."""
+    shapes = np.array([c.label.shape for c in cases])
+    top = shapes.max(axis=0)
+    if model == "2d":
+        return tuple(min(round_up(int(s), divisor), 256) for a, s in enumerate(top) if a != axis)
+    return tuple(min(round_up(int(s), divisor), 96) for s in top)
+
+
+class SliceSampler:
+    """2D samples: the known slices of every case, stacked in memory as one tensor.
+
+    Slices are padded symmetrically to the largest slice (and at least ``patch_size``), as
+    sliding-window inference pads; padding is unknown. With a ``patch_size`` smaller than a
+    slice, a random crop inside the slice is taken.
+    """
+
+    def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int]) -> None:
+        images, labels, weights, sizes, offsets = [], [], [], [], []
+        plane = tuple(int(p) for p in patch_size)
+        full = np.array([[s for a, s in enumerate(c.label.shape) if a != c.axis] for c in cases])
+        store = (max(plane[0], int(full[:, 0].max())), max(plane[1], int(full[:, 1].max())))
+        for c in cases:
+            idx = c.known_slices
+            if idx.size == 0:
+                continue
+            img = np.moveaxis(np.take(c.image, idx, axis=1 + c.axis), 1 + c.axis, 0)  # (n, C, h, w)
+            lab = np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0)
+            w = np.broadcast_to(c.slice_weight[idx][:, None, None], lab.shape).astype(np.float32)
+            padded, off = pad_center(lab, store)
+            images.append(pad_center(img, store)[0])
+            labels.append(padded)
+            weights.append(pad_center(w, store)[0])
+            sizes.extend([lab.shape[1:]] * len(idx))
+            offsets.extend([off] * len(idx))
+        if not images:
+            raise UserError("training data has no annotated slice, got 0 known slices; "
+                            "check the sparse labels and their sidecars")
+        self.images = torch.from_numpy(np.concatenate(images))
+        self.labels = torch.from_numpy(np.concatenate(labels))
+        self.weights = torch.from_numpy(np.concatenate(weights))
+        self.sizes = np.array(sizes)
+        self.offsets = np.array(offsets)
+        self.patch_size = tuple(int(p) for p in patch_size)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def batch(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
+        """The samples at ``indices`` (random crops when the patch is smaller than a slice)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        img, lab, w = self.images[idx], self.labels[idx], self.weights[idx]
+        ph, pw = self.patch_size
+        if img.shape[-2:] != (ph, pw):
+            crops_i, crops_l, crops_w = [], [], []
+            for n, i in enumerate(indices):
+                (h, wd), (oy, ox) = self.sizes[i], self.offsets[i]
+                y0 = int(rng.integers(0, max(0, h - ph) + 1)) + oy if h >= ph else (img.shape[-2] - ph) // 2
+                x0 = int(rng.integers(0, max(0, wd - pw) + 1)) + ox if wd >= pw else (img.shape[-1] - pw) // 2
+                crops_i.append(img[n, :, y0:y0 + ph, x0:x0 + pw])
+                crops_l.append(lab[n, y0:y0 + ph, x0:x0 + pw])
+                crops_w.append(w[n, y0:y0 + ph, x0:x0 + pw])
+            img, lab, w = torch.stack(crops_i), torch.stack(crops_l), torch.stack(crops_w)
+        return Batch(img, lab.long(), w, torch.ones_like(w))
+
+    def epoch(self, samples: int, batch_size: int, rng: np.random.Generator):
+        """Yield ``ceil(samples / batch_size)`` batches drawn without replacement (cycling)."""
+        n_batches = max(1, -(-samples // batch_size))
+        need = n_batches * batch_size
+        order = np.concatenate([rng.permutation(len(self)) for _ in range(-(-need // len(self)))])[:need]
+        for b in range(n_batches):
+            yield self.batch(order[b * batch_size:(b + 1) * batch_size], rng)
+
+
+class BlockSampler:
+    """3D samples: blocks of ``patch_size`` that contain at least one known slice.
+
+    A case is drawn uniformly, then one of its known slices, then a block position that
+    contains that slice (Specktor-Fadida et al.'s non-empty blocks). Along an axis where the
+    volume is smaller than the block, the volume lands at a random offset inside the block
+    (inference pads such volumes symmetrically; a fixed corner would teach a position);
+    padding is unknown.
+    """
+
+    def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int, int]) -> None:
+        self.cases = [c for c in cases if c.known_slices.size]
+        if not self.cases:
+            raise UserError("training data has no annotated slice, got 0 known slices; "
+                            "check the sparse labels and their sidecars")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.images, self.labels, self.weights, self.annotated = [], [], [], []
+        self.margins = []
+        for c in self.cases:
+            margin = tuple(max(0, p - s) for p, s in zip(self.patch_size, c.label.shape, strict=True))
+            shape = tuple(s + 2 * m for s, m in zip(c.label.shape, margin, strict=True))
+            self.margins.append(margin)
+            self.images.append(pad_center(c.image, shape)[0])
+            self.labels.append(pad_center(c.label, shape)[0])
+            self.weights.append(pad_center(np.ascontiguousarray(c.voxel_weight(), np.float32), shape)[0])
+            ann = np.broadcast_to((c.slice_weight > 0).reshape([-1 if a == c.axis else 1 for a in range(3)]),
+                                  c.label.shape)
+            self.annotated.append(pad_center(np.ascontiguousarray(ann, np.float32), shape)[0])
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        i = int(rng.integers(len(self.cases)))
+        case = self.cases[i]
+        known = case.known_slices
+        s = int(known[rng.integers(known.size)])
+        start = []
+        for a, (p, n, m) in enumerate(zip(self.patch_size, case.label.shape, self.margins[i], strict=True)):
+            hi = n + 2 * m - p
+            if a == case.axis:
+                lo, hi = max(0, s + m - p + 1), min(s + m, hi)
+            else:
+                lo = 0
+            start.append(int(rng.integers(lo, hi + 1)))
+        sl = tuple(slice(b, b + p) for b, p in zip(start, self.patch_size, strict=True))
+        return (self.images[i][(slice(None), *sl)], self.labels[i][sl], self.weights[i][sl],
+                self.annotated[i][sl])
+
+    def epoch(self, samples: int, batch_size: int, rng: np.random.Generator):
+        """Yield ``ceil(samples / batch_size)`` batches of random blocks."""
+        for _ in range(max(1, -(-samples // batch_size))):
+            parts = [self.sample(rng) for _ in range(batch_size)]
+            img, lab, w, ann = (np.stack(p) for p in zip(*parts, strict=True))
+            yield Batch(torch.from_numpy(img), torch.from_numpy(lab).long(), torch.from_numpy(w),
+                        torch.from_numpy(ann))
