@@ -20,7 +20,7 @@ from sparseslice.cli import app
 from sparseslice.errors import UserError
 from sparseslice.study.engine import run_study
 from sparseslice.study.results import collect_results, load_study, read_results
-from sparseslice.study.spec import PRESETS, load_spec, parse_spec
+from sparseslice.study.spec import PRESETS, TRAINING_PRESETS, load_spec, parse_spec
 from sparseslice.study.store import StudyStore
 from study_fakes import CASES, crashing_run, fake_run
 
@@ -110,7 +110,7 @@ def test_run_study_writes_every_run_and_a_tidy_table(tmp_path):
         folder = tmp_path / "s" / "runs" / run.run_id
         config = json.loads((folder / "config.json").read_text())
         assert config["run"] == run.to_dict() and config["training"]["seed"] == run.seed
-        assert config["training"]["epochs"] == 3  # the demo preset, resolved
+        assert config["training"]["epochs"] == TRAINING_PRESETS["demo"]["epochs"]  # the preset, resolved
         assert (folder / "done.json").is_file() and (folder / "touched.txt").is_file()
     table = read_results(tmp_path / "s")
     assert len(table) == 9 * len(CASES) * 3 * 3

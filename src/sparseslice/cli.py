@@ -298,5 +298,8 @@ def demo(
     """Offline demo: synthetic phantoms, a small study and its report (a few minutes on 2 cores)."""
     from sparseslice.study.demo import run_demo
 
-    report = run_demo(out, workers=workers, progress=progress)
+    report, summary = run_demo(out, workers=workers, progress=progress)
     console.print(f"demo report: {report}")
+    if summary.failed:
+        err_console.print(f"{len(summary.failed)} demo runs failed; see the report's last table")
+        raise typer.Exit(1)

@@ -49,8 +49,8 @@ PRESETS = ("slice-selection", "partial-annotation", "quick", "demo")
 #: Named training presets; a spec's ``training`` mapping is laid over the one it names.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # a few minutes of CPU per run: for smoke tests, demos and quick looks
-    "demo": {"epochs": 3, "max_minutes": 0.5, "patience": 0},
-    "quick": {"epochs": 30, "max_minutes": 0.6, "patience": 0},
+    "demo": {"epochs": 15, "samples_per_epoch": 64, "max_minutes": 0.3},
+    "quick": {"epochs": 30, "max_minutes": 0.6},
     # the papers' budgets; meant for a GPU
     "paper": {},
 }

@@ -1,0 +1,187 @@
+"""The report's figures, drawn with matplotlib's Agg backend and returned as PNG bytes.
+
+Seeds are shown as individual points around their mean, never averaged away.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COLORS = ("#1b6ca8", "#e4572e", "#29a36a", "#9b5de5", "#f3a712", "#5c6b73")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _measure(per_run: pd.DataFrame) -> tuple[str, str]:
+    if "rel_dice" in per_run and per_run["rel_dice"].notna().any():
+        return "rel_dice", "Dice relative to full labels"
+    return "dice", "Dice (no baseline: absolute)"
+
+
+def density_figure(per_run: pd.DataFrame, *, budget: int) -> bytes | None:
+    """Relative performance vs density at a fixed budget: one panel per model, a line per strategy."""
+    runs = per_run[(per_run["budget"] == budget) & per_run["block_fraction"].isna()]
+    if (runs["interpolation"] == "none").any():
+        runs = runs[runs["interpolation"] == "none"]
+    x_col = "rho" if runs["rho"].notna().all() else "slices_per_volume"
+    if runs.empty or runs[x_col].nunique() < 1:
+        return None
+    value, ylabel = _measure(per_run)
+    models = sorted(runs["model"].unique())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, model in zip(axes[0], models, strict=True):
+        sub = runs[runs["model"] == model]
+        for color, (strategy, rows) in zip(COLORS, sub.groupby("strategy"), strict=False):
+            mean = rows.groupby(x_col)[value].agg(["mean", "std"]).reset_index()
+            ax.errorbar(mean[x_col], mean["mean"], yerr=mean["std"].fillna(0), color=color, marker="o",
+                        capsize=3, label=strategy)
+            jitter = rows[x_col] * (1 + rng.uniform(-0.03, 0.03, len(rows)))
+            ax.scatter(jitter, rows[value], color=color, alpha=0.45, s=14)
+        vols = sub.groupby(x_col)["n_volumes"].mean() if "n_volumes" in sub else pd.Series(dtype=float)
+        for x, s in vols.items():
+            ax.annotate(f"s={s:.0f}", (x, 0), xycoords=("data", "axes fraction"), xytext=(0, 3),
+                        textcoords="offset points", ha="center", fontsize=8, color="#555")
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sorted(sub[x_col].unique()))
+        ax.set_xticklabels([f"{v:g}" for v in sorted(sub[x_col].unique())])
+        ax.set_xlabel("density rho (annotated / slices per volume)" if x_col == "rho" else "slices per volume")
+        ax.set_title(f"{model.upper()}, budget {budget} slices")
+        ax.grid(alpha=0.3)
+        if value == "rel_dice":
+            ax.axhline(1.0, color="#888", lw=0.8, ls="--")
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(title="strategy (points: seeds)", fontsize=8)
+    return _png(fig)
+
+
+def interpolation_figure(per_run: pd.DataFrame) -> bytes | None:
+    """With vs without interpolation: a line per method over density, one panel per model."""
+    runs = per_run[~per_run["baseline"].astype(bool) & per_run["rho"].notna()]
+    if runs["interpolation"].nunique() < 2:
+        return None
+    value, ylabel = _measure(per_run)
+    models = sorted(runs["model"].unique())
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models, strict=True):
+        sub = runs[runs["model"] == model]
+        for color, (method, rows) in zip(COLORS, sub.groupby("interpolation"), strict=False):
+            mean = rows.groupby("rho")[value].agg(["mean", "std"]).reset_index()
+            ax.errorbar(mean["rho"], mean["mean"], yerr=mean["std"].fillna(0), color=color, marker="s",
+                        capsize=3, label=method)
+            ax.scatter(rows["rho"], rows[value], color=color, alpha=0.4, s=12)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(sorted(sub["rho"].unique()))
+        ax.set_xticklabels([f"{v:g}" for v in sorted(sub["rho"].unique())])
+        ax.set_xlabel("density rho")
+        ax.set_title(f"{model.upper()}: interpolation (all strategies)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    axes[0][-1].legend(title="interpolation", fontsize=8)
+    return _png(fig)
+
+
+def strategy_figure(cases: pd.DataFrame) -> bytes | None:
+    """Distribution of per-case relative performance per strategy (box + points)."""
+    grid = cases[~cases["baseline"].astype(bool)]
+    value = "rel_dice" if grid["rel_dice"].notna().any() else "dice"
+    groups = [(s, rows[value].dropna().to_numpy()) for s, rows in grid.groupby("strategy")]
+    groups = [(s, v) for s, v in groups if v.size]
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2.5, 3.6))
+    ax.boxplot([v for _, v in groups], showfliers=False)
+    ax.set_xticks(range(1, len(groups) + 1), [s for s, _ in groups])
+    rng = np.random.default_rng(0)
+    for n, (_, v) in enumerate(groups, start=1):
+        ax.scatter(n + rng.uniform(-0.15, 0.15, v.size), v, s=8, alpha=0.35, color=COLORS[(n - 1) % len(COLORS)])
+    ax.set_ylabel("per-case Dice relative to full labels" if value == "rel_dice" else "per-case Dice")
+    ax.set_title("Distribution per strategy (all densities, seeds, cases)")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame) -> bytes | None:
+    """Every regime's Dice, seeds as points: the overview when the design is not a density sweep."""
+    if regimes.empty:
+        return None
+    order = regimes["regime"].tolist()[::-1]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.34 * len(order) + 1.4))
+    lookup = per_run.copy()
+    from sparseslice.study.analysis import regime_label
+
+    lookup["regime"] = lookup.apply(regime_label, axis=1)
+    for y, name in enumerate(order):
+        rows = lookup[lookup["regime"] == name]
+        ax.barh(y, rows["dice"].mean(), color="#1b6ca8" if "full labels" not in name else "#888", alpha=0.6)
+        ax.scatter(rows["dice"], np.full(len(rows), y), color="black", s=10, zorder=3)
+    ax.set_yticks(range(len(order)), order, fontsize=8)
+    ax.set_xlabel("test Dice (foreground), bar: mean over seeds, points: seeds")
+    ax.set_xlim(0, 1)
+    ax.grid(alpha=0.3, axis="x")
+    return _png(fig)
+
+
+def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]]) -> bytes | None:
+    """Image, truth and prediction on the slice with most truth foreground, one row per case.
+
+    ``examples``: ``(title, image path, label path, prediction path, slice axis, dice)``.
+    """
+    from sparseslice.io import read_label, read_volume
+
+    rows = []
+    for title, image_path, label_path, pred_path, axis, dice in examples:
+        try:
+            image = read_volume(image_path).array
+            truth = read_label(label_path).array
+            pred = read_label(pred_path).array
+        except Exception:  # noqa: BLE001 - an example that cannot be read is left out
+            continue
+        if image.ndim == 4:
+            image = image[..., 0]
+        other = tuple(a for a in range(3) if a != axis)
+        k = int(np.argmax(np.count_nonzero(truth, axis=other)))
+        take = [slice(None)] * 3
+        take[axis] = k
+        rows.append((f"{title} (Dice {dice:.3f}, slice {k})", image[tuple(take)], truth[tuple(take)],
+                     pred[tuple(take)]))
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.8 * len(rows)), squeeze=False)
+    for r, (title, img, tru, prd) in enumerate(rows):
+        vmax = max(int(tru.max()), int(prd.max()), 1)
+        for c, (name, overlay) in enumerate((("image", None), ("truth", tru), ("prediction", prd))):
+            ax = axes[r][c]
+            ax.imshow(img.T, cmap="gray", origin="lower")
+            if overlay is not None:
+                ax.imshow(np.ma.masked_equal(overlay.T, 0), cmap="autumn", alpha=0.5, vmin=0, vmax=vmax,
+                          origin="lower", interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(name if c else title, fontsize=8, loc="left" if not c else "center")
+    return _png(fig)
