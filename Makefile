@@ -23,8 +23,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: install
-	$(BIN)/sparseslice synth $(DEMO_OUT)/data --cases 6 --seed 0
-	$(BIN)/sparseslice info $(DEMO_OUT)/data
+	$(BIN)/sparseslice demo -o $(DEMO_OUT)
 
 test: install-dev
 	$(BIN)/python -m pytest -n 2 -q
