@@ -17,7 +17,7 @@ from sparseslice.study.executors import (
     run_ray,
     threads_per_worker,
 )
-from sparseslice.study.results import write_results
+from sparseslice.study.results import check_results_format, write_results
 from sparseslice.study.spec import RunSpec, StudySpec
 from sparseslice.study.store import StudyStore
 
@@ -91,8 +91,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         raise UserError(f"workers must be at least 1, got {workers}; e.g. --workers 2")
     if address is not None and executor != "ray":
         raise UserError(f"address only applies to --executor ray, got address {address!r}; add --executor ray")
-    if results_format not in ("csv", "parquet"):
-        raise UserError(f"results format must be csv or parquet, got {results_format!r}")
+    check_results_format(results_format)
     if run_fn is None:
         from sparseslice.study.runner import preflight, run_pipeline
 

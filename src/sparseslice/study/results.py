@@ -67,16 +67,25 @@ def run_table(store: StudyStore, spec: StudySpec) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_results(store: StudyStore, spec: StudySpec, *, format: str = "csv") -> Path:
-    """Write ``results.csv`` (or ``results.parquet``) and ``runs.csv`` atomically."""
-    table = collect_results(store, spec)
-    write_text(store.root / "runs.csv", run_table(store, spec).to_csv(index=False))
+def check_results_format(format: str) -> str:
+    """``csv``, or ``parquet`` when pyarrow is installed."""
+    if format not in ("csv", "parquet"):
+        raise UserError(f"results format must be csv or parquet, got {format!r}")
     if format == "parquet":
         try:
             import pyarrow  # noqa: F401
         except ImportError:
             raise UserError("results format is parquet but pyarrow is not installed, got 'parquet'; "
                             "pip install pyarrow or use csv") from None
+    return format
+
+
+def write_results(store: StudyStore, spec: StudySpec, *, format: str = "csv") -> Path:
+    """Write ``results.csv`` (or ``results.parquet``) and ``runs.csv`` atomically."""
+    check_results_format(format)
+    table = collect_results(store, spec)
+    write_text(store.root / "runs.csv", run_table(store, spec).to_csv(index=False))
+    if format == "parquet":
         path = store.root / "results.parquet"
         with atomic_path(path) as tmp:
             table.to_parquet(tmp, index=False)
