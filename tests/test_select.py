@@ -159,7 +159,7 @@ def test_slice_encoder_matches_plain_pca() -> None:
     feats = default_slice_encoder(image, 0, size=16, components=3)
     assert feats.shape == (10, 3)
     # with size == slice size the rows are the robust-normalised slices: compare with plain PCA
-    q25, med, q75 = np.percentile(image, [25, 50, 75])
+    q25, med, q75 = np.percentile(image[::2, ::2, ::2], [25, 50, 75])
     rows = ((image - med) / (q75 - q25)).reshape(10, -1)
     rows -= rows.mean(0)
     _, s, vt = np.linalg.svd(rows, full_matrices=False)
