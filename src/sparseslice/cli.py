@@ -175,6 +175,66 @@ def simulate(
 
 # --- train (issue 5) ---
 
+
+def _int_tuple(value: str | None, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{name} must be comma-separated integers, got {value!r}; e.g. 64,64") from None
+
+
+@command()
+def train(
+    sparse_dir: Annotated[Path, typer.Argument(help="Training dataset: sparse (with .sparse.json sidecars) or full.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder (config.json, best.pt, last.pt, "
+                                                                "history.csv).")],
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; options below override it.")]
+    = None,
+    model: Annotated[str | None, typer.Option(help="2d or 3d [default: 2d].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [default: 50].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 16 (2d), 2 (3d)].")] = None,
+    patch_size: Annotated[str | None, typer.Option(help="Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate [default: 0.001].")] = None,
+    schedule: Annotated[str | None, typer.Option(help="one-step or two-step [default: one-step].")] = None,
+    arch: Annotated[str | None, typer.Option(help="unet or dynunet [default: unet].")] = None,
+    channels: Annotated[str | None, typer.Option(help="Channels per level [default: 16,32,64,128].")] = None,
+    mask_channel: Annotated[bool | None, typer.Option("--mask-channel/--no-mask-channel",
+                                                      help="Give the annotated-slice mask as input.")] = None,
+    interpolated_weight: Annotated[float | None, typer.Option(help="Weight of interpolated slices [0.5].")] = None,
+    normalization: Annotated[str | None, typer.Option(help="auto, zscore, ct or none [default: auto].")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random augmentation.")] = None,
+    val_dir: Annotated[Path | None, typer.Option(help="Validation dataset (default: hold out val-fraction).")]
+    = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction without --val-dir [0.1].")] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs [10].")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the run.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: CUDA when present].")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output from last.pt.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a 2D or 3D network on sparse labels (unknown slices are never background)."""
+    from sparseslice.train import TrainConfig, load_config
+    from sparseslice.train import train as run_training
+
+    base = load_config(config).to_dict() if config else {}
+    given = {"model": model, "epochs": epochs, "batch_size": batch_size,
+             "patch_size": _int_tuple(patch_size, "patch-size"), "lr": lr, "schedule": schedule, "arch": arch,
+             "channels": _int_tuple(channels, "channels"), "mask_channel": mask_channel,
+             "interpolated_weight": interpolated_weight, "normalization": normalization, "augment": augment,
+             "val_fraction": val_fraction, "patience": patience, "max_minutes": max_minutes, "seed": seed,
+             "device": device, "num_threads": threads}
+    if given["channels"] is not None and "strides" not in base:
+        given["strides"] = [2] * (len(given["channels"]) - 1)
+    cfg = TrainConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}})
+    result = run_training(sparse_dir, output, config=cfg, val_dir=val_dir, progress=progress, resume=resume)
+    console.print(f"best validation Dice {result.best_val_dice:.4f} after {result.epochs} epochs "
+                  f"({result.seconds / 60:.1f} min); checkpoint {result.checkpoint}")
+
+
 # --- predict / evaluate (issue 6) ---
 
 

@@ -156,6 +156,9 @@ class TrainConfig:
             raise UserError(f"max_minutes must be positive (or unset), got {self.max_minutes}; e.g. 5")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise UserError(f"axis must be 0, 1 or 2 (or unset), got {self.axis}; pass the slice axis")
+        if len(self.strides) != len(self.channels) - 1:
+            raise UserError(f"strides must have len(channels) - 1 = {len(self.channels) - 1} values, got "
+                            f"{tuple(self.strides)}; e.g. channels [16, 32, 64, 128] with strides [2, 2, 2]")
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))

@@ -4,10 +4,12 @@ Both take a voxel ``weight`` map: 0 at unknown voxels, 1 at annotated ones, and 
 value in (0, 1) for interpolated pseudo-labels. Unknown voxels contribute nothing, and the
 gradient with respect to their logits is exactly zero.
 
-Why not MONAI's ``MaskedDiceLoss``: it multiplies the *logits* by the mask before the
-softmax, so an unknown voxel still becomes a uniform probability that enters the sums. Here
-the mask multiplies the softmax probabilities, after the activation (Specktor-Fadida et al.,
-eq. 2).
+The mask multiplies the softmax probabilities, after the activation (Specktor-Fadida et al.,
+eq. 2); masking the logits before the softmax would turn unknown voxels into uniform
+probabilities that enter the sums. MONAI 1.6's ``MaskedDiceLoss(softmax=True)`` applies the
+softmax first and agrees with :func:`selective_dice_loss` for 0/1 masks (tested); it is not
+used because it multiplies both prediction and target by the mask, so a fractional weight
+(interpolated slices) would enter the intersection squared.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def selective_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torc
     0.5
     """
     k = logits.shape[1]
-    prob = torch.softmax(logits.float(), dim=1)
+    prob = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
     onehot = F.one_hot(target.long().clamp(0, k - 1), k).movedim(-1, 1).to(prob.dtype)
     w = weight.to(prob.dtype).unsqueeze(1)
     prob_w = prob * w  # mask AFTER the activation
@@ -67,7 +69,8 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: tor
     Returns 0 (with a zero gradient) when no voxel is known.
     """
     k = logits.shape[1]
-    ce = F.cross_entropy(logits.float(), target.long().clamp(0, k - 1), reduction="none")
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target.long().clamp(0, k - 1),
+                         reduction="none")
     w = weight.to(ce.dtype)
     return (ce * w).sum() / w.sum().clamp_min(1e-8)
 

@@ -1,0 +1,235 @@
+"""Training on sparse labels: config errors, samplers, augmentation, overfitting, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sparseslice.datasets import discover_dataset
+from sparseslice.errors import UserError
+from sparseslice.io import read_label
+from sparseslice.model import Normalization, load_checkpoint
+from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.synthetic import write_phantom_dataset
+from sparseslice.train import TrainConfig, load_config, train
+from sparseslice.train.augment import AugmentSettings, augment_batch
+from sparseslice.train.data import BlockSampler, SliceSampler, load_cases, resolve_axis
+
+torch.set_num_threads(1)
+TINY = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1, "num_threads": 1, "val_fraction": 0.0,
+        "augment": False, "patience": 100}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return write_phantom_dataset(tmp_path_factory.mktemp("ph") / "full", cases=2, seed=0, shape=(24, 24, 12))
+
+
+def make_sparse(full, out, slices_of, *, extra=None):
+    """Sparse copy of ``full``: ``slices_of(n_slices)`` annotated along axis 2 (phantom slice axis)."""
+    ds = discover_dataset(full)
+    for case in ds.cases:
+        label = read_label(case.label)
+        (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
+        sparse = SparseLabel.from_slices(label.array, slices_of(label.shape[2]), axis=2)
+        write_sparse(sparse, out / "labelsTr" / case.label.name, like=label, extra=extra)
+    (out / "dataset.json").write_text((full / "dataset.json").read_text())
+    return out
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def test_unknown_config_key_names_the_nearest():
+    with pytest.raises(UserError, match=r"'epoch' does not exist.*did you mean 'epochs'"):
+        TrainConfig.from_dict({"epoch": 3})
+    with pytest.raises(UserError, match="did you mean 'mask_channel'"):
+        TrainConfig.from_dict({"mask_chanel": True})
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"model": "4d"}, "model must be one of 2d, 3d"),
+    ({"schedule": "three-step"}, "schedule must be one of"),
+    ({"lr": 0}, "lr must be positive"),
+    ({"patch_size": [30, 30]}, "multiples of 8"),
+    ({"model": "3d", "patch_size": [32, 32]}, "3 positive sizes"),
+    ({"interpolated_weight": 2}, r"interpolated_weight must lie in \[0, 1\]"),
+])
+def test_bad_config_values(bad, match):
+    with pytest.raises(UserError, match=match):
+        TrainConfig.from_dict(bad)
+
+
+def test_config_round_trip_and_yaml(tmp_path):
+    cfg = TrainConfig(model="3d", patch_size=(16, 16, 8), channels=(8, 16, 32), strides=(2, 2))
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    path = tmp_path / "c.yaml"
+    path.write_text("model: 3d\nepochs: 7\nchannels: [8, 16]\nstrides: [2]\n")
+    loaded = load_config(path)
+    assert (loaded.model, loaded.epochs, loaded.channels) == ("3d", 7, (8, 16))
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def test_slice_sampler_keeps_only_annotated_slices_and_weights_interpolated(phantoms, tmp_path):
+    sparse = make_sparse(phantoms, tmp_path / "sp", lambda n: [2, 5, 8], extra={"interpolated": [5]})
+    ds = discover_dataset(sparse)
+    axis = resolve_axis(ds, None)
+    assert axis == 2
+    cases, labels = load_cases(ds, ds.case_ids, axis=axis, normalization=Normalization(), interpolated_weight=0.25)
+    assert labels == (0, 1, 2)
+    assert [c.slice_weight[[2, 5, 8]].tolist() for c in cases] == [[1.0, 0.25, 1.0]] * 2
+    assert [c.validation_slices.tolist() for c in cases] == [[2, 8]] * 2
+    sampler = SliceSampler(cases, patch_size=(24, 24))
+    assert len(sampler) == 6  # 3 known slices x 2 cases, nothing else
+    full = read_label(ds.case(ds.case_ids[0]).label).array
+    assert set(np.unique(sampler.weights)) <= {0.0, 0.25, 1.0}
+    # stored slice 0 is slice 2 of case 0 (centred in the padded store)
+    stored = sampler.labels[0].numpy()
+    assert (stored == 0).sum() + (stored > 0).sum() == stored.size
+    assert stored.sum() == full[..., 2].astype(int).sum() and (stored > 0).sum() == (full[..., 2] > 0).sum()
+    zero, _ = load_cases(ds, ds.case_ids, axis=axis, normalization=Normalization(), interpolated_weight=0.0)
+    assert len(SliceSampler(zero, patch_size=(24, 24))) == 4
+
+
+@pytest.mark.parametrize("model", ["2d", "3d"])
+def test_no_batch_holds_an_all_unknown_sample(phantoms, tmp_path, model):
+    sparse = make_sparse(phantoms, tmp_path / "one", lambda n: [n // 2])  # one annotated slice per volume
+    ds = discover_dataset(sparse)
+    cases, _ = load_cases(ds, ds.case_ids, axis=2, normalization=Normalization())
+    rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    if model == "2d":
+        sampler = SliceSampler(cases, patch_size=(16, 16))  # crops smaller than the slices
+        batches = list(sampler.epoch(200, 4, rng))
+    else:
+        sampler = BlockSampler(cases, patch_size=(16, 16, 4))
+        batches = list(sampler.epoch(200, 4, rng))
+    for batch in batches:
+        for b in (batch, augment_batch(batch, axis=2 if model == "3d" else None, gen=gen)):
+            known = (b.weight > 0).flatten(1).sum(1)
+            assert torch.all(known > 0)
+    if model == "3d":
+        # the block's annotated slice carries exactly the known voxels
+        for batch in batches[:10]:
+            per_slice = (batch.weight > 0).sum((1, 2))
+            assert torch.all((per_slice > 0).sum(1) == 1)
+            assert torch.equal(batch.annotated > 0, batch.weight > 0)
+
+
+def test_augmentation_identity_and_label_values():
+    gen = torch.Generator().manual_seed(0)
+    img = torch.randn(3, 1, 16, 12)
+    lab = torch.randint(0, 3, (3, 16, 12))
+    w = torch.ones(3, 16, 12)
+    from sparseslice.train.data import Batch
+
+    batch = Batch(img, lab, w, w.clone())
+    off = AugmentSettings(p_flip=0, p_rotate=0, p_scale=0, p_intensity=0, p_noise=0)
+    same = augment_batch(batch, axis=None, gen=gen, settings=off)
+    assert torch.allclose(same.image, img, atol=1e-5) and torch.equal(same.label, lab)
+    flip = AugmentSettings(p_flip=1, p_rotate=0, p_scale=0, p_intensity=0, p_noise=0)
+    flipped = augment_batch(batch, axis=None, gen=gen, settings=flip)
+    assert torch.equal(flipped.label, lab.flip(1, 2)) and torch.allclose(flipped.image, img.flip(2, 3), atol=1e-5)
+    heavy = AugmentSettings(p_rotate=1, p_scale=1)
+    out = augment_batch(batch, axis=None, gen=gen, settings=heavy)
+    assert set(out.label.unique().tolist()) <= {0, 1, 2} and set(out.weight.unique().tolist()) <= {0.0, 1.0}
+    assert torch.all(out.label[out.weight == 0] == 0)
+
+
+def test_missing_class_warns_naming_it(phantoms, tmp_path):
+    sparse = make_sparse(phantoms, tmp_path / "edge", lambda n: [0])  # first slice: background only
+    with pytest.warns(UserWarning, match=r"class 1 \('part1'\) has no annotated voxel"):
+        train(sparse, tmp_path / "run", config=TrainConfig(epochs=1, samples_per_epoch=4, batch_size=4, **TINY),
+              progress=False)
+
+
+# --- training -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model, extra", [
+    ("2d", {"batch_size": 12, "samples_per_epoch": 24, "epochs": 30, "lr": 1e-2}),
+    ("3d", {"batch_size": 2, "samples_per_epoch": 4, "epochs": 30, "lr": 1e-2, "mask_channel": True}),
+])
+def test_overfits_a_tiny_phantom(tmp_path, model, extra):
+    data = write_phantom_dataset(tmp_path / "one", cases=1, seed=0, shape=(24, 24, 12))
+    result = train(data, tmp_path / "run", config=TrainConfig(model=model, **{**TINY, **extra}), progress=False)
+    assert result.best_val_dice > 0.9
+    net, ckpt = load_checkpoint(result.run_dir)
+    assert ckpt.labels == (0, 1, 2) and ckpt.axis == 2 and ckpt.spec.mask_channel == extra.get("mask_channel", False)
+    assert len(ckpt.patch_size) == (2 if model == "2d" else 3)
+    assert ckpt.metrics["val_dice"] == pytest.approx(result.best_val_dice)
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved["model"] == model and saved["axis"] == 2 and saved["normalization"] == "zscore"
+    assert (result.run_dir / "history.csv").read_text().count("\n") == 31
+
+
+def test_resume_continues_from_the_last_epoch(phantoms, tmp_path):
+    sparse = make_sparse(phantoms, tmp_path / "sp", lambda n: list(range(1, n, 2)))
+    cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=8,
+                      **{**TINY, "augment": True, "val_fraction": 0.5})
+    straight = train(sparse, tmp_path / "a", config=cfg.updated(epochs=3), progress=False)
+    train(sparse, tmp_path / "b", config=cfg.updated(epochs=2), progress=False)
+    with pytest.raises(UserError, match="pass --resume"):
+        train(sparse, tmp_path / "b", config=cfg.updated(epochs=3), progress=False)
+    with pytest.raises(UserError, match="config lr differs"):
+        train(sparse, tmp_path / "b", config=cfg.updated(epochs=3, lr=0.1), progress=False, resume=True)
+    resumed = train(sparse, tmp_path / "b", config=cfg.updated(epochs=3), progress=False, resume=True)
+    assert resumed.epochs == 3
+    rows_a = (tmp_path / "a" / "history.csv").read_text().splitlines()
+    rows_b = (tmp_path / "b" / "history.csv").read_text().splitlines()
+    assert [r.split(",")[:5] for r in rows_a] == [r.split(",")[:5] for r in rows_b]  # same losses and Dice
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
+
+
+def test_two_step_fine_tunes_from_best_with_restarts(phantoms, tmp_path):
+    cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=4, epochs=2, schedule="two-step",
+                      finetune_epochs=4, restart_every=2, **TINY)
+    train(phantoms, tmp_path / "run", config=cfg, progress=False)
+    rows = [r.split(",") for r in (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]]
+    assert [r[1] for r in rows] == ["1", "1", "2", "2", "2", "2"]
+    lrs = [float(r[2]) for r in rows[2:]]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] < lrs[0] and lrs[2] == pytest.approx(1e-3)  # restart
+
+
+def test_val_dir_dense_and_full_labels_with_ignore_value(phantoms, tmp_path):
+    # a label file without sidecar holding 255 is decoded with the dataset slice axis
+    sparse = make_sparse(phantoms, tmp_path / "sp", lambda n: [3, 6])
+    for side in (sparse / "labelsTr").glob("*.sparse.json"):
+        side.unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = train(sparse, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=4, samples_per_epoch=4, **TINY),
+                    val_dir=phantoms, progress=False)
+    split = json.loads((res.run_dir / "split.json").read_text())
+    assert split["val"] == discover_dataset(phantoms).case_ids and split["labels"] == [0, 1, 2]
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def test_cli_train_and_errors(phantoms, tmp_path):
+    from sparseslice.cli import app
+
+    runner = CliRunner()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("channels: [8, 16, 32]\nstrides: [2, 2]\nepochs: 1\nsamples_per_epoch: 4\nbatch_size: 4\n"
+                   "num_threads: 1\n")
+    ok = runner.invoke(app, ["train", str(phantoms), "-o", str(tmp_path / "run"), "--config", str(cfg),
+                             "--no-progress", "--lr", "0.002"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 0.002
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    res = runner.invoke(app, ["train", str(phantoms), "-o", str(tmp_path / "r2"), "--config", str(bad)])
+    assert res.exit_code == 2 and "did you mean 'epochs'" in res.output
+    res = runner.invoke(app, ["train", str(phantoms), "-o", str(tmp_path / "r3"), "--model", "4d"])
+    assert res.exit_code == 2 and "model must be one of 2d, 3d" in res.output
+    res = runner.invoke(app, ["train", str(phantoms), "-o", str(tmp_path / "run"), "--config", str(cfg)])
+    assert res.exit_code == 2 and "--resume" in res.output
