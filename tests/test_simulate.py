@@ -54,16 +54,18 @@ def test_msd_output_holds_exactly_the_planned_slices(ds, tmp_path: Path) -> None
     assert image.is_symlink() and image.resolve() == ds.case(plan.case_ids[0]).images[0].resolve()
 
 
-def test_copy_images_and_overwrite(ds, tmp_path: Path) -> None:
+def test_copy_images_and_rerun(ds, tmp_path: Path) -> None:
     plan = make_plan(ds, budget=4, volumes=2, strategy="interval", seed=0)
     out = simulate(ds, plan, tmp_path / "sparse", copy_images=True)
     image = out / "imagesTr" / f"{plan.case_ids[0]}.nii.gz"
     assert not image.is_symlink() and image.read_bytes() == ds.case(plan.case_ids[0]).images[0].read_bytes()
-    with pytest.raises(UserError, match="is not empty; choose a new folder or pass overwrite"):
-        simulate(ds, plan, out)
     smaller = replace(plan, entries=plan.entries[:1], volumes=1, budget=len(plan.entries[0].slices))
-    simulate(ds, smaller, out, overwrite=True)
-    assert discover_dataset(out).case_ids == [plan.case_ids[0]]  # stale cases are gone
+    simulate(ds, smaller, out)  # an earlier simulation is replaced, stale cases are gone
+    assert discover_dataset(out).case_ids == [plan.case_ids[0]]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files simulate did not write, got \\['notes.txt'\\]"):
+        simulate(ds, plan, out)
+    assert (out / "dataset.json").is_file()  # refused before touching anything
 
 
 def test_border_slices_are_free_background(ds, tmp_path: Path) -> None:

@@ -157,9 +157,11 @@ def simulate(
     ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels (msd format).")] = 255,
     copy_images: Annotated[bool, typer.Option(
         help="Copy images instead of absolute symbolic links to the originals.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an earlier simulation in OUT.")] = False,
 ) -> None:
-    """Apply a plan to full labels: write the sparse labels an annotator would produce."""
+    """Apply a plan to full labels: write the sparse labels an annotator would produce.
+
+    OUT must be new, empty or an earlier simulation (which is replaced).
+    """
     from sparseslice.datasets import discover_dataset
     from sparseslice.select import read_plan
     from sparseslice.simulate import simulate as run_simulate
@@ -167,7 +169,7 @@ def simulate(
     ds = discover_dataset(data, require_labels=True)
     the_plan = read_plan(plan_file)
     run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
-                 copy_images=copy_images, overwrite=overwrite, progress=True)
+                 copy_images=copy_images, progress=True)
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 

@@ -10,7 +10,8 @@ The output is a *sparse dataset* that :func:`~sparseslice.datasets.discover_data
 
 Images are absolute symbolic links to the originals by default (no copy of large CT data;
 the dataset stays valid while the originals stay where they are); ``copy_images=True``
-copies them instead. Images not stored as ``.nii.gz`` are converted.
+copies them instead. Images not stored as ``.nii.gz`` are converted. Simulating again into
+the same folder replaces the earlier simulation; a folder holding other files is refused.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def nnunet_ignore_value(values: Sequence[int]) -> int:
 
 
 def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", border_slices: bool = False,
-             ignore_value: int = DEFAULT_IGNORE_VALUE, copy_images: bool = False, overwrite: bool = False,
+             ignore_value: int = DEFAULT_IGNORE_VALUE, copy_images: bool = False,
              progress: bool = False) -> Path:
     """Write the sparse dataset produced by annotating ``plan`` on ``dataset``'s full labels.
 
@@ -104,9 +105,6 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         the default is replaced by it and any other value is refused.
     copy_images : bool
         Copy images instead of linking them (absolute symbolic links by default).
-    overwrite : bool
-        Replace the files of an earlier simulation in ``out`` (its ``imagesTr``, ``labelsTr``,
-        ``dataset.json`` and plan); without it a non-empty ``out`` is refused.
     progress : bool
         Show a progress bar.
 
@@ -118,17 +116,8 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     if format not in FORMATS:
         raise UserError(f"format is unknown, got {format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"out {str(out)!r} is not empty; choose a new folder or pass overwrite "
-                            "(--overwrite) to replace an earlier simulation")
-        for name in ("dataset.json", "imagesTr", "labelsTr", "plan.json", "plan.csv"):
-            p = out / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
     check_plan(plan, dataset)
+    _clear_previous(out)
     cases = plan.case_ids
     for cid in cases:
         if dataset.case(cid).label is None:
@@ -173,6 +162,25 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, format=format,
                                                    ignore_value=ignore_value, border_slices=border_slices))
     return out
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier simulation in ``out``; refuse a folder holding anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"out {str(out)!r} is a file; pass a folder for the sparse dataset")
+    ours = {"dataset.json", "imagesTr", "labelsTr", "plan.json", "plan.csv"}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if foreign:
+        raise UserError(f"out {str(out)!r} holds files simulate did not write, got {foreign[:3]}; choose an empty "
+                        "or new folder")
+    (out / "dataset.json").unlink(missing_ok=True)  # first: the folder no longer looks complete
+    for name in ("imagesTr", "labelsTr"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    for name in ("plan.json", "plan.csv"):
+        (out / name).unlink(missing_ok=True)
 
 
 def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool) -> list[Path]:
