@@ -28,7 +28,8 @@ from sparseslice.atomic import atomic_path, write_json
 from sparseslice.datasets import Case, Dataset, load_image
 from sparseslice.errors import UserError
 from sparseslice.io import check_same_space, read_header, read_label, volume_suffix, write_volume
-from sparseslice.select.plan import Plan, write_plan
+from sparseslice.select.plan import Plan
+from sparseslice.select.worklist import write_plan
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SparseLabel, extent_of, write_sparse
 
 FORMATS = ("msd", "nnunet")

@@ -7,18 +7,13 @@ the budget was allocated, so the same call gives the same plan.
 
 from __future__ import annotations
 
-import csv
-import io
-import os
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sparseslice.atomic import write_json, write_text
 from sparseslice.datasets import Dataset, dataset_slice_axis, load_image
 from sparseslice.errors import UserError
 from sparseslice.io import check_axis, read_header, read_label
@@ -154,82 +149,7 @@ class Plan:
         )
 
 
-# ---------------------------------------------------------------------------------------- files
-
-
-def _plan_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.suffix.lower() != ".json":
-        p = p / "plan.json"
-    return p, p.with_suffix(".csv")
-
-
-def plan_csv(plan: Plan) -> str:
-    """The worklist as CSV: one row per volume, slice indices 0-based and 1-based (ITK-SNAP)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["case", "axis", "n_slices", "first", "last", "n_drawn", "slices", "slices_1based"])
-    for e in plan.entries:
-        first, last = e.extent if e.extent is not None else ("", "")
-        w.writerow([e.case_id, e.axis, e.n_slices, first, last, len(e.slices),
-                    " ".join(map(str, e.slices)), " ".join(str(s + 1) for s in e.slices)])
-    return buf.getvalue()
-
-
-def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
-    """Write ``plan.json`` and ``plan.csv`` (same stem) atomically; returns the JSON path.
-
-    ``path`` is a ``.json`` file or a folder (then ``folder/plan.json``).
-    """
-    json_path, csv_path = _plan_paths(path)
-    write_text(csv_path, plan_csv(plan))
-    write_json(json_path, plan.to_dict())
-    return json_path
-
-
-def read_plan(path: str | os.PathLike[str]) -> Plan:
-    """Read a plan written by :func:`write_plan` (a ``.json`` file or a folder holding ``plan.json``)."""
-    import json
-
-    json_path, _ = _plan_paths(path)
-    if not json_path.is_file():
-        raise UserError(f"plan {str(json_path)!r} does not exist; make one with sparseslice plan")
-    try:
-        data = json.loads(json_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"plan {str(json_path)!r} is not valid JSON ({exc}); rewrite it with "
-                        "sparseslice plan") from None
-    return Plan.from_dict(data)
-
-
-def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
-    """Read the annotators' clicks: a CSV with columns ``case,first,last`` (0-based slices).
-
-    Checked here for shape (integers, ``0 <= first <= last``, one row per case); checked
-    against each volume's slice count by :func:`make_plan`.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"extents file {str(p)!r} does not exist; pass a CSV with case,first,last")
-    with p.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"case", "first", "last"} <= set(rows[0]):
-        raise UserError(f"extents file {str(p)!r} must have columns case,first,last; add that header line")
-    out: dict[str, tuple[int, int]] = {}
-    for n, row in enumerate(rows, start=2):
-        case = (row["case"] or "").strip()
-        try:
-            first, last = int(row["first"]), int(row["last"])
-        except (TypeError, ValueError):
-            raise UserError(f"extents file {str(p)!r} line {n}: first/last must be integers, got "
-                            f"{row['first']!r}, {row['last']!r}; give 0-based slice indices") from None
-        if not 0 <= first <= last:
-            raise UserError(f"extents file {str(p)!r} line {n}: extent must satisfy 0 <= first <= last, got "
-                            f"({first}, {last}) for case {case!r}; swap or fix the clicks")
-        if case in out:
-            raise UserError(f"extents file {str(p)!r} line {n}: case {case!r} appears twice; keep one row")
-        out[case] = (first, last)
-    return out
+# ---------------------------------------------------------------------------------------- extents
 
 
 def extents_from_labels(dataset: Dataset, *, axis: int, cases: Sequence[str] | None = None
@@ -513,31 +433,3 @@ def _progress(items: list[str], label: str, show: bool):
     from rich.progress import track
 
     yield from track(items, description=label, transient=True)
-
-
-def render_plan(plan: Plan, console: Any, *, rows: int = 20) -> None:
-    """Print a Rich summary: volumes, slices each, total, estimated annotation time."""
-    from rich.table import Table
-
-    counts = [len(e.slices) for e in plan.entries]
-    table = Table(title=f"plan: {plan.strategy}, seed {plan.seed}", show_lines=False)
-    for col in ("case", "n_slices", "extent", "drawn", "slices"):
-        table.add_column(col, justify="left" if col in ("case", "slices") else "right")
-    shown = plan.entries if rows <= 0 else plan.entries[:rows]
-    for e in shown:
-        ext = f"{e.extent[0]}-{e.extent[1]}" if e.extent else "-"
-        table.add_row(e.case_id, str(e.n_slices), ext, str(len(e.slices)), " ".join(map(str, e.slices)))
-    if len(shown) < len(plan.entries):
-        table.add_row(f"... {len(plan.entries) - len(shown)} more", "", "", "", "")
-    console.print(table)
-    rho = f"{plan.rho:.3g}" if plan.rho is not None else "-"
-    console.print(
-        f"[bold]{plan.volumes}[/bold] volumes, [bold]{plan.budget}[/bold] slices "
-        f"({min(counts)}-{max(counts)} per volume), axis {plan.axis}, rho {rho} of {plan.rho_of} slices "
-        f"(effective {plan.rho_effective:.3g})")
-    if plan.minutes is not None:
-        console.print(f"estimated annotation time: [bold]{plan.minutes / 60:.1f} h[/bold] "
-                      f"({plan.minutes:.0f} min; {plan.cost.volume_minutes:g} min/volume, "
-                      f"{plan.cost.slice_minutes:g} min/slice, {plan.cost.consecutive_discount:.0%} off "
-                      "consecutive slices)")
-    console.print(f"allocation: {plan.allocation}")
