@@ -205,7 +205,7 @@ def _check_plan(plan: Plan, budget: int, n_slices: dict[str, int]) -> None:
 
 @settings(max_examples=30, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(strategy=st.sampled_from(("random", "interval", "block")), seed=st.integers(0, 10_000),
+@given(strategy=st.sampled_from(STRATEGIES), seed=st.integers(0, 10_000),
        budget=st.integers(8, 100), mode=st.sampled_from(("rho", "volumes", "none")),
        use_extents=st.booleans(), selection=st.sampled_from(("random", "diverse")))
 def test_plans_spend_exactly_the_budget_and_are_seeded(ds, n_slices, strategy, seed, budget, mode, use_extents,
@@ -229,7 +229,8 @@ def test_plans_spend_exactly_the_budget_and_are_seeded(ds, n_slices, strategy, s
     assert same.to_dict() == plan.to_dict()
     others = [make_plan(ds, budget=budget, strategy=strategy, seed=seed + d, extents=extents,
                         volume_selection=selection, **kw).to_dict()["entries"] for d in (1, 2, 3)]
-    assert any(o != plan.to_dict()["entries"] for o in others)  # all three equal by chance: < 1e-6 here
+    if strategy != "ual" or selection == "random":  # k-means may converge to the same clusters for every seed
+        assert any(o != plan.to_dict()["entries"] for o in others)  # all three equal by chance: < 1e-6 here
 
 
 def test_rho_and_volumes_derive_each_other(ds, n_slices) -> None:
@@ -367,3 +368,13 @@ def test_ual_plan_on_hippocampus_is_fast(hippocampus: Path) -> None:
     seconds = time.perf_counter() - t0
     assert plan.volumes == 40 and plan.budget == 150 and plan.axis == 0
     assert seconds < 20 * 40 / 260 * 3  # 3x slack over the 20 s / 260 volume target (shared CPU)
+
+
+def test_cli_plan_by_hours_with_label_extents(phantoms: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["plan", str(phantoms), "--budget-hours", "0.5", "--volumes", "4", "--extents",
+                                   "labels", "--volume-minutes", "2", "--slice-minutes", "1", "--consecutive-discount",
+                                   "0", "--extent-minutes", "0", "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    plan = read_plan(tmp_path / "p.json")
+    assert plan.minutes <= 30 and plan.volumes == 4 and all(e.extent is not None for e in plan.entries)
+    assert plan.budget == min(22, sum(e.extent[1] - e.extent[0] + 1 for e in plan.entries))
