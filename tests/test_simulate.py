@@ -144,3 +144,12 @@ def test_hippocampus_simulation_is_exact(hippocampus: Path, tmp_path: Path) -> N
     labels = json.loads((out / "dataset.json").read_text())["labels"]
     assert labels == {"background": 0, "Anterior": 1, "Posterior": 2, "ignore": 3}
     assert labels["ignore"] == max(labels.values())
+
+
+def test_plan_extents_reach_the_sidecar(ds, tmp_path: Path) -> None:
+    plan = make_plan(ds, budget=4, volumes=2, strategy="block", seed=0)
+    out = simulate(ds, plan, tmp_path / "s")
+    for entry in plan.entries:
+        sparse, _ = read_sparse(out / "labelsTr" / f"{entry.case_id}.nii.gz")
+        assert sparse.extent == entry.extent and not sparse.border.any()
+        assert sparse.annotated_indices == list(entry.slices)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     border_slices : bool
         Also mark the slices outside the structure's extent as annotated background (free of
         drawing cost, Specktor-Fadida et al.). The extent is the true label's (the
-        annotator's two clicks); a plan extent is recorded but the truth decides.
+        annotator's two clicks). Without border slices the sidecar's ``extent`` is the
+        plan's, when the plan has one.
     ignore_value : int
         Value of unknown voxels (default 255, nnU-Net's convention for sparse labels). For
         ``nnunet`` nnU-Net requires the value after the highest label (3 for labels 0, 1, 2);
@@ -146,6 +148,8 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
             raise UserError(f"case {case.case_id!r} holds label values {extra_values} that dataset.json does "
                             f"not declare ({values}); fix the label or dataset.json")
         sparse = SparseLabel.from_slices(label.array, entry.slices, axis=entry.axis)
+        if entry.extent is not None:  # the plan's clicks are known to whoever trains on this
+            sparse = replace(sparse, extent=entry.extent)
         if border_slices:
             ext = extent_of(label.array, axis=entry.axis)
             if ext is not None:

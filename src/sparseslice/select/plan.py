@@ -294,6 +294,8 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
     slice_encoder : callable, optional
         ``ual`` features, ``encoder(image, axis) -> (n_slices, n_features)``; default
         :func:`default_slice_encoder`.
+    volume_encoder : callable, optional
+        ``diverse`` features, ``encoder(image) -> vector``; default :func:`default_volume_encoder`.
     progress : bool
         Show a progress bar while reading images.
 
