@@ -411,7 +411,7 @@ def _budget_range(order: list[str], pool: _Pool, *, rho: float | None, volumes: 
 
 
 def _plan_by_time(build: Callable[[int], Plan], minutes: float, bounds: tuple[int, int]) -> Plan:
-    """Largest slice budget whose plan fits ``minutes`` (binary search, then a safe step down)."""
+    """Largest slice budget whose plan fits ``minutes`` (binary search; the plan returned always fits)."""
     lo, hi = bounds
     first = build(lo)
     if first.minutes > minutes:
