@@ -151,6 +151,8 @@ def paired_comparisons(cases: pd.DataFrame) -> list[Paired]:
     strategies = sorted(grid["strategy"].dropna().unique())
     for a, b in itertools.combinations(strategies, 2):
         out.append(paired(grid, "strategy", a, b))
+    if "block" in strategies and len(strategies) > 1:
+        out.extend(block_vs_dense(grid))
     rhos = sorted(grid["rho"].dropna().unique())
     if len(rhos) >= 2:
         out.append(paired(grid, "rho", rhos[0], rhos[-1]))
@@ -164,3 +166,25 @@ def paired_comparisons(cases: pd.DataFrame) -> list[Paired]:
         if {a, b} <= set(grid[factor]):
             out.append(paired(grid, factor, a, b))
     return [p for p in out if p is not None]
+
+
+def block_vs_dense(grid: pd.DataFrame) -> list[Paired]:
+    """Partial-annotation design: each block arm vs the densest slice arm at the same budget.
+
+    Pairs share budget, model, schedule, seed and case (the arms differ in how slices are
+    spread, and may differ in border slices and the mask channel).
+    """
+    blocks = grid[grid["strategy"] == "block"]
+    dense = grid[grid["strategy"] != "block"]
+    top = dense["rho"].max() if dense["rho"].notna().any() else None
+    if top is not None:
+        dense = dense[dense["rho"] == top]
+    name = f"rho {top:g}" if top is not None else "slices"
+    out = []
+    for (fraction, border, mask), rows in blocks.groupby(["block_fraction", "border_slices", "mask_channel"]):
+        arm = f"block {fraction:g}" + (" + border" if border else "") + (" + mask" if mask else "")
+        both = pd.concat([rows.assign(arm=arm), dense.assign(arm=name)])
+        result = paired(both, "arm", arm, name, match=["budget", "model", "schedule", "seed", "case"])
+        if result is not None:
+            out.append(result)
+    return out

@@ -116,7 +116,8 @@ def run_ray(tasks: Iterable[Task], run_fn: RunFunction, *, address: str | None =
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            options = {"log_to_driver": False} if address else {"include_dashboard": False, "log_to_driver": False}
+            ray.init(address=address, **options)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             raise UserError(f"address could not be reached, got {address!r} ({exc}); "
                             "pass a running cluster's address (ray://host:10001 or host:6379) or none") from exc

@@ -167,7 +167,7 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]]) -> 
         k = int(np.argmax(np.count_nonzero(truth, axis=other)))
         take = [slice(None)] * 3
         take[axis] = k
-        rows.append((f"{title} (Dice {dice:.3f}, slice {k})", image[tuple(take)], truth[tuple(take)],
+        rows.append((f"{title} (Dice {dice:.3f}, slice {k} along axis {axis})", image[tuple(take)], truth[tuple(take)],
                      pred[tuple(take)]))
     if not rows:
         return None
@@ -183,5 +183,5 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]]) -> 
                           origin="lower", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(name if c else title, fontsize=8, loc="left" if not c else "center")
+            ax.set_title(f"{title}\n{name}" if c == 0 else f"\n{name}", fontsize=8, loc="left")
     return _png(fig)

@@ -140,7 +140,7 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     if len(spec.seeds) < 2:
         f.warnings.append("Only one seed: the spread between seeds cannot be shown, and small differences may be "
                           "noise.")
-    elif (regimes["n_seeds"] < len(spec.seeds)).any():
+    elif (regimes.loc[~regimes["baseline"].astype(bool), "n_seeds"] < len(spec.seeds)).any():
         f.warnings.append("Some regimes have fewer finished seeds than the spec asks for (see the n seeds column).")
     if spec.name == "demo" or "phantom" in dataset:
         f.warnings.append("Synthetic phantoms with very short training: this shows the pipeline, not evidence "
@@ -162,7 +162,7 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     if interp != "not tested":
         f.findings.append(f"Interpolation: {interp}.")
     for t in tests:
-        if t.factor in ("border_slices", "schedule", "mask_channel", "model"):
+        if t.factor in ("arm", "border_slices", "schedule", "mask_channel", "model"):
             f.findings.append(f"{t.factor}: {t.a} vs {t.b}: {t.mean_diff:+.3f} Dice over {t.n} paired cases "
                               f"(p={_p(t.p_value)}, {t.verdict}).")
     return f
@@ -253,7 +253,8 @@ def render_report(root: str | os.PathLike[str]) -> str:
              f"<p>Dataset <code>{html.escape(str(spec.dataset.path))}</code>; split seed {spec.dataset.split_seed} "
              f"(val {spec.dataset.val:g}, test {spec.dataset.test:g}); {len(runs)} runs "
              f"({(runs['status'] == 'done').sum()} finished); seeds {', '.join(map(str, spec.seeds))}; "
-             f"main measure: test-set Dice of the foreground (all labels together).</p>"]
+             f"main measure: test-set Dice of the foreground (all labels together).</p>",
+             f"<p>Training: {html.escape(_training_text(store, spec, runs))}.</p>"]
     if f.warnings:
         parts.append("<div class='warn'><b>Read with care</b><ul>"
                      + "".join(f"<li>{html.escape(w)}</li>" for w in f.warnings) + "</ul></div>")
@@ -288,10 +289,38 @@ def render_report(root: str | os.PathLike[str]) -> str:
         parts.append("<h2>Runs that did not finish</h2>"
                      + _table(["run", "status", "error"], problems[["run_id", "status", "error"]].values.tolist()))
     parts.append(f"<h2>Reproduce</h2><p>Every number comes from <code>results.csv</code> and the runs' "
-                 f"<code>config.json</code>. Spec:</p><pre>{html.escape(json.dumps(spec.to_dict(), indent=1))}</pre>")
+                 f"<code>config.json</code>. Spec:</p><pre>{html.escape(_yaml(spec.to_dict()))}</pre>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>sparseslice study {html.escape(spec.name)}</title><style>{CSS}</style></head><body>"
             + "\n".join(p for p in parts if p) + "</body></html>")
+
+
+def _training_text(store: StudyStore, spec, runs: pd.DataFrame) -> str:
+    """The training options the runs used (from a finished run's config.json when there is one)."""
+    options = spec.training_config(spec.runs()[0])
+    for run in spec.runs():
+        path = store.run_dir(run.run_id) / "config.json"
+        if store.status(run) == "done" and path.is_file():
+            options = json.loads(path.read_text())["training"]
+            break
+    shown = {k: v for k, v in options.items() if k not in ("model", "schedule", "mask_channel", "seed", "preset")}
+    text = f"preset {options.get('preset', spec.training.get('preset', 'quick'))}" + (
+        " (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")" if shown else " (TrainConfig defaults)")
+    if "epochs" in runs and "epochs" in options:
+        short = runs[(runs["status"] == "done") & (runs["epochs"] < int(options["epochs"]))]
+        if len(short):
+            text += (f"; {len(short)} of {int((runs['status'] == 'done').sum())} runs stopped before "
+                     f"{options['epochs']} epochs (time cap or early stopping), so they are compared at unequal "
+                     "training")
+        elif "samples_per_epoch" in options:
+            text += "; every run took the same number of gradient steps"
+    return text
+
+
+def _yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110)
 
 
 def write_report(root: str | os.PathLike[str]) -> Path:

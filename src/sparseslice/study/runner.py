@@ -101,8 +101,9 @@ def link_cases(dataset: Dataset, cases: list[str] | tuple[str, ...], out: Path) 
         (out / sub).mkdir(parents=True, exist_ok=True)
     for cid in cases:
         case = dataset.case(cid)
-        for image in case.images:
-            os.symlink(Path(image).resolve(), out / "imagesTr" / Path(image).name)
+        for n, image in enumerate(case.images):
+            # nnU-Net channel names: grouped back to the case id whatever the source names were
+            os.symlink(Path(image).resolve(), out / "imagesTr" / f"{cid}_{n:04d}{_suffix(image)}")
         if case.label is not None:
             os.symlink(Path(case.label).resolve(), out / "labelsTr" / f"{cid}{_suffix(case.label)}")
     meta = Path(dataset.root) / "dataset.json"
