@@ -190,8 +190,9 @@ def test_resume_continues_from_the_last_epoch(phantoms, tmp_path):
 
 
 def test_two_step_fine_tunes_from_best_with_restarts(phantoms, tmp_path):
+    # also exercises bf16 autocast and channels-last memory format
     cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=4, epochs=2, schedule="two-step",
-                      finetune_epochs=4, restart_every=2, **TINY)
+                      finetune_epochs=4, restart_every=2, bf16=True, channels_last=True, **TINY)
     train(phantoms, tmp_path / "run", config=cfg, progress=False)
     rows = [r.split(",") for r in (tmp_path / "run" / "history.csv").read_text().splitlines()[1:]]
     assert [r[1] for r in rows] == ["1", "1", "2", "2", "2", "2"]

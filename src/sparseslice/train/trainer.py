@@ -205,9 +205,14 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
             model.train()
             t_epoch = time.perf_counter()
             losses, seen = [], 0
+            threads = torch.get_num_threads()
             for batch in sampler.epoch(samples, batch_size, rng):
                 if resolved.augment:
+                    # small batch ops run on one thread: with several, OpenMP barriers cost more than the
+                    # work whenever another process competes for the cores (measured in bench/train.py)
+                    torch.set_num_threads(1)
                     batch = augment_batch(batch, axis=axis if spec.dims == 3 else None, gen=gen)
+                    torch.set_num_threads(threads)
                 x = batch.image
                 if resolved.mask_channel:
                     x = torch.cat([x, batch.annotated.unsqueeze(1)], 1)
