@@ -84,7 +84,10 @@ def _interpolation_verdict(tests: list[analysis.Paired]) -> str:
         return "not tested"
     parts = []
     for t in interp:
-        if t.mean_diff > MARGIN and t.p_value < 0.05:
+        if t.n < 6 or np.isnan(t.p_value):
+            look = "better" if t.mean_diff > MARGIN else "worse" if t.mean_diff < -MARGIN else "no different"
+            word = f"looks {look} but there are too few pairs to test;"
+        elif t.mean_diff > MARGIN and t.p_value < 0.05:
             word = "helps"
         elif t.mean_diff < -MARGIN and t.p_value < 0.05:
             word = "hurts"
