@@ -213,8 +213,11 @@ def train(
     patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs [10].")] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the run.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    axis: Annotated[int | None, typer.Option(help="Slice axis [default: the sidecars', else the dataset's].")]
+    = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: CUDA when present].")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (1 per process is best on a busy CPU).")]
+    = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from last.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -228,7 +231,7 @@ def train(
              "channels": _int_tuple(channels, "channels"), "mask_channel": mask_channel,
              "interpolated_weight": interpolated_weight, "normalization": normalization, "augment": augment,
              "val_fraction": val_fraction, "patience": patience, "max_minutes": max_minutes, "seed": seed,
-             "device": device, "num_threads": threads}
+             "axis": axis, "device": device, "num_threads": threads}
     if given["channels"] is not None and "strides" not in base:
         given["strides"] = [2] * (len(given["channels"]) - 1)
     cfg = TrainConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}})
