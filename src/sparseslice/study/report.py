@@ -45,22 +45,29 @@ def _p(p: float) -> str:
 
 
 def density_finding(per_run: pd.DataFrame, cases: pd.DataFrame, budget: int, model: str) -> str | None:
-    """Did lower density with more volumes win at this budget and model? With the numbers."""
-    runs = per_run[(per_run["budget"] == budget) & (per_run["model"] == model) & per_run["rho"].notna()
-                   & per_run["block_fraction"].isna()]
+    """Did lower density with more volumes win at this budget and model? With the numbers.
+
+    Uses the density ``rho`` when the grid sets it, else the volume count ``s`` (at a fixed
+    budget, more volumes means fewer slices per volume).
+    """
+    runs = per_run[(per_run["budget"] == budget) & (per_run["model"] == model) & per_run["block_fraction"].isna()]
     if (runs["interpolation"] == "none").any():
         runs = runs[runs["interpolation"] == "none"]
-    if runs["rho"].nunique() < 2:
+    factor = "rho" if runs["rho"].nunique() >= 2 else "volumes"
+    runs = runs[runs[factor].notna()]
+    if runs[factor].nunique() < 2:
         return None
-    by_rho = runs.groupby("rho").agg(dice=("dice", "mean"), sd=("dice", "std"), s=("n_volumes", "mean"),
-                                     k=("slices_per_volume", "mean"), n=("run_id", "count"))
-    low, high = by_rho.index.min(), by_rho.index.max()
-    best = by_rho["dice"].idxmax()
-    lo, hi = by_rho.loc[low], by_rho.loc[high]
+    by = runs.groupby(factor).agg(dice=("dice", "mean"), sd=("dice", "std"), s=("n_volumes", "mean"),
+                                  k=("slices_per_volume", "mean"), n=("run_id", "count"))
+    # the sparsest arm: lowest rho, or most volumes
+    sparse, dense = (by.index.min(), by.index.max()) if factor == "rho" else (by.index.max(), by.index.min())
+    name = "rho" if factor == "rho" else "s"
+    best = by["dice"].idxmax()
+    lo, hi = by.loc[sparse], by.loc[dense]
     diff = lo["dice"] - hi["dice"]
     sub = cases[(cases["budget"] == budget) & (cases["model"] == model)
                 & cases["interpolation"].isin(runs["interpolation"].unique())]
-    test = analysis.paired(sub, "rho", low, high)
+    test = analysis.paired(sub, factor, sparse, dense)
     test_text = (f"; paired per case: {test.mean_diff:+.3f}, {test.wins}/{test.n} cases better, "
                  f"Wilcoxon p={_p(test.p_value)}") if test else ""
     if diff > MARGIN:
@@ -69,12 +76,12 @@ def density_finding(per_run: pd.DataFrame, cases: pd.DataFrame, budget: int, mod
         verdict = "no: higher density with fewer volumes won"
     else:
         verdict = f"no clear winner (difference under {MARGIN})"
-    curve = ", ".join(f"rho {r:g} ({row.s:.0f} vol x {row.k:.1f} sl): {_pm(row.dice, row.sd)}"
-                      for r, row in by_rho.iterrows())
-    return (f"{model.upper()}, budget {budget}: {verdict}. Lowest density rho={low:g} "
+    curve = ", ".join(f"{name} {r:g} ({row.s:.0f} vol x {row.k:.1f} sl): {_pm(row.dice, row.sd)}"
+                      for r, row in by.iterrows())
+    return (f"{model.upper()}, budget {budget}: {verdict}. Lowest density {name}={sparse:g} "
             f"({lo.s:.0f} volumes x {lo.k:.1f} slices) reached Dice {_pm(lo.dice, lo.sd)} vs "
-            f"{_pm(hi.dice, hi.sd)} at rho={high:g} ({hi.s:.0f} volumes x {hi.k:.1f} slices), "
-            f"difference {diff:+.3f}{test_text}. Best density: rho={best:g}. Mean over strategies and seeds: "
+            f"{_pm(hi.dice, hi.sd)} at {name}={dense:g} ({hi.s:.0f} volumes x {hi.k:.1f} slices), "
+            f"difference {diff:+.3f}{test_text}. Best: {name}={best:g}. Mean over strategies and seeds: "
             f"{curve}.")
 
 
