@@ -190,8 +190,8 @@ def _int_tuple(value: str | None, name: str) -> list[int] | None:
 @command()
 def train(
     sparse_dir: Annotated[Path, typer.Argument(help="Training dataset: sparse (with .sparse.json sidecars) or full.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Run folder (config.json, best.pt, last.pt, "
-                                                                "history.csv).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config.json, best.pt, last.pt, "
+                                                          "history.csv).")],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; options below override it.")]
     = None,
     model: Annotated[str | None, typer.Option(help="2d or 3d [default: 2d].")] = None,
@@ -218,7 +218,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: CUDA when present].")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (1 per process is best on a busy CPU).")]
     = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --output from last.pt.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a 2D or 3D network on sparse labels (unknown slices are never background)."""
@@ -235,7 +235,7 @@ def train(
     if given["channels"] is not None and "strides" not in base:
         given["strides"] = [2] * (len(given["channels"]) - 1)
     cfg = TrainConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}})
-    result = run_training(sparse_dir, output, config=cfg, val_dir=val_dir, progress=progress, resume=resume)
+    result = run_training(sparse_dir, out, config=cfg, val_dir=val_dir, progress=progress, resume=resume)
     console.print(f"best validation Dice {result.best_val_dice:.4f} after {result.epochs} epochs "
                   f"({result.seconds / 60:.1f} min); checkpoint {result.checkpoint}")
 
