@@ -19,7 +19,8 @@ def fake_run(run, config, run_dir: Path) -> RunOutput:
     if run.baseline:
         level = 0.9
     else:
-        level = 0.85 - 0.3 * (run.rho or 0.5) - (0.03 if run.strategy == "ual" else 0.0)
+        density = run.rho if run.rho is not None else (1 / run.volumes if run.volumes else 0.5)
+        level = 0.85 - 0.3 * density - (0.03 if run.strategy == "ual" else 0.0)
         level += 0.02 if run.interpolation != "none" else 0.0
     rows = []
     for n, case in enumerate(CASES):
@@ -28,8 +29,8 @@ def fake_run(run, config, run_dir: Path) -> RunOutput:
             rows += [(case, label, "dice", dice), (case, label, "hd95", 10 * (1 - dice)),
                      (case, label, "assd2d", 3 * (1 - dice))]
     (run_dir / "touched.txt").write_text(run.run_id)
-    info = {"n_volumes": 10 if run.baseline else int(round(1 / (run.rho or 0.5))),
-            "slices_per_volume": 12 if run.baseline else int(round(12 * (run.rho or 0.5)))}
+    volumes = 10 if run.baseline else run.volumes or int(round(1 / (run.rho or 0.5)))
+    info = {"n_volumes": volumes, "slices_per_volume": 12 if run.baseline else 12 / volumes}
     return RunOutput(pd.DataFrame(rows, columns=["case", "label", "metric", "value"]), info)
 
 

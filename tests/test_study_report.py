@@ -47,8 +47,8 @@ def test_report_states_the_density_finding_with_numbers_and_recommends(study):
     text = _text((study / "report.html").read_text())
     # the fake makes lower density better: the report must say so, with the Dice values
     assert "2D, budget 12: yes: lower density with more volumes won" in text
-    assert re.search(r"rho=0\.1 \(10 volumes x 1\.0 slices\) reached Dice 0\.\d{3} ± 0\.\d{3}", text)
-    assert "For data and a budget of 12 slices (2D model): annotate 10 volumes at 1.0 slices each" in text
+    assert re.search(r"rho=0\.1 \(10 volumes x 1\.2 slices\) reached Dice 0\.\d{3} ± 0\.\d{3}", text)
+    assert "For data and a budget of 12 slices (2D model): annotate 10 volumes at 1.2 slices each" in text
     assert "interpolation: sdf helps" in text  # the fake adds +0.02 with interpolation
     assert "ual" in text and "Wilcoxon" in text
     # crashed runs are listed and flagged
@@ -136,3 +136,11 @@ def test_report_renders_in_headless_chromium_with_every_figure(study, tmp_path):
     assert title, result.stderr[-2000:]
     assert int(title.group(1)) == n_images and int(title.group(2)) == n_images
     assert "lower density with more volumes won" in result.stdout
+
+
+def test_volume_count_grids_get_the_density_finding_too(tmp_path):
+    spec = parse_spec({**SPEC, "grid": [{"budget": [12], "volumes": [2, 6], "strategy": ["random"], "model": ["3d"]}]})
+    run_study(spec, tmp_path / "s", run_fn=fake_run, progress=False)
+    text = _text(render_report(tmp_path / "s"))
+    assert ("3D, budget 12: yes: lower density with more volumes won. Lowest density s=6 (6 volumes x 2.0 slices)"
+            in text)
