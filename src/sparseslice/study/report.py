@@ -192,7 +192,7 @@ def _regime_table(regimes: pd.DataFrame, metrics: list[str]) -> str:
     for _, r in regimes.iterrows():
         cells = [r["regime"], f"{int(r['n_seeds'])} ({r['seeds']})",
                  _pm(r.get("n_volumes_mean", np.nan), np.nan, 0),
-                 _pm(r.get("slices_per_volume_mean", np.nan), np.nan, 1)]
+                 "all" if bool(r["baseline"]) else _pm(r.get("slices_per_volume_mean", np.nan), np.nan, 1)]
         for m in metrics:
             cells.append(_pm(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan), 3 if m == "dice" else 2))
         cells.append(_pm(r.get("rel_dice_mean", np.nan), r.get("rel_dice_std", np.nan)))
