@@ -273,7 +273,7 @@ class BlockSampler:
             raise UserError("training data has no annotated slice, got 0 known slices; "
                             "check the sparse labels and their sidecars")
         self.patch_size = tuple(int(p) for p in patch_size)
-        self.images, self.labels, self.weights, self.annotated = [], [], [], []
+        self.images, self.labels, self.slice_weights = [], [], []
         self.margins = []
         for c in self.cases:
             margin = tuple(max(0, p - s) for p, s in zip(self.patch_size, c.label.shape, strict=True))
@@ -281,10 +281,8 @@ class BlockSampler:
             self.margins.append(margin)
             self.images.append(pad_center(c.image, shape)[0])
             self.labels.append(pad_center(c.label, shape)[0])
-            self.weights.append(pad_center(np.ascontiguousarray(c.voxel_weight(), np.float32), shape)[0])
-            ann = np.broadcast_to((c.slice_weight > 0).reshape([-1 if a == c.axis else 1 for a in range(3)]),
-                                  c.label.shape)
-            self.annotated.append(pad_center(np.ascontiguousarray(ann, np.float32), shape)[0])
+            # weights stay one value per slice (padding: unknown); blocks broadcast them on the fly
+            self.slice_weights.append(pad_center(c.slice_weight.astype(np.float32), (shape[c.axis],))[0])
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -303,8 +301,13 @@ class BlockSampler:
                 lo = 0
             start.append(int(rng.integers(lo, hi + 1)))
         sl = tuple(slice(b, b + p) for b, p in zip(start, self.patch_size, strict=True))
-        return (self.images[i][(slice(None), *sl)], self.labels[i][sl], self.weights[i][sl],
-                self.annotated[i][sl])
+        label = self.labels[i][sl]
+        inside = np.zeros(label.shape, np.float32)  # 1 inside the volume, 0 in padding
+        inside[tuple(slice(max(0, m - b), n + m - b) for b, m, n in
+                     zip(start, self.margins[i], case.label.shape, strict=True))] = 1
+        view = [-1 if a == case.axis else 1 for a in range(3)]
+        per_slice = self.slice_weights[i][sl[case.axis]].reshape(view)
+        return (self.images[i][(slice(None), *sl)], label, inside * per_slice, inside * (per_slice > 0))
 
     def epoch(self, samples: int, batch_size: int, rng: np.random.Generator):
         """Yield ``ceil(samples / batch_size)`` batches of random blocks."""
