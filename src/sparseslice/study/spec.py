@@ -263,9 +263,9 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
     if not isinstance(baseline, bool):
         raise UserError(f"baseline must be true or false, got {baseline!r}; true adds full-label runs")
 
-    training = dict(top.get("training") or {"preset": "quick"})
     if not isinstance(top.get("training", {}), dict | type(None)):
         raise UserError(f"training must be a mapping, got {top['training']!r}; e.g. training: {{preset: quick}}")
+    training = dict(top.get("training") or {"preset": "quick"})
     preset = training.setdefault("preset", "quick")
     if preset not in TRAINING_PRESETS:
         raise UserError(f"training.preset must be one of {', '.join(TRAINING_PRESETS)}, got {preset!r}")
