@@ -6,18 +6,22 @@ Methods (``METHODS``):
 - ``nearest``: each slice copies the nearest annotated slice (ties go to the lower one).
 - ``sdf``: shape-based interpolation. On the two annotated slices around a gap, signed
   distance maps (millimetres, real in-plane spacing) of the foreground and of each label are
-  interpolated linearly along the slice axis; the foreground is where the interpolated
-  foreground distance is positive, and each foreground voxel takes the label with the
-  largest interpolated distance. Touching labels therefore never open a hole between them
-  and no voxel gets two labels.
+  interpolated linearly along the slice axis (slice positions are evenly spaced, so the
+  weights are the same in millimetres); the foreground is where the interpolated foreground
+  distance is positive, and each foreground voxel takes the label with the largest
+  interpolated distance. Touching labels therefore never open a hole between them and no
+  voxel gets two labels. Topology changes are handled per connected component: a component
+  with no overlapping counterpart on the other side ends inside the gap (rounded end)
+  instead of being pulled towards a distant shape.
 - ``mci``: ITK's morphological contour interpolation (see :mod:`sparseslice.interpolate_mci`).
 
 Rules shared by all methods: only slices strictly between two annotated slices are filled;
 annotated slices (including empty ones and border slices) are never changed; beyond the first
 and last annotated slice voxels stay unknown. A structure present on one side of a gap and
 absent on the other (an annotated empty slice) ends inside the gap: for ``sdf`` it shrinks
-to nothing half-way, or at the border when the empty slice is a border slice outside the
-known extent.
+to nothing half-way (a rounded end: erosion ``depth * (1 - sqrt(1 - x))``), or at the border
+when the empty slice is a border slice outside the known extent; ``mci`` ends it at the
+empty slice.
 
 Memory: ``sdf`` and ``nearest`` work one gap at a time on the bounding box of the two
 annotated slices' foreground, so a 512x512x1000 volume needs little more than its label.
@@ -26,8 +30,11 @@ annotated slices' foreground, so a 512x512x1000 volume needs little more than it
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
@@ -37,6 +44,8 @@ from sparseslice.sparse import SparseLabel
 
 METHODS = ("none", "nearest", "sdf", "mci")
 _CHUNK_VALUES = 1 << 24  # float32 values held at once while filling one gap (64 MB)
+_END_FRACTION = 0.5  # where a structure missing on the far side of a gap ends (fraction of the gap)
+_LABEL_END = 0.5  # the same for one label inside the foreground
 
 
 @dataclass(frozen=True)
@@ -133,15 +142,14 @@ def interpolate_label(sparse: SparseLabel, *, spacing: tuple[float, float, float
         from sparseslice.interpolate_mci import mci_fill
 
         filled = np.moveaxis(mci_fill(sparse.label, sparse.annotated, axis=axis, spacing=spacing), axis, 0)
+    if method == "sdf":
+        _fill_sdf(view, gaps, sampling=in_plane, border=sparse.border, extent=sparse.extent)
     for a, b in gaps:
         if method == "nearest":
             mid = a + (b - a) // 2  # slices a+1..mid copy a, the rest copy b
             view[a + 1:mid + 1] = view[a]
             view[mid + 1:b] = view[b]
-        elif method == "sdf":
-            ends = _end_fractions(a, b, border=sparse.border, extent=sparse.extent)
-            _fill_gap_sdf(view, a, b, sampling=in_plane, ends=ends)
-        else:  # mci
+        elif method == "mci":
             view[a + 1:b] = filled[a + 1:b]
         interpolated[a + 1:b] = True
     out = replace(sparse, label=label, annotated=sparse.annotated | interpolated)
@@ -155,7 +163,7 @@ def _end_fractions(a: int, b: int, *, border: np.ndarray, extent: tuple[int, int
     structure is known to reach the slice next to the border, so it ends half a slice short
     of the border slice.
     """
-    from_a = from_b = 0.5
+    from_a = from_b = _END_FRACTION
     if extent is not None:
         if border[b] and b > extent[1]:
             from_a = (b - 0.5 - a) / (b - a)
@@ -181,56 +189,273 @@ def signed_distance(mask: np.ndarray, *, sampling: tuple[float, ...]) -> np.ndar
     return (inside - outside).astype(np.float32)
 
 
-def _pair_distances(mask_a: np.ndarray, mask_b: np.ndarray, *, sampling: tuple[float, ...],
-                    ends: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Signed distances of a class on both sides of a gap; a missing side is synthesised.
+def _profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int,
+             ends: tuple[float, float]) -> Callable[[np.ndarray], np.ndarray]:
+    """Signed distance of one class across a gap, as a function of the gap fraction ``t``.
 
-    When the class is absent on one side, that side's map is the present side's map lowered
-    by ``depth / end`` inside each connected component (``depth``: the component's deepest
-    distance), so along the gap each component shrinks and vanishes at fraction ``end``.
+    ``dist`` and ``mask`` are stacks over the annotated slices. Present on both sides: linear
+    interpolation of the two maps. Present on one side only (the other side is an annotated
+    slice without it): the present map is eroded, inside each connected component, by
+    ``depth * cap(tau / end)`` where ``depth`` is the component's deepest distance and ``tau``
+    the fraction from the present side, so every component vanishes at fraction ``end``; the
+    round-cap profile ``cap(x) = 1 - sqrt(1 - x)`` keeps the section large until close to the
+    end, as the rounded ends of anatomical structures do.
     """
-    has_a, has_b = bool(mask_a.any()), bool(mask_b.any())
+    has_a, has_b = bool(mask[ia].any()), bool(mask[ib].any())
     if has_a and has_b:
-        return signed_distance(mask_a, sampling=sampling), signed_distance(mask_b, sampling=sampling)
-    present, end = (mask_a, ends[0]) if has_a else (mask_b, ends[1])
-    dist = signed_distance(present, sampling=sampling)
-    components, n = ndimage.label(present)
+        da, db = dist[ia], dist[ib]
+        return lambda t: (1 - t) * da + t * db
+    present, end = (ia, ends[0]) if has_a else (ib, ends[1])
+    return _ending(dist[present], mask[present], from_a=has_a, end=end)
+
+
+def _ending(dist: np.ndarray, mask: np.ndarray, *, from_a: bool, end: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Profile of a shape seen on one side only: each component erodes and vanishes at ``end``."""
+    components, n = ndimage.label(mask)
     depth = np.asarray(ndimage.maximum(dist, components, np.arange(1, n + 1)), np.float32)
-    drop = np.concatenate([[depth.max()], depth])[components] / np.float32(end)
-    missing = dist - drop
-    return (dist, missing) if has_a else (missing, dist)
+    drop = np.concatenate([[depth.max()], depth])[components]
+
+    def at(t: np.ndarray) -> np.ndarray:
+        x = (t if from_a else 1 - t) / np.float32(end)
+        return dist - _cap(x) * drop
+
+    return at
 
 
-def _fill_gap_sdf(view: np.ndarray, a: int, b: int, *, sampling: tuple[float, ...],
-                  ends: tuple[float, float]) -> None:
-    """Fill slices ``a+1 .. b-1`` of ``view`` (slice axis first) by shape-based interpolation."""
-    lab_a, lab_b = view[a], view[b]
-    union = (lab_a > 0) | (lab_b > 0)
-    view[a + 1:b] = 0
-    if not union.any():
-        return
-    # The interpolated shape lies inside the union of both slices' foreground, and distances
-    # inside that box are exact when the box keeps one voxel of background around it.
-    lo = [max(int(np.flatnonzero(union.any(axis=1 - d))[0]) - 1, 0) for d in range(2)]
-    hi = [min(int(np.flatnonzero(union.any(axis=1 - d))[-1]) + 2, union.shape[d]) for d in range(2)]
-    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-    crop_a = np.pad(lab_a[box], 1)
-    crop_b = np.pad(lab_b[box], 1)
-    fg = _pair_distances(crop_a > 0, crop_b > 0, sampling=sampling, ends=ends)
-    values = np.union1d(np.unique(crop_a), np.unique(crop_b))
-    values = values[values > 0]
-    per_label = [_pair_distances(crop_a == v, crop_b == v, sampling=sampling, ends=ends)
-                 for v in values] if values.size > 1 else []
-    t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
-    step = max(1, _CHUNK_VALUES // (crop_a.size * (len(per_label) + 1)))
-    for start in range(0, t_all.size, step):
-        t = t_all[start:start + step, None, None]
-        inside = (1 - t) * fg[0] + t * fg[1] > 0
-        if per_label:
-            scores = np.stack([(1 - t) * da + t * db for da, db in per_label])
-            chosen = values[np.argmax(scores, axis=0)]
-        else:
-            chosen = values[0]
-        filled = np.where(inside, chosen, 0).astype(view.dtype)[:, 1:-1, 1:-1]
-        z0 = a + 1 + start
-        view[z0:z0 + filled.shape[0], box[0], box[1]] = filled
+def _foreground_profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int, ends: tuple[float, float], *,
+                        sampling: tuple[float, ...]) -> Callable[[np.ndarray], np.ndarray]:
+    """Foreground across a gap, with topology changes handled component by component.
+
+    A connected component that overlaps foreground on the other side is interpolated with it
+    (linear signed distances); one that overlaps nothing there is a structure that ends (or
+    starts) inside the gap and gets :func:`_ending`'s profile instead of being pulled towards
+    a distant shape. The union of the parts is their maximum.
+    """
+    ma, mb = mask[ia], mask[ib]
+    if not (ma.any() and mb.any()):
+        return _profile(dist, mask, ia, ib, ends)
+    keep_a, keep_b = _overlapping(ma, mb), _overlapping(mb, ma)
+    lone_a, lone_b = ma & ~keep_a, mb & ~keep_b
+    if not (lone_a.any() or lone_b.any()):
+        return _profile(dist, mask, ia, ib, ends)
+    parts = []
+    if keep_a.any():  # then keep_b.any() too: overlap is symmetric
+        da, db = (signed_distance(m, sampling=sampling) for m in (keep_a, keep_b))
+        parts.append(lambda t: (1 - t) * da + t * db)
+    if lone_a.any():
+        parts.append(_ending(signed_distance(lone_a, sampling=sampling), lone_a, from_a=True, end=ends[0]))
+    if lone_b.any():
+        parts.append(_ending(signed_distance(lone_b, sampling=sampling), lone_b, from_a=False, end=ends[1]))
+    return lambda t: np.maximum.reduce([part(t) for part in parts])
+
+
+def _overlapping(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """The connected components of ``mask`` that share at least one voxel with ``other``."""
+    components, n = ndimage.label(mask)
+    hit = np.zeros(n + 1, bool)
+    hit[np.unique(components[mask & other])] = True
+    hit[0] = False
+    return hit[components]
+
+
+def _cap(x: np.ndarray) -> np.ndarray:
+    """Erosion profile towards a structure's end: 0 at the last slice seen, 1 (gone) at x = 1."""
+    return np.where(x < 1, 1 - np.sqrt(np.clip(1 - x, 0, 1)), 1 + x).astype(np.float32)
+
+
+def _fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
+              border: np.ndarray, extent: tuple[int, int] | None) -> None:
+    """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation.
+
+    Gaps are taken in chunks sized to the memory budget. For each chunk, the annotated slices
+    at its ends are stacked and cropped to their foreground box plus one voxel of background
+    (distances inside the box are then those of the whole slice; the interpolated shape never
+    leaves the union of the two slices' foreground; the image edge is not background). Each
+    class needs two distance transforms per chunk: one 3D transform whose spacing between
+    stacked slices is too large to ever be the shortest way, i.e. a batch of 2D transforms.
+    """
+    area = view.shape[1] * view.shape[2]
+    per_chunk = max(1, _CHUNK_VALUES // (8 * area))
+    for first in range(0, len(gaps), per_chunk):
+        chunk = gaps[first:first + per_chunk]
+        ends = sorted({s for gap in chunk for s in gap})
+        stack = view[ends]  # a copy: the filling below never reads a slice it wrote
+        for a, b in chunk:
+            view[a + 1:b] = 0
+        union = np.any(stack > 0, axis=0)
+        if not union.any():
+            continue
+        lo = [max(int(np.flatnonzero(union.any(axis=1 - d))[0]) - 1, 0) for d in range(2)]
+        hi = [min(int(np.flatnonzero(union.any(axis=1 - d))[-1]) + 2, union.shape[d]) for d in range(2)]
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
+        crop = stack[:, box[0], box[1]]
+        far = 2.0 * float(np.dot(crop.shape[1:], sampling)) + 1.0
+        values = np.unique(crop)
+        values = values[values > 0]
+        masks = {0: crop > 0}
+        if values.size > 1:
+            masks.update({int(v): crop == v for v in values})
+        dist = {c: signed_distance(m, sampling=(far, *sampling)) for c, m in masks.items()}
+        where = {s: i for i, s in enumerate(ends)}
+        for a, b in chunk:
+            ia, ib = where[a], where[b]
+            if not (masks[0][ia].any() or masks[0][ib].any()):
+                continue
+            fg = _foreground_profile(dist[0], masks[0], ia, ib, _end_fractions(a, b, border=border, extent=extent),
+                                     sampling=sampling)
+            present = np.union1d(np.unique(crop[ia]), np.unique(crop[ib]))
+            present = present[present > 0]
+            per_label = [_foreground_profile(dist[int(v)], masks[int(v)], ia, ib, (_LABEL_END, _LABEL_END),
+                                             sampling=sampling)
+                         for v in present] if present.size > 1 else []
+            t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
+            step = max(1, _CHUNK_VALUES // (crop[0].size * (len(per_label) + 1)))
+            for start in range(0, t_all.size, step):
+                t = t_all[start:start + step, None, None]
+                inside = fg(t) > 0
+                if per_label:
+                    scores = np.stack([profile(t) for profile in per_label])
+                    chosen = present[np.argmax(scores, axis=0)]
+                else:
+                    chosen = present[0]
+                filled = np.where(inside, chosen, 0).astype(view.dtype)
+                z0 = a + 1 + start
+                view[z0:z0 + filled.shape[0], box[0], box[1]] = filled
+
+
+# --- datasets on disk -------------------------------------------------------------------
+
+_SIDECAR_KEYS = ("axis", "n_slices", "ignore_value", "annotated", "border", "drawn", "extent")
+
+
+def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: bool = True) -> Path:
+    """Interpolate every label of a sparse dataset and write the result beside its images.
+
+    Parameters
+    ----------
+    sparse_dir : Path
+        A dataset :func:`~sparseslice.datasets.discover_dataset` finds (typically the output of
+        ``sparseslice simulate``). Labels with a ``.sparse.json`` sidecar are sparse; labels
+        without one are decoded with the dataset slice axis when they hold the ignore value
+        and are otherwise copied through as fully annotated.
+    out : Path
+        Output folder; receives the same layout (relative paths) as ``sparse_dir``.
+    method : {"none", "nearest", "sdf", "mci"}
+        Interpolation method.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Path
+        ``out``. Each label is written with :func:`~sparseslice.sparse.write_sparse`; its
+        sidecar keeps the input's keys, lists interpolated slices under ``"annotated"`` and
+        ``"interpolated"``, keeps ``"drawn"`` as the annotator's slices and adds ``"method"``.
+        Images are carried over as the input holds them: a symbolic link (``simulate``'s
+        default) becomes a link to the same original, a plain file is hard-linked (copied
+        where the file system refuses), so no image data is duplicated and ``out`` stays valid
+        if ``sparse_dir`` is deleted. ``dataset.json`` and ``plan.json`` are copied, and
+        ``interpolation.json`` records the method and the filled slices per case.
+    """
+    from sparseslice.atomic import write_json
+    from sparseslice.datasets import discover_dataset
+
+    method = check_method(method)
+    if method == "mci":
+        from sparseslice.interpolate_mci import import_itk
+
+        import_itk()  # fail before writing anything
+    sparse_dir, out = Path(sparse_dir), Path(out)
+    ds = discover_dataset(sparse_dir, require_labels=True)
+    if not sparse_dir.is_dir():
+        raise UserError(f"sparse_dir must be a dataset folder, got {str(sparse_dir)!r}; pass the "
+                        "folder written by sparseslice simulate")
+    if out.resolve() == sparse_dir.resolve():
+        raise UserError(f"out must differ from sparse_dir, got {str(out)!r} for both; pick a new folder")
+    (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
+    root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
+    axis_cache: list[int] = []
+    counts = {}
+    for case in _track(ds.cases, progress=progress, description=f"interpolate ({method})"):
+        for image in case.images:
+            _carry(image, out / Path(os.path.abspath(image)).relative_to(root))
+        target = out / Path(os.path.abspath(case.label)).relative_to(root)
+        counts[case.case_id] = _interpolate_file(case.label, target, method=method,
+                                                 axis=lambda: _dataset_axis(ds, axis_cache))
+    for name in ("plan.json", "plan.csv"):
+        if (sparse_dir / name).is_file():
+            _carry(sparse_dir / name, out / name, link=False)
+    write_json(out / "interpolation.json", {"method": method, "source": str(root),
+                                            "interpolated_slices": counts})
+    if (sparse_dir / "dataset.json").is_file():  # last, as simulate does: the folder is complete
+        _carry(sparse_dir / "dataset.json", out / "dataset.json", link=False)
+    return out
+
+
+def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  # noqa: ANN001
+    """Interpolate one label file into ``target``; returns the number of filled slices."""
+    from sparseslice.io import read_label
+    from sparseslice.sparse import DEFAULT_IGNORE_VALUE, read_sparse, sidecar_path, write_sparse
+
+    if sidecar_path(path).is_file():
+        sparse, volume = read_sparse(path)
+    else:
+        volume = read_label(path)
+        if not np.any(volume.array == DEFAULT_IGNORE_VALUE):
+            _carry(path, target, link=False)  # fully annotated: nothing to fill
+            return 0
+        sparse, volume = read_sparse(path, axis=axis())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # one annotated slice: written unchanged
+        result = interpolate_label(sparse, spacing=volume.spacing, method=method)
+    meta = sparse.meta
+    extra = {k: v for k, v in meta.items() if k not in _SIDECAR_KEYS}
+    extra.update(drawn=np.flatnonzero(sparse.drawn).tolist(),
+                 interpolated=np.flatnonzero(result.interpolated).tolist(), method=method)
+    write_sparse(result.sparse, target, like=volume,
+                 ignore_value=int(meta.get("ignore_value", DEFAULT_IGNORE_VALUE)), extra=extra)
+    return int(result.interpolated.sum())
+
+
+def _dataset_axis(ds, cache: list[int]) -> int:  # noqa: ANN001
+    """The dataset slice axis from the label headers (computed once)."""
+    from sparseslice.datasets import dataset_slice_axis
+    from sparseslice.io import read_header
+
+    if not cache:
+        headers = [read_header(c.label) for c in ds.cases]
+        cache.append(dataset_slice_axis([h.shape for h in headers], [h.spacing for h in headers]))
+    return cache[0]
+
+
+def _carry(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Carry ``src`` over to ``dst`` atomically the way the input holds it.
+
+    A symbolic link (what ``simulate`` writes) becomes an absolute link to the same original;
+    a plain file is hard-linked, or copied where the file system refuses; ``link=False``
+    always copies.
+    """
+    import shutil
+
+    from sparseslice.atomic import atomic_path
+
+    with atomic_path(dst) as tmp:
+        if link:
+            tmp.unlink()
+            try:
+                if src.is_symlink():
+                    os.symlink(src.resolve(), tmp)
+                else:
+                    os.link(src, tmp)
+                return
+            except OSError:
+                pass
+        shutil.copyfile(src, tmp)
+
+
+def _track(items, *, progress: bool, description: str):  # noqa: ANN001, ANN202
+    if not progress:
+        return items
+    from rich.progress import track
+
+    return track(items, description=description, transient=True)
