@@ -175,6 +175,20 @@ def simulate(
 
 # --- interpolate (issue 4) ---
 
+
+@command()
+def interpolate(
+    sparse_dir: Annotated[Path, typer.Argument(help="Sparse dataset (e.g. written by sparseslice simulate).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (same layout, labels filled).")],
+    method: Annotated[str, typer.Option(help="none | nearest | sdf | mci (ITK, optional extra).")] = "sdf",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fill the slices between annotated slices; sidecars record which were interpolated."""
+    from sparseslice.interpolate import interpolate_dataset
+
+    interpolate_dataset(sparse_dir, out, method=method, progress=progress)
+    console.print(f"interpolated labels ({method}) written to {out}")
+
 # --- train (issue 5) ---
 
 
