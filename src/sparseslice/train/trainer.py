@@ -76,7 +76,7 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         Continue the run in ``run_dir`` from its last finished epoch (``last.pt``); starts
         afresh when there is none. The configuration must match, except ``device``,
         ``num_threads`` and the budget keys ``epochs``, ``finetune_epochs``, ``max_minutes``
-        (raise them to extend a finished run).
+        (raise them to extend a run that reached its epoch or time budget).
 
     Returns
     -------
