@@ -122,6 +122,7 @@ def run_ray(tasks: Iterable[Task], run_fn: RunFunction, *, address: str | None =
             raise UserError(f"address could not be reached, got {address!r} ({exc}); "
                             "pass a running cluster's address (ray://host:10001 or host:6379) or none") from exc
         started = True
+    refs: dict[Any, Task] = {}
     try:
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute)
         refs = {remote.remote(task, run_fn): task for task in tasks}
@@ -134,7 +135,7 @@ def run_ray(tasks: Iterable[Task], run_fn: RunFunction, *, address: str | None =
                 except Exception as exc:  # noqa: BLE001 - the worker died
                     yield _lost(refs[ref], exc)
     except BaseException:
-        for ref in refs if "refs" in locals() else []:
+        for ref in refs:
             ray.cancel(ref, force=True)
         raise
     finally:
