@@ -11,6 +11,8 @@ like the others. Timings on a shared machine are noisy.
     .venv/bin/python bench/interpolate.py                 # all 260 cases, k = 2, 4, 8
     .venv/bin/python bench/interpolate.py --cases 40      # quicker subset (first 40 by name)
     .venv/bin/python bench/interpolate.py --memory-only   # peak memory on 512x512x1000 only
+    .venv/bin/python bench/interpolate.py --memory-only --memory-shape 256,256,200 --memory-every 5 \
+        --memory-methods sdf,mci                          # sdf vs mci time on a larger volume
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def accuracy(cases: int | None, ks: list[int], methods: list[str]) -> None:
         print()
 
 
-def memory(shape: tuple[int, int, int], every: int) -> None:
+def memory(shape: tuple[int, int, int], every: int, methods: list[str]) -> None:
     """Peak memory of ``sdf`` on a large synthetic label (a bent tube, two touching labels)."""
     i, j = np.ogrid[:shape[0], :shape[1]]
     label = np.zeros(shape, np.uint8)
@@ -94,14 +96,18 @@ def memory(shape: tuple[int, int, int], every: int) -> None:
         label[:, :, k][disc & (j > shape[1] / 2)] = 2
     sparse = SparseLabel.from_slices(label, range(0, shape[2], every), axis=2)
     base = label.nbytes
-    for method in ("nearest", "sdf"):
+    if "mci" in methods:
+        from sparseslice.interpolate_mci import import_itk
+
+        import_itk()  # one-off import kept out of the timing
+    for method in methods:
         tracemalloc.start()
         t0 = time.perf_counter()
         res = interpolate_label(sparse, spacing=(0.8, 0.8, 1.5), method=method)
         seconds = time.perf_counter() - t0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        print(f"{method:8} {shape} every {every}: {seconds:.1f} s, peak traced {peak / 2**20:.0f} MiB "
+        print(f"{method:8} {shape} every {every}: {seconds:.2f} s, peak traced {peak / 2**20:.0f} MiB "
               f"({peak / base:.2f} x the label's {base / 2**20:.0f} MiB), filled {int(res.interpolated.sum())} slices")
         del res
     print(f"process max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB "
@@ -115,6 +121,8 @@ def main() -> None:
     parser.add_argument("--methods", default="nearest,sdf,mci")
     parser.add_argument("--memory-shape", default="512,512,1000")
     parser.add_argument("--memory-every", type=int, default=10)
+    parser.add_argument("--memory-methods", default="nearest,sdf", help="add mci to time it on the large volume "
+                        "(its memory is ITK's, not traced)")
     parser.add_argument("--memory-only", action="store_true")
     parser.add_argument("--no-memory", action="store_true")
     args = parser.parse_args()
@@ -123,7 +131,7 @@ def main() -> None:
             raise SystemExit(f"hippocampus data not found at {DATA}")
         accuracy(args.cases, [int(k) for k in args.k.split(",")], args.methods.split(","))
     if not args.no_memory:
-        memory(tuple(int(s) for s in args.memory_shape.split(",")), args.memory_every)
+        memory(tuple(int(s) for s in args.memory_shape.split(",")), args.memory_every, args.memory_methods.split(","))
 
 
 if __name__ == "__main__":

@@ -189,28 +189,29 @@ def signed_distance(mask: np.ndarray, *, sampling: tuple[float, ...]) -> np.ndar
     return (inside - outside).astype(np.float32)
 
 
-def _profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int,
+def _profile(da: np.ndarray | None, ma: np.ndarray, db: np.ndarray | None, mb: np.ndarray,
              ends: tuple[float, float]) -> Callable[[np.ndarray], np.ndarray]:
     """Signed distance of one class across a gap, as a function of the gap fraction ``t``.
 
-    ``dist`` and ``mask`` are stacks over the annotated slices. Present on both sides: linear
-    interpolation of the two maps. Present on one side only (the other side is an annotated
-    slice without it): the present map is eroded, inside each connected component, by
-    ``depth * cap(tau / end)`` where ``depth`` is the component's deepest distance and ``tau``
-    the fraction from the present side, so every component vanishes at fraction ``end``; the
-    round-cap profile ``cap(x) = 1 - sqrt(1 - x)`` keeps the section large until close to the
-    end, as the rounded ends of anatomical structures do.
+    ``da``/``db`` are the class's signed distances on the two annotated slices (None where the
+    class is absent), ``ma``/``mb`` its masks. Present on both sides: linear interpolation.
+    Present on one side only: :func:`_ending`.
     """
-    has_a, has_b = bool(mask[ia].any()), bool(mask[ib].any())
-    if has_a and has_b:
-        da, db = dist[ia], dist[ib]
+    if da is not None and db is not None:
         return lambda t: (1 - t) * da + t * db
-    present, end = (ia, ends[0]) if has_a else (ib, ends[1])
-    return _ending(dist[present], mask[present], from_a=has_a, end=end)
+    if da is not None:
+        return _ending(da, ma, from_a=True, end=ends[0])
+    return _ending(db, mb, from_a=False, end=ends[1])
 
 
 def _ending(dist: np.ndarray, mask: np.ndarray, *, from_a: bool, end: float) -> Callable[[np.ndarray], np.ndarray]:
-    """Profile of a shape seen on one side only: each component erodes and vanishes at ``end``."""
+    """Profile of a shape seen on one side of a gap only: it ends inside the gap.
+
+    Each connected component is eroded by ``depth * cap(x)``, ``depth`` being its deepest
+    distance and ``x`` the fraction of the gap from the side that shows it divided by ``end``,
+    so it vanishes at fraction ``end``. The round-cap profile ``cap(x) = 1 - sqrt(1 - x)``
+    keeps the section large until close to the end, as rounded anatomical ends do.
+    """
     components, n = ndimage.label(mask)
     depth = np.asarray(ndimage.maximum(dist, components, np.arange(1, n + 1)), np.float32)
     drop = np.concatenate([[depth.max()], depth])[components]
@@ -222,7 +223,13 @@ def _ending(dist: np.ndarray, mask: np.ndarray, *, from_a: bool, end: float) -> 
     return at
 
 
-def _foreground_profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int, ends: tuple[float, float], *,
+def _cap(x: np.ndarray) -> np.ndarray:
+    """Erosion profile towards a structure's end: 0 at the last slice seen, 1 (gone) at x = 1."""
+    return np.where(x < 1, 1 - np.sqrt(np.clip(1 - x, 0, 1)), 1 + x).astype(np.float32)
+
+
+def _foreground_profile(da: np.ndarray | None, ma: np.ndarray, db: np.ndarray | None, mb: np.ndarray,
+                        ends: tuple[float, float], *,
                         sampling: tuple[float, ...]) -> Callable[[np.ndarray], np.ndarray]:
     """Foreground across a gap, with topology changes handled component by component.
 
@@ -231,17 +238,16 @@ def _foreground_profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int, en
     starts) inside the gap and gets :func:`_ending`'s profile instead of being pulled towards
     a distant shape. The union of the parts is their maximum.
     """
-    ma, mb = mask[ia], mask[ib]
-    if not (ma.any() and mb.any()):
-        return _profile(dist, mask, ia, ib, ends)
+    if da is None or db is None:
+        return _profile(da, ma, db, mb, ends)
     keep_a, keep_b = _overlapping(ma, mb), _overlapping(mb, ma)
     lone_a, lone_b = ma & ~keep_a, mb & ~keep_b
     if not (lone_a.any() or lone_b.any()):
-        return _profile(dist, mask, ia, ib, ends)
+        return _profile(da, ma, db, mb, ends)
     parts = []
     if keep_a.any():  # then keep_b.any() too: overlap is symmetric
-        da, db = (signed_distance(m, sampling=sampling) for m in (keep_a, keep_b))
-        parts.append(lambda t: (1 - t) * da + t * db)
+        ka, kb = (signed_distance(m, sampling=sampling) for m in (keep_a, keep_b))
+        parts.append(lambda t: (1 - t) * ka + t * kb)
     if lone_a.any():
         parts.append(_ending(signed_distance(lone_a, sampling=sampling), lone_a, from_a=True, end=ends[0]))
     if lone_b.any():
@@ -251,6 +257,8 @@ def _foreground_profile(dist: np.ndarray, mask: np.ndarray, ia: int, ib: int, en
 
 def _overlapping(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
     """The connected components of ``mask`` that share at least one voxel with ``other``."""
+    if not (mask & ~other).any():
+        return mask
     components, n = ndimage.label(mask)
     hit = np.zeros(n + 1, bool)
     hit[np.unique(components[mask & other])] = True
@@ -258,69 +266,76 @@ def _overlapping(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
     return hit[components]
 
 
-def _cap(x: np.ndarray) -> np.ndarray:
-    """Erosion profile towards a structure's end: 0 at the last slice seen, 1 (gone) at x = 1."""
-    return np.where(x < 1, 1 - np.sqrt(np.clip(1 - x, 0, 1)), 1 + x).astype(np.float32)
+def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of a 2D mask grown by one voxel (clipped to the slice), or None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return (slice(max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])),
+            slice(max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])))
 
 
 def _fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
               border: np.ndarray, extent: tuple[int, int] | None) -> None:
-    """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation.
+    """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation, gap by gap.
 
-    Gaps are taken in chunks sized to the memory budget. For each chunk, the annotated slices
-    at its ends are stacked and cropped to their foreground box plus one voxel of background
-    (distances inside the box are then those of the whole slice; the interpolated shape never
-    leaves the union of the two slices' foreground; the image edge is not background). Each
-    class needs two distance transforms per chunk: one 3D transform whose spacing between
-    stacked slices is too large to ever be the shortest way, i.e. a batch of 2D transforms.
+    Each annotated slice's distance maps are computed once, on the box holding its foreground
+    and its two neighbours' plus one voxel of background: inside that box they equal the
+    whole slice's (the interpolated shape never leaves the union of the two slices'
+    foreground; the image edge is not background). Maps are dropped as soon as both gaps
+    touching their slice are filled, so memory stays at a few slices.
     """
-    area = view.shape[1] * view.shape[2]
-    per_chunk = max(1, _CHUNK_VALUES // (8 * area))
-    for first in range(0, len(gaps), per_chunk):
-        chunk = gaps[first:first + per_chunk]
-        ends = sorted({s for gap in chunk for s in gap})
-        stack = view[ends]  # a copy: the filling below never reads a slice it wrote
-        for a, b in chunk:
-            view[a + 1:b] = 0
-        union = np.any(stack > 0, axis=0)
-        if not union.any():
-            continue
-        lo = [max(int(np.flatnonzero(union.any(axis=1 - d))[0]) - 1, 0) for d in range(2)]
-        hi = [min(int(np.flatnonzero(union.any(axis=1 - d))[-1]) + 2, union.shape[d]) for d in range(2)]
-        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
-        crop = stack[:, box[0], box[1]]
-        far = 2.0 * float(np.dot(crop.shape[1:], sampling)) + 1.0
-        values = np.unique(crop)
-        values = values[values > 0]
-        masks = {0: crop > 0}
-        if values.size > 1:
-            masks.update({int(v): crop == v for v in values})
-        dist = {c: signed_distance(m, sampling=(far, *sampling)) for c, m in masks.items()}
-        where = {s: i for i, s in enumerate(ends)}
-        for a, b in chunk:
-            ia, ib = where[a], where[b]
-            if not (masks[0][ia].any() or masks[0][ib].any()):
-                continue
-            fg = _foreground_profile(dist[0], masks[0], ia, ib, _end_fractions(a, b, border=border, extent=extent),
-                                     sampling=sampling)
-            present = np.union1d(np.unique(crop[ia]), np.unique(crop[ib]))
-            present = present[present > 0]
-            per_label = [_foreground_profile(dist[int(v)], masks[int(v)], ia, ib, (_LABEL_END, _LABEL_END),
-                                             sampling=sampling)
-                         for v in present] if present.size > 1 else []
-            t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
-            step = max(1, _CHUNK_VALUES // (crop[0].size * (len(per_label) + 1)))
-            for start in range(0, t_all.size, step):
-                t = t_all[start:start + step, None, None]
-                inside = fg(t) > 0
-                if per_label:
-                    scores = np.stack([profile(t) for profile in per_label])
-                    chosen = present[np.argmax(scores, axis=0)]
-                else:
-                    chosen = present[0]
-                filled = np.where(inside, chosen, 0).astype(view.dtype)
-                z0 = a + 1 + start
-                view[z0:z0 + filled.shape[0], box[0], box[1]] = filled
+    linked: dict[int, list[int]] = {}
+    for a, b in gaps:
+        linked.setdefault(a, []).append(b)
+        linked.setdefault(b, []).append(a)
+    cache: dict[int, tuple[tuple[slice, slice], dict[int, np.ndarray]]] = {}
+
+    def distance(s: int, value: int, box: tuple[slice, slice]) -> np.ndarray:
+        if s not in cache:
+            union = view[s] > 0
+            for other in linked[s]:
+                union |= view[other] > 0
+            cache[s] = (_box(union), {})
+        big, maps = cache[s]
+        if value not in maps:
+            region = view[s][big]
+            maps[value] = signed_distance(region > 0 if value == 0 else region == value, sampling=sampling)
+        return maps[value][tuple(slice(g.start - o.start, g.stop - o.start) for g, o in zip(box, big, strict=True))]
+
+    for a, b in gaps:
+        ca, cb = view[a], view[b]
+        box = _box((ca > 0) | (cb > 0))
+        view[a + 1:b] = 0
+        if box is not None:
+            _fill_gap(view, a, b, box, distance, sampling=sampling,
+                      ends=_end_fractions(a, b, border=border, extent=extent))
+        cache.pop(a, None)
+
+
+def _fill_gap(view: np.ndarray, a: int, b: int, box: tuple[slice, slice], distance: Callable[..., np.ndarray], *,
+              sampling: tuple[float, ...], ends: tuple[float, float]) -> None:
+    """Fill slices ``a+1 .. b-1`` inside ``box`` from the profiles of the foreground and labels."""
+    ca, cb = view[a][box], view[b][box]
+    ma, mb = ca > 0, cb > 0
+    fg = _foreground_profile(distance(a, 0, box) if ma.any() else None, ma,
+                             distance(b, 0, box) if mb.any() else None, mb, ends, sampling=sampling)
+    present = np.union1d(np.unique(ca), np.unique(cb))
+    present = present[present > 0]
+    per_label = []
+    if present.size > 1:
+        for v in present:
+            la, lb = ca == v, cb == v
+            per_label.append(_profile(distance(a, int(v), box) if la.any() else None, la,
+                                      distance(b, int(v), box) if lb.any() else None, lb, (_LABEL_END, _LABEL_END)))
+    t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
+    step = max(1, _CHUNK_VALUES // (ca.size * (len(per_label) + 1)))
+    for start in range(0, t_all.size, step):
+        t = t_all[start:start + step, None, None]
+        inside = fg(t) > 0
+        chosen = present[np.argmax(np.stack([p(t) for p in per_label]), axis=0)] if per_label else present[0]
+        z0 = a + 1 + start
+        view[z0:z0 + t.shape[0], box[0], box[1]] = np.where(inside, chosen, 0).astype(view.dtype)
 
 
 # --- datasets on disk -------------------------------------------------------------------
