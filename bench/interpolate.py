@@ -60,22 +60,24 @@ def accuracy(cases: int | None, ks: list[int], methods: list[str]) -> None:
     header = f"{'k':>2} {'method':8} " + " ".join(f"{'dice' + str(v):>7}" for v in values)
     print(header + f" {'mean':>7} {'ms/vol':>8} {'dDice vs mci':>12} {'time/mci':>9}")
     for k in ks:
-        rows = {}
-        for method in methods:
-            scores, seconds = [], 0.0
-            for vol in labels:
-                lab = vol.array
-                for phase in range(k):
-                    sparse = SparseLabel.from_slices(lab, range(phase, lab.shape[axis], k), axis=axis)
+        scores = {m: [] for m in methods}
+        seconds = dict.fromkeys(methods, 0.0)
+        for vol in labels:  # methods interleaved per volume, so load changes hit them alike
+            lab = vol.array
+            for phase in range(k):
+                sparse = SparseLabel.from_slices(lab, range(phase, lab.shape[axis], k), axis=axis)
+                for method in methods:
                     t0 = time.perf_counter()
                     res = interpolate_label(sparse, spacing=vol.spacing, method=method)
-                    seconds += time.perf_counter() - t0
+                    seconds[method] += time.perf_counter() - t0
                     index = [slice(None)] * 3
                     index[axis] = res.interpolated
                     pred, true = res.sparse.label[tuple(index)], lab[tuple(index)]
-                    scores.append([dice(pred == v, true == v) for v in values])
-            per_label = np.nanmean(np.asarray(scores, float), axis=0)
-            rows[method] = (per_label, float(per_label.mean()), 1000 * seconds / (len(labels) * k))
+                    scores[method].append([dice(pred == v, true == v) for v in values])
+        rows = {}
+        for method in methods:
+            per_label = np.nanmean(np.asarray(scores[method], float), axis=0)
+            rows[method] = (per_label, float(per_label.mean()), 1000 * seconds[method] / (len(labels) * k))
         for method, (per_label, mean, ms) in rows.items():
             ref = rows.get("mci")
             versus = f"{mean - ref[1]:+12.4f} {ms / ref[2]:9.3f}" if ref else ""

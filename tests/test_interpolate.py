@@ -243,7 +243,8 @@ def sparse_dir(tmp_path: Path) -> Path:
 
 
 def test_interpolate_dataset_writes_the_same_layout_with_sidecars(sparse_dir: Path, tmp_path: Path) -> None:
-    out = interpolate_dataset(sparse_dir, tmp_path / "dense", method="sdf", progress=False)
+    with pytest.warns(UserWarning, match=r"1 case\(s\) have only one annotated slice \(c2\)"):
+        out = interpolate_dataset(sparse_dir, tmp_path / "dense", method="sdf", progress=False)
     ds = discover_dataset(out, require_labels=True)
     assert ds.case_ids == ["c0", "c1", "c2"] and ds.label_names[2] == "b"
     assert (out / "imagesTr" / "c0.nii.gz").is_symlink()

@@ -390,13 +390,24 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
     axis_cache: list[int] = []
-    counts = {}
+    counts, single = {}, []
     for case in _track(ds.cases, progress=progress, description=f"interpolate ({method})"):
         for image in case.images:
             _carry(image, out / Path(os.path.abspath(image)).relative_to(root))
         target = out / Path(os.path.abspath(case.label)).relative_to(root)
-        counts[case.case_id] = _interpolate_file(case.label, target, method=method,
-                                                 axis=lambda: _dataset_axis(ds, axis_cache))
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                counts[case.case_id] = _interpolate_file(case.label, target, method=method,
+                                                         axis=lambda: _dataset_axis(ds, axis_cache))
+        except UserError as exc:
+            raise UserError(f"case {case.case_id!r}: {exc}") from None
+        if any("only one annotated slice" in str(w.message) for w in caught):
+            single.append(case.case_id)
+    if single:
+        warnings.warn(f"{len(single)} case(s) have only one annotated slice ({', '.join(single[:5])}"
+                      f"{' ...' if len(single) > 5 else ''}): nothing can be interpolated there, written unchanged",
+                      UserWarning, stacklevel=2)
     for name in ("plan.json", "plan.csv"):
         if (sparse_dir / name).is_file():
             _carry(sparse_dir / name, out / name, link=False)
@@ -420,9 +431,7 @@ def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  #
             _carry(path, target, link=False)  # fully annotated: nothing to fill
             return 0
         sparse, volume = read_sparse(path, axis=axis())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # one annotated slice: written unchanged
-        result = interpolate_label(sparse, spacing=volume.spacing, method=method)
+    result = interpolate_label(sparse, spacing=volume.spacing, method=method)
     meta = sparse.meta
     extra = {k: v for k, v in meta.items() if k not in _SIDECAR_KEYS}
     extra.update(drawn=np.flatnonzero(sparse.drawn).tolist(),
