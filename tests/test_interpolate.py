@@ -94,9 +94,24 @@ def test_sdf_matches_a_full_slice_reference() -> None:
         ~m, sampling=(0.6, 1.1)) for m in (a, b))
     np.testing.assert_allclose(signed_distance(a, sampling=(0.6, 1.1)), da, atol=1e-5)
     for k in range(1, 6):
-        ref = (1 - k / 6) * da + k / 6 * db
-        clear = np.abs(ref) > 1e-4  # float32 vs float64 may split exact ties
-        np.testing.assert_array_equal((res.sparse.label[:, :, k] > 0)[clear], (ref > 0)[clear])
+        t = k / 6
+        level = (1 - t) * da + t * db
+        area = int(round((1 - t) * a.sum() + t * b.sum()))
+        threshold = np.sort(level.ravel())[::-1][area - 1]  # area kept linear: the top `area` voxels
+        clear = np.abs(level - threshold) > 1e-4  # float32 vs float64 may split exact ties
+        np.testing.assert_array_equal((res.sparse.label[:, :, k] > 0)[clear], (level >= threshold)[clear])
+        assert area <= np.count_nonzero(res.sparse.label[:, :, k]) <= 1.05 * area  # ties at the threshold kept
+
+
+def test_sdf_keeps_the_area_of_a_shifting_shape() -> None:
+    label = np.zeros((30, 40, 9), np.uint8)
+    label[10:20, 5:17, 0] = 1
+    label[10:20, 13:25, 8] = 1  # same square moved by 8 voxels: plain distance blending would shrink it
+    res = interpolate_label(SparseLabel.from_slices(label, [0, 8], axis=2), spacing=(1.0, 1.0, 1.0), method="sdf")
+    areas = np.count_nonzero(res.sparse.label, axis=(0, 1))
+    assert areas[0] == areas[8] == 120 and np.all((areas >= 120) & (areas <= 140))  # ties at the threshold kept
+    centre = [np.mean(np.nonzero(res.sparse.label[:, :, k])[1]) for k in range(9)]
+    assert np.all(np.diff(centre) >= 0) and centre[4] == pytest.approx(14.5)  # it moves across, half-way at t=0.5
 
 
 def test_sdf_component_without_counterpart_ends_inside_the_gap() -> None:

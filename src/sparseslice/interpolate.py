@@ -10,9 +10,12 @@ Methods (``METHODS``):
   weights are the same in millimetres); the foreground is where the interpolated foreground
   distance is positive, and each foreground voxel takes the label with the largest
   interpolated distance. Touching labels therefore never open a hole between them and no
-  voxel gets two labels. Topology changes are handled per connected component: a component
-  with no overlapping counterpart on the other side ends inside the gap (rounded end)
-  instead of being pulled towards a distant shape.
+  voxel gets two labels. Plain distance interpolation shrinks a shape that shifts between
+  the two slices (the middle is nearly their intersection), so the foreground of each
+  filled slice is the voxels with the highest interpolated distance whose number varies
+  linearly between the two slices' areas. Topology changes are handled per connected
+  component: a component with no overlapping counterpart on the other side ends inside the
+  gap (rounded end) instead of being pulled towards a distant shape.
 - ``mci``: ITK's morphological contour interpolation (see :mod:`sparseslice.interpolate_mci`).
 
 Rules shared by all methods: only slices strictly between two annotated slices are filled;
@@ -198,7 +201,11 @@ def _profile(da: np.ndarray | None, ma: np.ndarray, db: np.ndarray | None, mb: n
     Present on one side only: :func:`_ending`.
     """
     if da is not None and db is not None:
-        return lambda t: (1 - t) * da + t * db
+        def linear(t: np.ndarray) -> np.ndarray:
+            return (1 - t) * da + t * db
+
+        linear.linear = True  # type: ignore[attr-defined]
+        return linear
     if da is not None:
         return _ending(da, ma, from_a=True, end=ends[0])
     return _ending(db, mb, from_a=False, end=ends[1])
@@ -266,6 +273,17 @@ def _overlapping(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
     return hit[components]
 
 
+def _top(level: np.ndarray, area: float) -> np.ndarray:
+    """The ``area`` voxels with the highest ``level``; ties at the threshold are all kept, so the
+    result is symmetric and may exceed ``area`` by the voxels tied there."""
+    n = int(round(float(area)))
+    if n <= 0:
+        return np.zeros(level.shape, bool)
+    flat = level.ravel()
+    n = min(n, flat.size)
+    return level >= np.partition(flat, flat.size - n)[flat.size - n]
+
+
 def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
     """Bounding box of a 2D mask grown by one voxel (clipped to the slice), or None if empty."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -315,7 +333,12 @@ def _fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[
 
 def _fill_gap(view: np.ndarray, a: int, b: int, box: tuple[slice, slice], distance: Callable[..., np.ndarray], *,
               sampling: tuple[float, ...], ends: tuple[float, float]) -> None:
-    """Fill slices ``a+1 .. b-1`` inside ``box`` from the profiles of the foreground and labels."""
+    """Fill slices ``a+1 .. b-1`` inside ``box`` from the profiles of the foreground and labels.
+
+    When every component has a counterpart across the gap, each slice's foreground is the
+    ``(1 - t) * area_a + t * area_b`` voxels with the highest interpolated distance (area
+    kept linear, see the module docstring); otherwise it is where the profile is positive.
+    """
     ca, cb = view[a][box], view[b][box]
     ma, mb = ca > 0, cb > 0
     fg = _foreground_profile(distance(a, 0, box) if ma.any() else None, ma,
@@ -330,9 +353,15 @@ def _fill_gap(view: np.ndarray, a: int, b: int, box: tuple[slice, slice], distan
                                       distance(b, int(v), box) if lb.any() else None, lb, (_LABEL_END, _LABEL_END)))
     t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
     step = max(1, _CHUNK_VALUES // (ca.size * (len(per_label) + 1)))
+    keep_area = getattr(fg, "linear", False)  # one shape on each side, matched
     for start in range(0, t_all.size, step):
         t = t_all[start:start + step, None, None]
-        inside = fg(t) > 0
+        level = fg(t)
+        if keep_area:
+            inside = np.stack([_top(lv, (1 - ti) * ma.sum() + ti * mb.sum()) for lv, ti in zip(level, t.ravel(),
+                                                                                                 strict=True)])
+        else:
+            inside = level > 0
         chosen = present[np.argmax(np.stack([p(t) for p in per_label]), axis=0)] if per_label else present[0]
         z0 = a + 1 + start
         view[z0:z0 + t.shape[0], box[0], box[1]] = np.where(inside, chosen, 0).astype(view.dtype)
