@@ -141,3 +141,18 @@ def test_default_slice_axis(spacing, shape, axis):
 def test_default_slice_axis_needs_three_spacings():
     with pytest.raises(UserError, match=r"spacing must have 3 values, got \(1.0, 1.0\)"):
         default_slice_axis((1.0, 1.0), (4, 4, 4))
+
+
+def test_atomic_writes_respect_the_umask(tmp_path):
+    import os
+
+    from sparseslice.atomic import write_json
+
+    old = os.umask(0o022)
+    try:
+        path = write_json(tmp_path / "r.json", {"a": 1})
+        vol = write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), tmp_path / "v.nii.gz")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert vol.stat().st_mode & 0o777 == 0o644
