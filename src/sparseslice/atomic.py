@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -36,7 +37,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+@functools.cache
 def _umask() -> int:
+    """The process umask, read once (reading it means setting it, which races with threads)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
