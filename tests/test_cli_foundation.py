@@ -6,6 +6,7 @@ import shutil
 import time
 
 import numpy as np
+import typer
 from typer.testing import CliRunner
 
 from sparseslice import __version__
@@ -65,3 +66,30 @@ def test_info_errors_are_one_line(tmp_path, phantom_dataset):
     (ds / "labelsTr" / "phantom_003.nii.gz").write_bytes(b"\x1f\x8b garbage")
     line = one_line_error(runner.invoke(app, ["info", str(ds)]))
     assert "phantom_003.nii.gz" in line and "truncated or corrupt" in line
+
+
+def test_messages_with_brackets_survive_and_warnings_are_one_line(tmp_path):
+    """Rich markup must not eat '[...]' in messages; warnings print as 'warning: ...'."""
+    import warnings
+
+    from sparseslice.cli import command
+    from sparseslice.errors import UserError
+
+    demo = typer.Typer()
+
+    @command(demo, name="boom")
+    def boom(warn: bool = False) -> None:
+        if warn:
+            warnings.warn("slices [3, 4] were skipped", UserWarning, stacklevel=1)
+            return
+        raise UserError("slices [bold]x[/bold] must be ints, got ['a']; pass [0, 1]")
+
+    @command(demo, name="other")
+    def other() -> None:
+        pass
+
+    result = runner.invoke(demo, ["boom"])
+    assert "slices [bold]x[/bold] must be ints, got ['a']; pass [0, 1]" in one_line_error(result)
+    result = runner.invoke(demo, ["boom", "--warn"])
+    assert result.exit_code == 0
+    assert result.output.strip() == "warning: slices [3, 4] were skipped"

@@ -82,6 +82,23 @@ def test_border_slices_are_free_background(ds, tmp_path: Path) -> None:
         assert not sparse.label[..., outside].any() and sparse.extent == (first, last)
 
 
+def test_border_slices_warn_when_the_plan_drew_outside_the_extent(ds, tmp_path: Path) -> None:
+    case = ds.cases[0]
+    first, last = extent_of(load_label(case).array, axis=2)
+    outside = 0 if first > 0 else last + 1
+    plan = make_plan(ds, budget=2, volumes=1, strategy="random", seed=0, cases=[case.case_id])
+    plan = replace(plan, entries=[replace(plan.entries[0], slices=tuple(sorted({outside, (first + last) // 2})))])
+    with pytest.warns(UserWarning, match="drawn slices outside the structure extent.*plan with --extents"):
+        simulate(ds, plan, tmp_path / "sparse", border_slices=True)
+    inside = make_plan(ds, budget=2, volumes=1, strategy="random", seed=0, cases=[case.case_id],
+                       extents={case.case_id: (first, last)})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        simulate(ds, inside, tmp_path / "sparse2", border_slices=True)
+
+
 def test_nnunet_export_declares_the_ignore_label(ds, tmp_path: Path) -> None:
     plan = make_plan(ds, budget=6, volumes=3, strategy="interval", seed=2)
     out = simulate(ds, plan, tmp_path / "nn", format="nnunet")

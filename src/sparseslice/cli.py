@@ -7,12 +7,14 @@ status 2; there is no traceback for them.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sparseslice import __version__
 from sparseslice.errors import UserError
@@ -29,21 +31,29 @@ err_console = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def command(group: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register a CLI command that turns :class:`UserError` into one line and exit code 2."""
+    """Register a CLI command: a :class:`UserError` becomes one ``error:`` line and exit code 2,
+    a warning one ``warning:`` line on stderr (no file/line noise)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kw: Any) -> Any:
-            try:
-                return fn(*args, **kw)
-            except UserError as exc:
-                err_console.print(f"[bold red]error:[/bold red] {exc}", markup=True)
-                raise typer.Exit(2) from None
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                try:
+                    return fn(*args, **kw)
+                except UserError as exc:
+                    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
+                    raise typer.Exit(2) from None
 
         group.command(**kwargs)(wrapper)
         return fn
 
     return decorate
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", markup=True)
 
 
 def _version(value: bool) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -137,6 +138,7 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
                         f"{max(values)}; use 255")
 
     training = []
+    wasted: list[str] = []
     for entry in _track(plan.entries, progress):
         case = dataset.case(entry.case_id)
         label = read_label(case.label)
@@ -154,6 +156,9 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
             ext = extent_of(label.array, axis=entry.axis)
             if ext is not None:
                 sparse = sparse.with_border_slices(ext)
+                outside = [i for i in entry.slices if not ext[0] <= i <= ext[1]]
+                if outside:
+                    wasted.append(f"{case.case_id} {outside}")
         images = _write_images(case, out / "imagesTr", nnunet=format == "nnunet", copy=copy_images)
         label_path = out / "labelsTr" / f"{case.case_id}.nii.gz"
         write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
@@ -163,6 +168,10 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         training.append({"image": f"./imagesTr/{images[0].name}" if format == "msd" or len(images) == 1
                          else [f"./imagesTr/{p.name}" for p in images],
                          "label": f"./labelsTr/{label_path.name}"})
+    if wasted:
+        warnings.warn(f"{len(wasted)} case(s) have drawn slices outside the structure extent, which border "
+                      f"slices would have given for free (e.g. {wasted[0]}); plan with --extents so the "
+                      "budget goes inside the structure", UserWarning, stacklevel=2)
     write_plan(plan, out / "plan.json")
     write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, format=format,
                                                    ignore_value=ignore_value, border_slices=border_slices))
