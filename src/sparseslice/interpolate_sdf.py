@@ -2,13 +2,17 @@
 
 See :mod:`sparseslice.interpolate` for what the method does; this module holds the
 machinery. Everything works on a label array whose first axis is the slice axis (``view``),
-one gap (two consecutive annotated slices) at a time, inside the bounding box of the two
-slices' foreground.
+on runs of consecutive gaps (a gap: two consecutive annotated slices and the slices between)
+whose maps fit in ``_CHUNK_VALUES``, inside the bounding box of their slices' foreground.
+
+A class (the foreground, or one label) present on both sides of a gap is interpolated
+linearly between its two signed distance maps. A class seen on one side only ends inside the
+gap: each connected component is eroded by ``depth * cap(x)``, ``depth`` being its deepest
+distance and ``x`` the fraction of the gap from the side that shows it divided by where it
+ends, so it vanishes there (:func:`_cap`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -51,176 +55,322 @@ def signed_distance(mask: np.ndarray, *, sampling: tuple[float, ...]) -> np.ndar
     return (inside - outside).astype(np.float32)
 
 
-def _profile(da: np.ndarray | None, ma: np.ndarray, db: np.ndarray | None, mb: np.ndarray,
-             ends: tuple[float, float]) -> Callable[[np.ndarray], np.ndarray]:
-    """Signed distance of one class across a gap, as a function of the gap fraction ``t``.
-
-    ``da``/``db`` are the class's signed distances on the two annotated slices (None where the
-    class is absent), ``ma``/``mb`` its masks. Present on both sides: linear interpolation.
-    Present on one side only: :func:`_ending`.
-    """
-    if da is not None and db is not None:
-        def linear(t: np.ndarray) -> np.ndarray:
-            return (1 - t) * da + t * db
-
-        linear.linear = True  # type: ignore[attr-defined]
-        return linear
-    if da is not None:
-        return _ending(da, ma, from_a=True, end=ends[0])
-    return _ending(db, mb, from_a=False, end=ends[1])
-
-
-def _ending(dist: np.ndarray, mask: np.ndarray, *, from_a: bool, end: float) -> Callable[[np.ndarray], np.ndarray]:
-    """Profile of a shape seen on one side of a gap only: it ends inside the gap.
-
-    Each connected component is eroded by ``depth * cap(x)``, ``depth`` being its deepest
-    distance and ``x`` the fraction of the gap from the side that shows it divided by ``end``,
-    so it vanishes at fraction ``end``. The round-cap profile ``cap(x) = 1 - sqrt(1 - x)``
-    keeps the section large until close to the end, as rounded anatomical ends do.
-    """
-    components, n = ndimage.label(mask)
-    depth = np.asarray(ndimage.maximum(dist, components, np.arange(1, n + 1)), np.float32)
-    drop = np.concatenate([[depth.max()], depth])[components]
-
-    def at(t: np.ndarray) -> np.ndarray:
-        x = (t if from_a else 1 - t) / np.float32(end)
-        return dist - _cap(x) * drop
-
-    return at
-
-
 def _cap(x: np.ndarray) -> np.ndarray:
-    """Erosion profile towards a structure's end: 0 at the last slice seen, 1 (gone) at x = 1."""
+    """Erosion profile towards a structure's end: 0 at the last slice seen, 1 (gone) at x = 1.
+
+    The round cap ``1 - sqrt(1 - x)`` keeps the section large until close to the end, as
+    rounded anatomical ends do."""
     return np.where(x < 1, 1 - np.sqrt(np.clip(1 - x, 0, 1)), 1 + x).astype(np.float32)
 
 
-def _foreground_profile(da: np.ndarray | None, ma: np.ndarray, db: np.ndarray | None, mb: np.ndarray,
-                        ends: tuple[float, float], *,
-                        sampling: tuple[float, ...]) -> Callable[[np.ndarray], np.ndarray]:
-    """Foreground across a gap, with topology changes handled component by component.
+try:  # the C routine behind scipy.ndimage.distance_transform_edt, without its per-call overhead
+    from scipy.ndimage._nd_image import euclidean_feature_transform as _feature_transform
+except ImportError:  # pragma: no cover - private scipy API moved: use the public function
+    _feature_transform = None
 
-    A connected component that overlaps foreground on the other side is interpolated with it
-    (linear signed distances); one that overlaps nothing there is a structure that ends (or
-    starts) inside the gap and gets :func:`_ending`'s profile instead of being pulled towards
-    a distant shape. The union of the parts is their maximum.
-    """
-    if da is None or db is None:
-        return _profile(da, ma, db, mb, ends)
-    keep_a, keep_b = _overlapping(ma, mb), _overlapping(mb, ma)
-    lone_a, lone_b = ma & ~keep_a, mb & ~keep_b
-    if not (lone_a.any() or lone_b.any()):
-        return _profile(da, ma, db, mb, ends)
-    parts = []
-    if keep_a.any():  # then keep_b.any() too: overlap is symmetric
-        ka, kb = (signed_distance(m, sampling=sampling) for m in (keep_a, keep_b))
-        parts.append(lambda t: (1 - t) * ka + t * kb)
-    if lone_a.any():
-        parts.append(_ending(signed_distance(lone_a, sampling=sampling), lone_a, from_a=True, end=ends[0]))
-    if lone_b.any():
-        parts.append(_ending(signed_distance(lone_b, sampling=sampling), lone_b, from_a=False, end=ends[1]))
-    return lambda t: np.maximum.reduce([part(t) for part in parts])
-
-
-def _overlapping(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """The connected components of ``mask`` that share at least one voxel with ``other``."""
-    if not (mask & ~other).any():
-        return mask
-    components, n = ndimage.label(mask)
-    hit = np.zeros(n + 1, bool)
-    hit[np.unique(components[mask & other])] = True
-    hit[0] = False
-    return hit[components]
-
-
-def _top(level: np.ndarray, area: float) -> np.ndarray:
-    """The ``area`` voxels with the highest ``level``; ties at the threshold are all kept, so the
-    result is symmetric and may exceed ``area`` by the voxels tied there."""
-    n = int(round(float(area)))
-    if n <= 0:
-        return np.zeros(level.shape, bool)
-    flat = level.ravel()
-    n = min(n, flat.size)
-    return level >= np.partition(flat, flat.size - n)[flat.size - n]
-
-
-def _box(mask: np.ndarray) -> tuple[slice, slice] | None:
-    """Bounding box of a 2D mask grown by one voxel (clipped to the slice), or None if empty."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
-        return None
-    return (slice(max(rows[0] - 1, 0), min(rows[-1] + 2, mask.shape[0])),
-            slice(max(cols[0] - 1, 0), min(cols[-1] + 2, mask.shape[1])))
+_PLANE = np.zeros((3, 3, 3), bool)
+_PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connectivity inside each slice of a stack
 
 
 def fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
-              border: np.ndarray, extent: tuple[int, int] | None) -> None:
-    """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation, gap by gap.
+             border: np.ndarray, extent: tuple[int, int] | None) -> None:
+    """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation.
 
-    Each annotated slice's distance maps are computed once, on the box holding its foreground
-    and its two neighbours' plus one voxel of background: inside that box they equal the
-    whole slice's (the interpolated shape never leaves the union of the two slices'
-    foreground; the image edge is not background). Maps are dropped as soon as both gaps
-    touching their slice are filled, so memory stays at a few slices.
+    Consecutive gaps are filled together, as many as keep the annotated slices' maps within
+    ``_CHUNK_VALUES`` values (a whole hippocampus volume at once, a few slices of a 512x512
+    CT), so the per-gap work is a handful of array operations over all filled slices instead
+    of a Python loop. Each annotated slice's distance maps are computed once, on the box
+    holding its foreground and its neighbours' plus one voxel of background: inside that box
+    they equal the whole slice's (the image edge is not background).
     """
-    linked: dict[int, list[int]] = {}
-    for a, b in gaps:
-        linked.setdefault(a, []).append(b)
-        linked.setdefault(b, []).append(a)
-    cache: dict[int, tuple[tuple[slice, slice], dict[int, np.ndarray]]] = {}
-
-    def distance(s: int, value: int, box: tuple[slice, slice]) -> np.ndarray:
-        if s not in cache:
-            union = view[s] > 0
-            for other in linked[s]:
-                union |= view[other] > 0
-            cache[s] = (_box(union), {})
-        big, maps = cache[s]
-        if value not in maps:
-            region = view[s][big]
-            maps[value] = signed_distance(region > 0 if value == 0 else region == value, sampling=sampling)
-        return maps[value][tuple(slice(g.start - o.start, g.stop - o.start) for g, o in zip(box, big, strict=True))]
-
-    for a, b in gaps:
-        ca, cb = view[a], view[b]
-        box = _box((ca > 0) | (cb > 0))
-        view[a + 1:b] = 0
-        if box is not None:
-            _fill_gap(view, a, b, box, distance, sampling=sampling,
-                      ends=_end_fractions(a, b, border=border, extent=extent))
-        cache.pop(a, None)
+    per_slice = view.shape[1] * view.shape[2] * 12  # float32 maps and drops, int32 components
+    group: list[tuple[int, int]] = []
+    ends: set[int] = set()
+    for gap in gaps:
+        if group and len(ends | set(gap)) * per_slice > _CHUNK_VALUES:
+            _fill_group(view, group, sampling=sampling, border=border, extent=extent)
+            group, ends = [], set()
+        group.append(gap)
+        ends |= set(gap)
+    if group:
+        _fill_group(view, group, sampling=sampling, border=border, extent=extent)
 
 
-def _fill_gap(view: np.ndarray, a: int, b: int, box: tuple[slice, slice], distance: Callable[..., np.ndarray], *,
-              sampling: tuple[float, ...], ends: tuple[float, float]) -> None:
-    """Fill slices ``a+1 .. b-1`` inside ``box`` from the profiles of the foreground and labels.
+def _span(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First index and one past the last of each row of ``present`` (rows with a True), grown by one
+    voxel on each side and clipped to the row."""
+    n = present.shape[-1]
+    first = np.argmax(present, axis=-1)
+    last = n - 1 - np.argmax(present[..., ::-1], axis=-1)
+    return np.maximum(first - 1, 0), np.minimum(last + 2, n)
 
-    When every component has a counterpart across the gap, each slice's foreground is the
-    ``(1 - t) * area_a + t * area_b`` voxels with the highest interpolated distance (area
-    kept linear, see the module docstring); otherwise it is where the profile is positive.
+
+def _nearest(masks: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarray | None = None,
+             far: float = np.inf) -> np.ndarray:
+    """Distance in mm from each voxel to the nearest True voxel of its 2D slice, for a stack of
+    slices ``(n, h, w)``.
+
+    Scipy's exact Euclidean feature transform, run slice by slice, with the distances computed
+    once for the whole stack exactly as ``scipy.ndimage.distance_transform_edt`` computes them
+    (the per-call overhead is most of the cost on small slices). ``boxes`` (``n x 4``: row
+    start, stop, column start, stop) limits each slice's transform to a box that must hold all
+    its True voxels; voxels outside the box, and slices without a True voxel, get ``far``.
     """
-    ca, cb = view[a][box], view[b][box]
-    ma, mb = ca > 0, cb > 0
-    fg = _foreground_profile(distance(a, 0, box) if ma.any() else None, ma,
-                             distance(b, 0, box) if mb.any() else None, mb, ends, sampling=sampling)
-    present = np.union1d(np.unique(ca), np.unique(cb))
-    present = present[present > 0]
-    per_label = []
-    if present.size > 1:
-        for v in present:
-            la, lb = ca == v, cb == v
-            per_label.append(_profile(distance(a, int(v), box) if la.any() else None, la,
-                                      distance(b, int(v), box) if lb.any() else None, lb, (_LABEL_END, _LABEL_END)))
-    t_all = (np.arange(a + 1, b, dtype=np.float32) - a) / np.float32(b - a)
-    step = max(1, _CHUNK_VALUES // (ca.size * (len(per_label) + 1)))
-    keep_area = getattr(fg, "linear", False)  # one shape on each side, matched
-    for start in range(0, t_all.size, step):
-        t = t_all[start:start + step, None, None]
-        level = fg(t)
-        if keep_area:
-            inside = np.stack([_top(lv, (1 - ti) * ma.sum() + ti * mb.sum()) for lv, ti in zip(level, t.ravel(),
-                                                                                                 strict=True)])
+    n, h, w = masks.shape
+    if boxes is None:
+        boxes = np.tile([0, h, 0, w], (n, 1))
+    ft = np.zeros((n, 2, h, w), np.int32)
+    spacing = np.asarray(sampling, np.float64)
+    zeros = np.logical_not(masks).view(np.int8)  # the transform finds the zeros of its input
+    present = masks.any(axis=(1, 2))
+    for i, (r0, r1, c0, c1) in zip(np.flatnonzero(present).tolist(), boxes[present].tolist(), strict=True):
+        if _feature_transform is None:
+            ndimage.distance_transform_edt(zeros[i, r0:r1, c0:c1], sampling=spacing, return_distances=False,
+                                           return_indices=True, indices=ft[i, :, r0:r1, c0:c1])
         else:
-            inside = level > 0
-        chosen = present[np.argmax(np.stack([p(t) for p in per_label]), axis=0)] if per_label else present[0]
-        z0 = a + 1 + start
-        view[z0:z0 + t.shape[0], box[0], box[1]] = np.where(inside, chosen, 0).astype(view.dtype)
+            _feature_transform(zeros[i, r0:r1, c0:c1], spacing, ft[i, :, r0:r1, c0:c1])
+    ft[:, 0] -= np.arange(h, dtype=np.int32)[:, None]  # feature offsets: ft - indices
+    ft[:, 1] -= np.arange(w, dtype=np.int32)
+    ft[:, 0] += boxes[:, 0, None, None]
+    ft[:, 1] += boxes[:, 2, None, None]
+    np.abs(ft, out=ft)
+    # distance of every offset, computed as distance_transform_edt does (float64, then float32)
+    dr, dc = np.ogrid[:h, :w]
+    table = np.append(np.sqrt((dr * spacing[0]) ** 2 + (dc * spacing[1]) ** 2).astype(np.float32).ravel(),
+                      np.float32(far))
+    index = ft[:, 0] * w + ft[:, 1]
+    rows, cols = np.arange(h), np.arange(w)
+    valid = (((rows >= boxes[:, 0, None]) & (rows < boxes[:, 1, None]))[:, :, None]
+             & ((cols >= boxes[:, 2, None]) & (cols < boxes[:, 3, None]))[:, None, :] & present[:, None, None])
+    index[~valid] = table.size - 1
+    return table[index]
+
+
+def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: np.ndarray, own_box: np.ndarray,
+                sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Signed distances of the foreground and (with several labels) of each label, per slice.
+
+    One transform per class present on a slice (background and each label: the distance to its
+    nearest voxel) gives them all: inside a set, the distance to the nearest voxel outside it is
+    the smallest distance to a class not in the set. Equal to :func:`signed_distance` of each
+    mask, with half the transforms. The background transform runs on the box of the slice's
+    foreground (``own_box``, grown by one voxel), where it is used; the labels' on the box of
+    the foreground of the slice and its neighbours (``near_box``), where the gaps use them.
+    Elsewhere, and for absent classes, distances are ``far``, more than any in the box.
+    """
+    m, h, w = stack.shape
+    classes = stack[:, None] == np.concatenate([[0], values]).astype(stack.dtype)[None, :, None, None]
+    boxes = np.stack([own_box] + [near_box] * values.size, axis=1).reshape(-1, 4)
+    near = _nearest(classes.reshape(-1, h, w), sampling=sampling, boxes=boxes, far=far).reshape(classes.shape)
+    inside = stack > 0
+    fmap = np.where(inside, near[:, 0], -near[:, 1:].min(axis=1)).astype(np.float32)
+    if values.size == 1:
+        return fmap, None
+    lmaps = np.empty((values.size, m, h, w), np.float32)
+    for j in range(values.size):  # inside a label: distance to the nearest other class
+        others = np.delete(near, j + 1, axis=1).min(axis=1)
+        lmaps[j] = np.where(classes[:, j + 1], others, -near[:, j + 1])
+    return fmap, lmaps
+
+
+def _drops(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per voxel of a stack of slices, the depth of its component (deepest distance) for
+    the ending erosion (:func:`_cap`); background voxels get their slice's deepest component."""
+    components, n = ndimage.label(masks, structure=_PLANE)
+    depth = np.full(n + 1, -np.inf, np.float32)
+    np.maximum.at(depth, components[masks], maps[masks])
+    deepest = np.where(masks, maps, -np.inf).max(axis=(-2, -1))
+    deepest = np.where(np.isfinite(deepest), deepest, 0).astype(np.float32)
+    return np.where(masks, depth[components], deepest[..., None, None])
+
+
+def _drops_at(maps: np.ndarray, masks: np.ndarray, needed: np.ndarray) -> np.ndarray | None:
+    """:func:`_drops` for the slices flagged in ``needed`` (zero elsewhere), None if none is."""
+    if not needed.any():
+        return None
+    out = np.zeros(maps.shape, np.float32)
+    out[needed] = _drops(maps[needed], masks[needed])
+    return out
+
+
+def _coefficients(t: np.ndarray, has_a: np.ndarray, has_b: np.ndarray, end_a: np.ndarray | float,
+                  end_b: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    """Per filled slice, the weights of ``level = wa * map_a + wb * map_b - ea * drop_a - eb * drop_b``:
+    linear blending when the class is on both sides, the ending erosion when on one."""
+    both = has_a & has_b
+    only_a, only_b = has_a & ~has_b, has_b & ~has_a
+    one = np.float32(1)
+    wa = np.where(both, one - t, np.where(only_a, one, 0)).astype(np.float32)
+    wb = np.where(both, t, np.where(only_b, one, 0)).astype(np.float32)
+    ea = np.where(only_a, _cap(t / np.asarray(end_a, np.float32)), 0).astype(np.float32)
+    eb = np.where(only_b, _cap((one - t) / np.asarray(end_b, np.float32)), 0).astype(np.float32)
+    return wa, wb, ea, eb
+
+
+def _level(maps: np.ndarray, drops: np.ndarray | None, ia: np.ndarray, ib: np.ndarray,
+           coef: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Interpolated level of one class on the filled slices (rows) from :func:`_coefficients`."""
+    wa, wb, ea, eb = (c[:, None, None] for c in coef)
+    level = wa * maps[ia] + wb * maps[ib]
+    if drops is not None and (ea.any() or eb.any()):
+        level = level - ea * drops[ia] - eb * drops[ib]
+    return level
+
+
+def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tuple[float, ...],
+                border: np.ndarray, extent: tuple[int, int] | None) -> None:
+    """Fill the gaps of ``group`` (consecutive) at once, inside the box of their slices' foreground."""
+    for a, b in group:
+        view[a + 1:b] = 0
+    ends = sorted({s for gap in group for s in gap})
+    slot = {s: i for i, s in enumerate(ends)}
+    stack = view[ends]
+    fg = stack > 0
+    if not fg.any():
+        return
+    (br0,), (br1,) = _span(fg.any(axis=(0, 2))[None])
+    (bc0,), (bc1,) = _span(fg.any(axis=(0, 1))[None])
+    stack, fg = stack[:, br0:br1, bc0:bc1], fg[:, br0:br1, bc0:bc1]
+    m, h, w = stack.shape
+    values = np.unique(stack)
+    values = values[values > 0]
+    ia = np.array([slot[a] for a, _ in group])
+    ib = np.array([slot[b] for _, b in group])
+    rows_any, cols_any = fg.any(axis=2), fg.any(axis=1)
+    own_r, own_c = _span(rows_any), _span(cols_any)
+    near_r, near_c = rows_any.copy(), cols_any.copy()  # each slot is the left end of one gap at most
+    near_r[ia] |= rows_any[ib]
+    near_c[ia] |= cols_any[ib]
+    near_r[ib] |= rows_any[ia]
+    near_c[ib] |= cols_any[ia]
+    near_r, near_c = _span(near_r), _span(near_c)
+    fmap_far = 2 * (h * sampling[0] + w * sampling[1]) + 1  # more than any distance in the box
+    fmap, lmaps = _class_maps(stack, values, far=fmap_far, near_box=np.stack([*near_r, *near_c], axis=1),
+                              own_box=np.stack([*own_r, *own_c], axis=1), sampling=sampling)
+
+    has = fg.any(axis=(1, 2))
+    has_a, has_b = has[ia], has[ib]
+    both = has_a & has_b
+    keep = _kept_components(fg, ia[both], ib[both])  # (per side) components with a counterpart
+    lone = np.zeros(len(group), bool)
+    if keep is not None:
+        lone[both] = ((fg[ia[both]] & ~keep[0]).any(axis=(1, 2)) | (fg[ib[both]] & ~keep[1]).any(axis=(1, 2)))
+    ends_ab = np.array([_end_fractions(a, b, border=border, extent=extent) for a, b in group], np.float32)
+    one_sided = np.zeros(m, bool)
+    one_sided[ia[has_a & ~has_b]] = one_sided[ib[has_b & ~has_a]] = True
+    fdrops = _drops_at(fmap, fg, one_sided)
+    lhas = ldrops = None
+    if lmaps is not None:
+        lmasks = stack[None] == values[:, None, None, None]
+        lhas = lmasks.any(axis=(2, 3))  # (labels, slots)
+        needed = np.zeros(lhas.shape, bool)
+        needed[:, ia] |= lhas[:, ia] & ~lhas[:, ib]
+        needed[:, ib] |= lhas[:, ib] & ~lhas[:, ia]
+        ldrops = _drops_at(lmaps, lmasks, needed)
+    area = fg.sum(axis=(1, 2))
+    lone_maps = lone_index = None
+    if lone.any():
+        lone_index = np.cumsum(lone) - 1  # gap -> row of the lone gaps' maps
+        at = (np.cumsum(both) - 1)[lone]
+        lone_maps = _lone_maps(fmap, fg, ia[lone], ib[lone], keep[0][at], keep[1][at],
+                               np.stack([*near_r, *near_c], axis=1), sampling=sampling, far=fmap_far)
+
+    sizes = np.array([b - a - 1 for a, b in group])
+    sizes[~(has_a | has_b)] = 0  # both ends empty: already zero
+    gap_of = np.repeat(np.arange(len(group)), sizes)
+    if gap_of.size == 0:
+        return
+    z_all = np.concatenate([np.arange(a + 1, b) for (a, b), n_z in zip(group, sizes, strict=True) if n_z])
+    a_all = np.array([a for a, _ in group])[gap_of]
+    t_all = ((z_all - a_all) / (sizes[gap_of] + 1)).astype(np.float32)
+    step = max(1, _CHUNK_VALUES // (h * w * (values.size + 3)))
+    for start in range(0, gap_of.size, step):
+        g, z, t = gap_of[start:start + step], z_all[start:start + step], t_all[start:start + step]
+        sa, sb = ia[g], ib[g]
+        level = _level(fmap, fdrops, sa, sb, _coefficients(t, has_a[g], has_b[g], ends_ab[g, 0], ends_ab[g, 1]))
+        inside = level > 0
+        linear = both[g] & ~lone[g]
+        if linear.any():
+            inside[linear] = _top_rows(level[linear], (1 - t[linear]) * area[sa[linear]] + t[linear] * area[sb[linear]],
+                                       rows=_span((rows_any[sa] | rows_any[sb])[linear]),
+                                       cols=_span((cols_any[sa] | cols_any[sb])[linear]))
+        if lone_maps is not None and lone[g].any():
+            rows = lone[g]
+            inside[rows] = _lone_level(lone_maps, lone_index[g[rows]], t[rows], ends_ab[g[rows]]) > 0
+        if lmaps is None:
+            chosen = values[0]
+        else:
+            levels = np.stack([_level(lmaps[j], None if ldrops is None else ldrops[j], sa, sb,
+                                      _coefficients(t, lhas[j, sa], lhas[j, sb], _LABEL_END, _LABEL_END))
+                               for j in range(values.size)])
+            levels[~(lhas[:, sa] | lhas[:, sb])] = -np.inf
+            if values.size == 2:  # argmax of two, ties to the first
+                chosen = np.where(levels[1] > levels[0], values[1], values[0])
+            else:
+                chosen = values[np.argmax(levels, axis=0)]
+        view[z, br0:br1, bc0:bc1] = np.where(inside, chosen, 0).astype(view.dtype)
+
+
+def _kept_components(fg: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """For gaps ``ia[i] -> ib[i]`` (slots of ``fg``), the components of each end's foreground that
+    overlap foreground at the other end (the rest end inside the gap)."""
+    if ia.size == 0:
+        return None
+    components, n = ndimage.label(fg, structure=_PLANE)
+    kept = []
+    for mine, other in ((ia, ib), (ib, ia)):
+        hit = np.zeros(n + 1, bool)
+        hit[components[mine][fg[other]]] = True  # each slot is one gap's left end at most (and right end)
+        hit[0] = False
+        kept.append(hit[components[mine]])
+    return kept[0], kept[1]
+
+
+def _lone_maps(fmap: np.ndarray, fg: np.ndarray, ia: np.ndarray, ib: np.ndarray, keep_a: np.ndarray,
+               keep_b: np.ndarray, boxes: np.ndarray, *, sampling: tuple[float, ...],
+               far: float) -> tuple[np.ndarray, ...]:
+    """Maps of the gaps whose ends have components without counterpart (topology change).
+
+    Components with a counterpart (``keep_a``, ``keep_b``) are interpolated with it (linear
+    signed distances); the others (lone) end inside the gap. Signed distances
+    of both parts come from one transform per part (distance to its nearest voxel) and the
+    foreground map: inside one part, the nearest voxel outside it is background or the other
+    part. Returns the kept maps, the lone maps and the lone parts' drops, side a then b, and
+    whether a kept part exists, per gap.
+    """
+    ma, mb = fg[ia], fg[ib]
+    parts = np.stack([keep_a, ma & ~keep_a, keep_b, mb & ~keep_b])  # (4, gaps, h, w)
+    box = np.stack([boxes[ia], boxes[ia], boxes[ib], boxes[ib]]).reshape(-1, 4)
+    near = _nearest(parts.reshape(-1, *fg.shape[1:]), sampling=sampling, boxes=box, far=far).reshape(parts.shape)
+    own = np.stack([fmap[ia], fmap[ia], fmap[ib], fmap[ib]])
+    other = near[[1, 0, 3, 2]]
+    signed = np.where(parts, np.minimum(own, other), -near).astype(np.float32)
+    lone = parts[[1, 3]]
+    drops = _drops(signed[[1, 3]].reshape(-1, *fg.shape[1:]), lone.reshape(-1, *fg.shape[1:])).reshape(lone.shape)
+    return signed[0], signed[2], signed[1], signed[3], drops[0], drops[1], keep_a.any(axis=(1, 2))
+
+
+def _lone_level(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Foreground level on filled slices of lone gaps: the largest of the kept part's linear
+    blend and each lone part's ending profile (``index``: row of each slice's gap)."""
+    kept_a, kept_b, lone_a, lone_b, drop_a, drop_b, has_kept = (m[index] for m in maps)
+    t3 = t[:, None, None]
+    kept = np.where(has_kept[:, None, None], (1 - t3) * kept_a + t3 * kept_b, -np.inf)
+    from_a = lone_a - _cap(t3 / ends[:, 0, None, None]) * drop_a
+    from_b = lone_b - _cap((1 - t3) / ends[:, 1, None, None]) * drop_b
+    return np.maximum(np.maximum(kept, from_a), from_b)
+
+
+def _top_rows(level: np.ndarray, area: np.ndarray, *, rows: tuple[np.ndarray, np.ndarray],
+              cols: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per slice, the ``area`` voxels with the highest ``level`` inside its gap's box (``rows`` and
+    ``cols``: start and stop per slice); ties at the threshold are all kept, so the result is
+    symmetric and may exceed ``area`` by the voxels tied there."""
+    n_rows, h, w = level.shape
+    box = (((np.arange(h) >= rows[0][:, None]) & (np.arange(h) < rows[1][:, None]))[:, :, None]
+           & ((np.arange(w) >= cols[0][:, None]) & (np.arange(w) < cols[1][:, None]))[:, None, :])
+    flat = np.where(box, level, -np.inf).reshape(n_rows, -1)
+    n = np.minimum(np.rint(area).astype(np.int64), box.reshape(n_rows, -1).sum(axis=1))
+    ordered = np.sort(flat, axis=1)
+    threshold = ordered[np.arange(n_rows), flat.shape[1] - np.maximum(n, 1)]
+    return (flat >= threshold[:, None]).reshape(level.shape) & (n > 0)[:, None, None]
