@@ -144,3 +144,21 @@ def test_volume_count_grids_get_the_density_finding_too(tmp_path):
     text = _text(render_report(tmp_path / "s"))
     assert ("3D, budget 12: yes: lower density with more volumes won. Lowest density s=6 (6 volumes x 2.0 slices)"
             in text)
+
+
+def test_recommendation_chooses_factor_by_factor_not_the_luckiest_cell():
+    from sparseslice.study.report import recommended_regime
+    from sparseslice.study.spec import RunSpec
+
+    dice = {("a", 0.1): 0.80, ("a", 0.5): 0.78, ("b", 0.1): 0.70, ("b", 0.5): 0.81}
+    rows = []
+    for (strategy, rho), value in dice.items():
+        run = RunSpec(budget=10, rho=rho, volumes=None, strategy=strategy, block_fraction=None,
+                      interpolation="none", border_slices=False, model="2d", schedule="one-step",
+                      mask_channel=False, seed=0)
+        rows.append({"run_id": run.run_id, **run.to_dict(), "baseline": False, "dice": value})
+    per_run = pd.DataFrame(rows)
+    regimes = analysis.regime_summary(per_run)
+    assert regimes.iloc[0]["strategy"] == "b"  # the best single cell
+    best = recommended_regime(regimes, per_run)
+    assert (best["strategy"], best["rho"]) == ("a", 0.5)  # strategy a and rho 0.5 are better on average
