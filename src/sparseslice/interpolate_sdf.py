@@ -113,35 +113,38 @@ def _nearest(masks: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarra
     Scipy's exact Euclidean feature transform, run slice by slice, with the distances computed
     once for the whole stack exactly as ``scipy.ndimage.distance_transform_edt`` computes them
     (the per-call overhead is most of the cost on small slices). ``boxes`` (``n x 4``: row
-    start, stop, column start, stop) limits each slice's transform to a box that must hold all
-    its True voxels; voxels outside the box, and slices without a True voxel, get ``far``.
+    start, stop, column start, stop) limits each slice's transform to a box: distances are to
+    the nearest True voxel inside it, exact wherever that is the nearest overall (everywhere
+    when the box holds all True voxels). Voxels outside the box, and slices without a True
+    voxel in it, get ``far``.
     """
     n, h, w = masks.shape
     if boxes is None:
         boxes = np.tile([0, h, 0, w], (n, 1))
-    ft = np.zeros((n, 2, h, w), np.int32)
+    ft = np.empty((n, 2, h, w), np.int32)
     spacing = np.asarray(sampling, np.float64)
     zeros = np.logical_not(masks).view(np.int8)  # the transform finds the zeros of its input
-    present = masks.any(axis=(1, 2))
+    rows, cols = np.arange(h, dtype=np.int32), np.arange(w, dtype=np.int32)
+    valid = (((rows >= boxes[:, 0, None]) & (rows < boxes[:, 1, None]))[:, :, None]
+             & ((cols >= boxes[:, 2, None]) & (cols < boxes[:, 3, None]))[:, None, :])
+    present = (masks & valid).any(axis=(1, 2))
+    valid &= present[:, None, None]
     for i, (r0, r1, c0, c1) in zip(np.flatnonzero(present).tolist(), boxes[present].tolist(), strict=True):
         if _feature_transform is None:
             ndimage.distance_transform_edt(zeros[i, r0:r1, c0:c1], sampling=spacing, return_distances=False,
                                            return_indices=True, indices=ft[i, :, r0:r1, c0:c1])
         else:
             _feature_transform(zeros[i, r0:r1, c0:c1], spacing, ft[i, :, r0:r1, c0:c1])
-    ft[:, 0] -= np.arange(h, dtype=np.int32)[:, None]  # feature offsets: ft - indices
-    ft[:, 1] -= np.arange(w, dtype=np.int32)
-    ft[:, 0] += boxes[:, 0, None, None]
-    ft[:, 1] += boxes[:, 2, None, None]
-    np.abs(ft, out=ft)
+    drow, dcol = ft[:, 0], ft[:, 1]  # offset of the nearest voxel, as index in the box: |ft + start - index|
+    drow += (boxes[:, 0, None] - rows)[:, :, None]
+    dcol += (boxes[:, 2, None] - cols)[:, None, :]
+    index = np.abs(drow, out=drow)
+    index *= w
+    index += np.abs(dcol, out=dcol)
     # distance of every offset, computed as distance_transform_edt does (float64, then float32)
     dr, dc = np.ogrid[:h, :w]
     table = np.append(np.sqrt((dr * spacing[0]) ** 2 + (dc * spacing[1]) ** 2).astype(np.float32).ravel(),
                       np.float32(far))
-    index = ft[:, 0] * w + ft[:, 1]
-    rows, cols = np.arange(h), np.arange(w)
-    valid = (((rows >= boxes[:, 0, None]) & (rows < boxes[:, 1, None]))[:, :, None]
-             & ((cols >= boxes[:, 2, None]) & (cols < boxes[:, 3, None]))[:, None, :] & present[:, None, None])
     index[~valid] = table.size - 1
     return table[index]
 
@@ -160,15 +163,16 @@ def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: 
     """
     m, h, w = stack.shape
     classes = stack[:, None] == np.concatenate([[0], values]).astype(stack.dtype)[None, :, None, None]
+    inside = stack > 0
+    classes[:, 0] &= inside.any(axis=(1, 2))[:, None, None]  # empty slices need no background map
     boxes = np.stack([own_box] + [near_box] * values.size, axis=1).reshape(-1, 4)
     near = _nearest(classes.reshape(-1, h, w), sampling=sampling, boxes=boxes, far=far).reshape(classes.shape)
-    inside = stack > 0
     fmap = np.where(inside, near[:, 0], -near[:, 1:].min(axis=1)).astype(np.float32)
     if values.size == 1:
         return fmap, None
     lmaps = np.empty((values.size, m, h, w), np.float32)
     for j in range(values.size):  # inside a label: distance to the nearest other class
-        others = np.delete(near, j + 1, axis=1).min(axis=1)
+        others = np.minimum.reduce([near[:, k] for k in range(values.size + 1) if k != j + 1])
         lmaps[j] = np.where(classes[:, j + 1], others, -near[:, j + 1])
     return fmap, lmaps
 
@@ -210,10 +214,14 @@ def _coefficients(t: np.ndarray, has_a: np.ndarray, has_b: np.ndarray, end_a: np
 def _level(maps: np.ndarray, drops: np.ndarray | None, ia: np.ndarray, ib: np.ndarray,
            coef: tuple[np.ndarray, ...]) -> np.ndarray:
     """Interpolated level of one class on the filled slices (rows) from :func:`_coefficients`."""
-    wa, wb, ea, eb = (c[:, None, None] for c in coef)
-    level = wa * maps[ia] + wb * maps[ib]
-    if drops is not None and (ea.any() or eb.any()):
-        level = level - ea * drops[ia] - eb * drops[ib]
+    wa, wb, ea, eb = coef
+    level = wa[:, None, None] * maps[ia]
+    level += wb[:, None, None] * maps[ib]
+    if drops is not None:
+        for erosion, slots in ((ea, ia), (eb, ib)):  # only on the slices where the class ends
+            rows = np.flatnonzero(erosion)
+            if rows.size:
+                level[rows] -= erosion[rows, None, None] * drops[slots[rows]]
     return level
 
 
@@ -232,8 +240,7 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
     (bc0,), (bc1,) = _span(fg.any(axis=(0, 1))[None])
     stack, fg = stack[:, br0:br1, bc0:bc1], fg[:, br0:br1, bc0:bc1]
     m, h, w = stack.shape
-    values = np.unique(stack)
-    values = values[values > 0]
+    values = np.flatnonzero(np.bincount(stack[fg]))  # labels present, sorted
     ia = np.array([slot[a] for a, _ in group])
     ib = np.array([slot[b] for _, b in group])
     rows_any, cols_any = fg.any(axis=2), fg.any(axis=1)
@@ -300,14 +307,21 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
         if lmaps is None:
             chosen = values[0]
         else:
-            levels = np.stack([_level(lmaps[j], None if ldrops is None else ldrops[j], sa, sb,
-                                      _coefficients(t, lhas[j, sa], lhas[j, sb], _LABEL_END, _LABEL_END))
-                               for j in range(values.size)])
-            levels[~(lhas[:, sa] | lhas[:, sb])] = -np.inf
-            if values.size == 2:  # argmax of two, ties to the first
-                chosen = np.where(levels[1] > levels[0], values[1], values[0])
-            else:
-                chosen = values[np.argmax(levels, axis=0)]
+            best = chosen = None
+            for j in range(values.size):  # argmax over the labels present in the gap, ties to the first
+                present = lhas[j, sa] | lhas[j, sb]
+                if not present.any():
+                    continue
+                level = _level(lmaps[j], None if ldrops is None else ldrops[j], sa, sb,
+                               _coefficients(t, lhas[j, sa], lhas[j, sb], _LABEL_END, _LABEL_END))
+                if not present.all():
+                    level[~present] = -np.inf
+                if best is None:
+                    best, chosen = level, np.full(level.shape, values[j])
+                else:
+                    better = level > best
+                    np.copyto(best, level, where=better)
+                    chosen[better] = values[j]
         view[z, br0:br1, bc0:bc1] = np.where(inside, chosen, 0).astype(view.dtype)
 
 
@@ -340,9 +354,14 @@ def _lone_maps(fmap: np.ndarray, fg: np.ndarray, ia: np.ndarray, ib: np.ndarray,
     """
     ma, mb = fg[ia], fg[ib]
     parts = np.stack([keep_a, ma & ~keep_a, keep_b, mb & ~keep_b])  # (4, gaps, h, w)
+    whole = ~parts[[1, 3]].any(axis=(2, 3))  # no lone part on that side: its kept part is the foreground
+    parts[0][whole[0]] = parts[2][whole[1]] = False  # ... whose distances fmap holds: no transform
     box = np.stack([boxes[ia], boxes[ia], boxes[ib], boxes[ib]]).reshape(-1, 4)
     near = _nearest(parts.reshape(-1, *fg.shape[1:]), sampling=sampling, boxes=box, far=far).reshape(parts.shape)
     own = np.stack([fmap[ia], fmap[ia], fmap[ib], fmap[ib]])
+    for side, mask in ((0, ma), (1, mb)):
+        parts[2 * side][whole[side]] = mask[whole[side]]
+        near[2 * side][whole[side]] = np.where(mask, 0, -own[2 * side])[whole[side]]
     other = near[[1, 0, 3, 2]]
     signed = np.where(parts, np.minimum(own, other), -near).astype(np.float32)
     lone = parts[[1, 3]]
