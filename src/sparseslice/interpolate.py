@@ -26,8 +26,10 @@ to nothing half-way (a rounded end: erosion ``depth * (1 - sqrt(1 - x))``), or a
 when the empty slice is a border slice outside the known extent; ``mci`` ends it at the
 empty slice.
 
-Memory: ``sdf`` and ``nearest`` work one gap at a time on the bounding box of the two
-annotated slices' foreground, so a 512x512x1000 volume needs little more than its label.
+Memory: ``nearest`` works one gap at a time; ``sdf`` fills runs of consecutive gaps whose
+distance maps fit a fixed budget (about 64 MB of values: a whole hippocampus volume at once,
+a few slices of a 512x512 CT), on the bounding box of their annotated slices' foreground, so
+a 512x512x1000 volume needs little more than its label.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-_CHUNK_VALUES = 1 << 24  # float32 values held at once while filling one gap (64 MB)
+_CHUNK_VALUES = 1 << 24  # values (float32: 64 MB) held at once for a run of gaps, or for the rows filled at once
 _END_FRACTION = 0.5  # where a structure missing on the far side of a gap ends (fraction of the gap)
 _LABEL_END = 0.5  # the same for one label inside the foreground
 
