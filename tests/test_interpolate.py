@@ -103,10 +103,15 @@ def test_sdf_matches_a_full_slice_reference() -> None:
         assert area <= np.count_nonzero(res.sparse.label[:, :, k]) <= 1.05 * area  # ties at the threshold kept
 
 
-def test_sdf_distance_maps_match_scipy() -> None:
-    """The fast transforms (one per class, scipy's feature transform) equal scipy's signed distances."""
+@pytest.mark.parametrize("private", [True, False])
+def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast transforms (one per class, scipy's feature transform) equal scipy's signed distances,
+    also through the public scipy function used if the private routine moves."""
+    import sparseslice.interpolate_sdf as sdf
     from sparseslice.interpolate_sdf import _class_maps, _nearest
 
+    if not private:
+        monkeypatch.setattr(sdf, "_feature_transform", None)
     rng = np.random.default_rng(1)
     stack = ndimage.median_filter(rng.integers(0, 3, (4, 30, 26)), size=(1, 5, 5)).astype(np.uint8)
     stack[3] = 0
