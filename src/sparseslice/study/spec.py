@@ -52,7 +52,7 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
     # gradient steps (fixed epochs x samples), so arms are compared at equal training, whatever
     # the machine's load; max_minutes is only a safety cap.
     "demo": {"epochs": 15, "samples_per_epoch": 64, "max_minutes": 0.5},
-    "quick": {"epochs": 8, "samples_per_epoch": 512, "lr": 0.002, "max_minutes": 2.0},
+    "quick": {"epochs": 16, "samples_per_epoch": 512, "lr": 0.002, "max_minutes": 4.0},
     # the papers' budgets; meant for a GPU
     "paper": {},
 }
