@@ -44,6 +44,12 @@ def _p(p: float) -> str:
     return "n/a" if pd.isna(p) else (f"{p:.2g}" if p >= 1e-3 else "<0.001")
 
 
+def _p_is(p: float) -> str:
+    """Inline form: ``p=0.012`` or ``p<0.001``."""
+    text = _p(p)
+    return f"p{text}" if text.startswith("<") else f"p={text}"
+
+
 def density_finding(per_run: pd.DataFrame, cases: pd.DataFrame, budget: int, model: str) -> str | None:
     """Did lower density with more volumes win at this budget and model? With the numbers.
 
@@ -69,7 +75,7 @@ def density_finding(per_run: pd.DataFrame, cases: pd.DataFrame, budget: int, mod
                 & cases["interpolation"].isin(runs["interpolation"].unique())]
     test = analysis.paired(sub, factor, sparse, dense)
     test_text = (f"; paired per case: {test.mean_diff:+.3f}, {test.wins}/{test.n} cases better, "
-                 f"Wilcoxon p={_p(test.p_value)}") if test else ""
+                 f"Wilcoxon {_p_is(test.p_value)}") if test else ""
     if diff > MARGIN:
         verdict = "yes: lower density with more volumes won"
     elif diff < -MARGIN:
@@ -100,7 +106,7 @@ def _interpolation_verdict(tests: list[analysis.Paired]) -> str:
             word = "hurts"
         else:
             word = "does not help"
-        parts.append(f"{t.a} {word} ({t.mean_diff:+.3f} Dice, p={_p(t.p_value)}, {t.n} pairs)")
+        parts.append(f"{t.a} {word} ({t.mean_diff:+.3f} Dice, {_p_is(t.p_value)}, {t.n} pairs)")
     return "; ".join(parts)
 
 
@@ -192,7 +198,7 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
         means = per_run[~per_run["baseline"].astype(bool)].groupby("strategy")["dice"].mean().sort_values()
         f.findings.append("Strategies (mean test Dice over every other factor): "
                           + ", ".join(f"{s} {v:.3f}" for s, v in means[::-1].items()) + ". Paired: "
-                          + "; ".join(f"{t.a} vs {t.b} {t.mean_diff:+.3f} (p={_p(t.p_value)}, {t.verdict})"
+                          + "; ".join(f"{t.a} vs {t.b} {t.mean_diff:+.3f} ({_p_is(t.p_value)}, {t.verdict})"
                                       for t in strategy_tests) + ".")
     interp = _interpolation_verdict(tests)
     if interp != "not tested":
@@ -200,7 +206,7 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     for t in tests:
         if t.factor in ("arm", "border_slices", "schedule", "mask_channel", "model"):
             f.findings.append(f"{t.factor}: {t.a} vs {t.b}: {t.mean_diff:+.3f} Dice over {t.n} paired cases "
-                              f"(p={_p(t.p_value)}, {t.verdict}).")
+                              f"({_p_is(t.p_value)}, {t.verdict}).")
     return f
 
 
