@@ -21,6 +21,7 @@ from sparseslice.datasets import dataset_slice_axis, discover_dataset
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_axis, read_header, read_label, strip_suffix, volume_suffix
 from sparseslice.metrics import METRICS, label_metrics
+from sparseslice.progress import track
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
 
 COLUMNS = ("case", "label", "metric", "value", "note")
@@ -146,7 +147,7 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
     labels = _reference_labels(Path(ref)) or None
     todo = [c for c in refs if c in preds]
     rows: list[dict[str, object]] = []
-    for case in _track(todo, "evaluating", progress):
+    for case in track(todo, "evaluating", progress=progress):
         ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis)
         pred_vol = read_label(preds[case])
         rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
@@ -211,12 +212,3 @@ def render_summary(summary: pd.DataFrame, console: object, *, title: str = "metr
 
 def _fmt(value: float) -> str:
     return "nan" if not np.isfinite(value) else f"{value:.4f}"
-
-
-def _track(items: list[str], description: str, progress: bool):  # noqa: ANN202 - generator of items
-    if not progress:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, description=description, transient=True)

@@ -44,6 +44,7 @@ import numpy as np
 
 from sparseslice.errors import UserError
 from sparseslice.interpolate_sdf import fill_sdf, signed_distance
+from sparseslice.progress import track
 from sparseslice.sparse import SparseLabel
 
 __all__ = ["METHODS", "Interpolation", "interpolate_dataset", "interpolate_label", "signed_distance"]
@@ -212,7 +213,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
     axis_cache: list[int] = []
     counts, single = {}, []
-    for case in _track(ds.cases, progress=progress, description=f"interpolate ({method})"):
+    for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:
             _carry(image, out / Path(os.path.abspath(image)).relative_to(root))
         target = out / Path(os.path.abspath(case.label)).relative_to(root)
@@ -296,11 +297,3 @@ def _carry(src: Path, dst: Path, *, link: bool = True) -> None:
             except OSError:
                 pass
         shutil.copyfile(src, tmp)
-
-
-def _track(items, *, progress: bool, description: str):  # noqa: ANN001, ANN202
-    if not progress:
-        return items
-    from rich.progress import track
-
-    return track(items, description=description, transient=True)

@@ -23,6 +23,7 @@ from torch import nn
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalize
+from sparseslice.progress import track
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
@@ -231,19 +232,10 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
     })
     written = []
-    for case in _track(todo, "predicting", progress):
+    for case in track(todo, "predicting", progress=progress):
         image = load_image(case)
         labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                 largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                 batch_size=batch_size)
         written.append(write_volume(Volume(labels, image.affine.copy()), out / f"{case.case_id}.nii.gz"))
     return written
-
-
-def _track(items: list, description: str, progress: bool):  # noqa: ANN202 - generator of items
-    if not progress:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, description=description, transient=True)

@@ -30,6 +30,7 @@ from sparseslice.atomic import atomic_path, write_json
 from sparseslice.datasets import Case, Dataset, load_image
 from sparseslice.errors import UserError
 from sparseslice.io import check_same_space, read_header, read_label, volume_suffix, write_volume
+from sparseslice.progress import track
 from sparseslice.select.plan import Plan
 from sparseslice.select.worklist import write_plan
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SparseLabel, extent_of, write_sparse
@@ -139,7 +140,7 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
 
     training = []
     wasted: list[str] = []
-    for entry in _track(plan.entries, progress):
+    for entry in track(plan.entries, "simulating", progress=progress):
         case = dataset.case(entry.case_id)
         label = read_label(case.label)
         head = read_header(case.images[0])
@@ -267,12 +268,3 @@ def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: lis
             f"hold {ignore_value}", "tensorImageSize": "3D", "modality": channels,
             "labels": {str(v): names[v] for v in values}, "numTraining": len(training), "numTest": 0,
             "training": training, "test": [], "sparse": sparse}
-
-
-def _track(entries: list, show: bool):
-    if not show:
-        yield from entries
-        return
-    from rich.progress import track
-
-    yield from track(entries, description="simulating", transient=True)

@@ -17,6 +17,7 @@ import numpy as np
 from sparseslice.datasets import Dataset, dataset_slice_axis, load_image
 from sparseslice.errors import UserError
 from sparseslice.io import check_axis, read_header, read_label
+from sparseslice.progress import track
 from sparseslice.select.allocation import (
     VOLUME_SELECTIONS,
     apportion,
@@ -363,7 +364,7 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
     if volume_selection == "diverse":
         enc = volume_encoder or default_volume_encoder
         embeddings = np.stack([np.asarray(enc(load_image(dataset.case(c)).array), float).ravel()
-                               for c in _progress(ids, "embedding volumes", progress)])
+                               for c in track(ids, "embedding volumes", progress=progress)])
     order = order_volumes(ids, selection=volume_selection, seed=seed, embeddings=embeddings)
     features: dict[str, np.ndarray] = {}
 
@@ -371,7 +372,7 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
         chosen, counts, note = _allocate(b, order, pool, rho=rho, volumes=volumes, block_fraction=block_fraction)
         if strategy == "ual":
             enc = slice_encoder or default_slice_encoder
-            for c in _progress([c for c in chosen if c not in features], "embedding slices", progress):
+            for c in track([c for c in chosen if c not in features], "embedding slices", progress=progress):
                 features[c] = np.asarray(enc(load_image(dataset.case(c)).array, axis))
         entries = []
         for cid, k in zip(chosen, counts, strict=True):
@@ -426,12 +427,3 @@ def _plan_by_time(build: Callable[[int], Plan], minutes: float, bounds: tuple[in
         else:
             hi = mid - 1
     return best
-
-
-def _progress(items: list[str], label: str, show: bool):
-    if not show or not items:
-        yield from items
-        return
-    from rich.progress import track
-
-    yield from track(items, description=label, transient=True)

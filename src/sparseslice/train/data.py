@@ -116,9 +116,9 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     """
     raw = []
     found: set[int] = set()
-    from sparseslice.train.progress import track
+    from sparseslice.progress import track
 
-    for cid in track(case_ids, "loading cases", enabled=progress):
+    for cid in track(case_ids, "loading cases", progress=progress):
         case = dataset.case(cid)
         if case.label is None:
             raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")

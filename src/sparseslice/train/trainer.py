@@ -25,6 +25,7 @@ from sparseslice.atomic import atomic_path, write_json, write_text
 from sparseslice.datasets import discover_dataset
 from sparseslice.errors import UserError
 from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, pick_device, save_checkpoint
+from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
 from sparseslice.train.data import (
@@ -37,7 +38,6 @@ from sparseslice.train.data import (
     warn_missing_classes,
 )
 from sparseslice.train.losses import masked_dice_scores, selective_loss
-from sparseslice.train.progress import training_progress
 from sparseslice.train.schedule import make_optimizer, make_scheduler, step_scheduler
 
 

@@ -1,4 +1,4 @@
-"""Rich progress helpers with an on/off switch (tests keep them off)."""
+"""Rich progress bars with an on/off switch, shared by every stage (tests keep them off)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, *, enabled: bool) -> Iterator[T]:
-    """Iterate ``items``, showing a Rich progress bar when ``enabled``."""
-    if not enabled:
+def track(items: Iterable[T], description: str, *, progress: bool) -> Iterator[T]:
+    """Iterate ``items``, showing a transient Rich progress bar when ``progress`` is on."""
+    if not progress:
         yield from items
         return
     from rich.progress import track as rich_track
@@ -30,9 +30,9 @@ class NullProgress:
 
 
 @contextlib.contextmanager
-def training_progress(enabled: bool) -> Iterator[object]:
+def training_progress(progress: bool) -> Iterator[object]:
     """A Progress showing epoch, step, loss and validation Dice (or a no-op)."""
-    if not enabled:
+    if not progress:
         yield NullProgress()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
