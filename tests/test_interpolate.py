@@ -261,7 +261,7 @@ def test_bad_input() -> None:
         interpolate_label(SparseLabel.from_slices(label, [], axis=2), spacing=(1, 1, 1), method="sdf")
     with pytest.raises(UserError, match="did you mean 'sdf'"):
         interpolate_label(SparseLabel.from_slices(label, [0, 5], axis=2), spacing=(1, 1, 1), method="sfd")
-    with pytest.raises(UserError, match="spacing must be 3 positive"):
+    with pytest.raises(UserError, match="spacing must have 3 positive values"):
         interpolate_label(SparseLabel.from_slices(label, [0, 5], axis=2), spacing=(1, 0, 1), method="sdf")
     one = SparseLabel.from_slices(label, [3], axis=2)
     with pytest.warns(UserWarning, match="nothing can be interpolated"):

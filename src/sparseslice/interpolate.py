@@ -44,6 +44,7 @@ import numpy as np
 
 from sparseslice.errors import UserError
 from sparseslice.interpolate_sdf import fill_sdf, signed_distance
+from sparseslice.io import check_spacing
 from sparseslice.progress import track
 from sparseslice.sparse import SparseLabel
 
@@ -77,18 +78,6 @@ def check_method(method: str) -> str:
         raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}; {hint}"
                         "pick one of those")
     return method
-
-
-def check_spacing(spacing: tuple[float, ...]) -> tuple[float, float, float]:
-    """Validate a voxel spacing: three positive finite millimetre values."""
-    try:
-        values = tuple(float(s) for s in spacing)
-    except (TypeError, ValueError):
-        values = ()
-    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
-        raise UserError(f"spacing must be 3 positive values in mm, got {spacing!r}; "
-                        "pass the volume's spacing (Volume.spacing)")
-    return values  # type: ignore[return-value]
 
 
 def interpolate_label(sparse: SparseLabel, *, spacing: tuple[float, float, float], method: str) -> Interpolation:

@@ -10,6 +10,7 @@ on top of its image. Intensities are never rescaled and dtypes are kept.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -273,6 +274,25 @@ def default_slice_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> in
     top = max(spacing)
     candidates = [a for a in range(3) if spacing[a] >= top * (1 - 1e-3)]
     return min(candidates, key=lambda a: (shape[a], a))
+
+
+def check_spacing(spacing: Sequence[float], ndim: int = 3) -> tuple[float, ...]:
+    """Validate a voxel spacing: ``ndim`` positive finite millimetre values.
+
+    Examples
+    --------
+    >>> check_spacing((1, 1, 2.5))
+    (1.0, 1.0, 2.5)
+    """
+    try:
+        values = tuple(float(s) for s in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != ndim or not all(np.isfinite(v) and v > 0 for v in values):
+        shown = tuple(spacing) if isinstance(spacing, list | tuple | np.ndarray) else spacing
+        raise UserError(f"spacing must have {ndim} positive values in mm, got {shown!r}; "
+                        "pass the image's spacing (Volume.spacing)")
+    return values
 
 
 def check_axis(axis: int, ndim: int = 3) -> int:

@@ -41,21 +41,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from sparseslice.errors import UserError
+from sparseslice.io import check_spacing
 
 METRICS = ("dice", "hd", "hd95", "assd", "assd2d", "rvd")
 DISTANCE_METRICS = ("hd", "hd95", "assd", "assd2d")
-
-
-def check_spacing(spacing: Sequence[float], ndim: int) -> np.ndarray:
-    """Validate ``spacing`` against an array's dimensions; returns it as float64."""
-    try:
-        sp = np.asarray([float(s) for s in spacing], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise UserError(f"spacing must be {ndim} numbers, got {spacing!r}; pass the image's spacing") from None
-    if sp.shape != (ndim,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise UserError(f"spacing must have {ndim} positive values, got {tuple(spacing)}; "
-                        "pass the image's spacing (Volume.spacing)")
-    return sp
 
 
 def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +200,7 @@ def surface_distances(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[fl
     (2.5, 0.9038)
     """
     pred, ref = _check_pair(pred, ref)
-    sp = check_spacing(spacing, pred.ndim)
+    sp = np.asarray(check_spacing(spacing, pred.ndim))
     note = empty_note(pred, ref)
     if note:
         return SurfaceDistances(np.zeros(0), np.zeros(0), note)
@@ -269,7 +258,7 @@ def slice_assd(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], a
         The number of slices averaged.
     """
     pred, ref = _check_pair(pred, ref)
-    sp = check_spacing(spacing, pred.ndim)
+    sp = np.asarray(check_spacing(spacing, pred.ndim))
     if pred.ndim != 3:
         raise UserError(f"pred must be 3D for slice_assd, got {pred.ndim}D; pass volumes")
     if not isinstance(axis, int | np.integer) or not 0 <= int(axis) < 3:
@@ -300,7 +289,7 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float],
     with note ``"sparse ref"`` (a 3D surface through unknown slices is undefined).
     """
     pred, ref = _check_pair(pred, ref)
-    sp = check_spacing(spacing, pred.ndim)
+    sp = np.asarray(check_spacing(spacing, pred.ndim))
     if annotated is not None:
         annotated = np.asarray(annotated, dtype=bool)
         if annotated.shape != (pred.shape[axis],):
