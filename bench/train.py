@@ -236,7 +236,7 @@ def quality(args: argparse.Namespace) -> None:
     if not sparse_dir.exists():
         write_sparse_subset(HIPPO, sparse_dir, list(split.train), axis=0, fraction=0.1)
     config = TrainConfig(model="2d", epochs=200, max_minutes=args.minutes, num_threads=args.threads, seed=0,
-                         patience=15)
+                         patience=15, lr=args.lr, batch_size=args.batch_size)
     report = {}
     for name, data in (("full", train_dir), ("interval10", sparse_dir)):
         if name not in args.runs:
@@ -282,6 +282,8 @@ def main() -> None:
     b.add_argument("--out", default="/tmp/sparseslice-bench-train")
     b.add_argument("--runs", nargs="+", default=["full", "interval10"])
     b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--lr", type=float, default=1e-3)
+    b.add_argument("--batch-size", type=int, default=None, help="default: the trainer's (16 for 2D)")
     args = parser.parse_args()
     if not HIPPO.is_dir():
         sys.exit(f"hippocampus data not found at {HIPPO}")
