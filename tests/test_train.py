@@ -57,6 +57,8 @@ def test_unknown_config_key_names_the_nearest():
     ({"schedule": "three-step"}, "schedule must be one of"),
     ({"lr": 0}, "lr must be positive"),
     ({"patch_size": [30, 30]}, "multiples of 8"),
+    ({"arch": "resnet"}, "arch must be one of unet, dynunet, got 'resnet'; e.g. arch: unet"),
+    ({"strides": [2, 2]}, r"strides must have len\(channels\) - 1 = 3 values"),
     ({"model": "3d", "patch_size": [32, 32]}, "3 positive sizes"),
     ({"interpolated_weight": 2}, r"interpolated_weight must lie in \[0, 1\]"),
 ])

@@ -45,7 +45,7 @@ class ModelSpec:
         if self.dims not in (2, 3):
             raise UserError(f"model dims must be 2 or 3, got {self.dims}; use --model 2d or 3d")
         if self.arch not in ARCHITECTURES:
-            raise UserError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}")
+            raise UserError(f"arch must be one of {', '.join(ARCHITECTURES)}, got {self.arch!r}; e.g. arch: unet")
         if len(self.strides) != len(self.channels) - 1:
             raise UserError(f"strides must have len(channels) - 1 = {len(self.channels) - 1} values, "
                             f"got {tuple(self.strides)}; e.g. channels 16,32,64,128 with strides 2,2,2")

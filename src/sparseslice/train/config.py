@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseslice.errors import UserError
+from sparseslice.model import ModelSpec
 
 MODELS = ("2d", "3d")
 SCHEDULES = ("one-step", "two-step")
@@ -156,9 +157,10 @@ class TrainConfig:
             raise UserError(f"max_minutes must be positive (or unset), got {self.max_minutes}; e.g. 5")
         if self.axis is not None and self.axis not in (0, 1, 2):
             raise UserError(f"axis must be 0, 1 or 2 (or unset), got {self.axis}; pass the slice axis")
-        if len(self.strides) != len(self.channels) - 1:
-            raise UserError(f"strides must have len(channels) - 1 = {len(self.channels) - 1} values, got "
-                            f"{tuple(self.strides)}; e.g. channels [16, 32, 64, 128] with strides [2, 2, 2]")
+        # the network's own checks (arch, strides vs channels) run now, before any data is read
+        spec = ModelSpec(dims=2 if self.model == "2d" else 3, in_channels=1, out_channels=2,
+                         channels=tuple(self.channels), strides=tuple(self.strides),
+                         num_res_units=self.num_res_units, arch=self.arch, dropout=self.dropout)
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
         object.__setattr__(self, "ct_window", tuple(float(v) for v in self.ct_window))
@@ -168,9 +170,7 @@ class TrainConfig:
             if len(patch) != want or min(patch) < 1:
                 raise UserError(f"patch_size must have {want} positive sizes for a {self.model} model, got "
                                 f"{tuple(self.patch_size)}; e.g. {(64,) * want}")
-            divisor = 1
-            for s in self.strides:
-                divisor *= s
+            divisor = spec.divisor
             if any(p % divisor for p in patch):
                 raise UserError(f"patch_size must be multiples of {divisor} (product of strides), got {patch}; "
                                 f"round each size up to a multiple of {divisor}")
