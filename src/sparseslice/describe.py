@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sparseslice.datasets import Case, dataset_slice_axis, discover_dataset
-from sparseslice.errors import UserError
-from sparseslice.io import check_axis, default_slice_axis, read_header, read_label
+from sparseslice.io import check_axis, check_same_space, default_slice_axis, read_header, read_label
 from sparseslice.sparse import structure_slices
 
 
@@ -27,6 +26,7 @@ class CaseDescription:
     labels: tuple[int, ...] | None
     axis: int
     structure_slices: int | None
+    per_axis_slices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,25 +46,24 @@ class DatasetDescription:
 
 
 def describe_case(case: Case, *, axis: int | None = None) -> CaseDescription:
-    """Header facts of a case plus, when labelled, its label values and structure slices."""
+    """Header facts of a case plus, when labelled, its label values and structure slices.
+
+    The label is read once; structure slices are counted along every axis so that the
+    dataset's axis can be chosen afterwards without reading it again.
+    """
     head = read_header(case.images[0])
     shape3 = head.shape[:3]
+    case_axis = default_slice_axis(head.spacing, shape3) if axis is None else check_axis(axis)
+    labels = per_axis = None
     if case.label is not None:
         label = read_label(case.label)
-        if label.shape != shape3:
-            raise UserError(f"case {case.case_id!r}: label shape must match the image, got "
-                            f"{label.shape} vs {shape3}; resample the label onto the image grid")
-        if not np.allclose(label.affine, head.affine, atol=1e-3):
-            raise UserError(f"case {case.case_id!r}: label affine must match the image, got "
-                            f"spacing {label.spacing} vs {head.spacing}; resample the label")
-    case_axis = default_slice_axis(head.spacing, shape3) if axis is None else check_axis(axis)
-    labels = slices = None
-    if case.label is not None:
+        check_same_space(head, label, name=case.case_id)
         labels = tuple(int(v) for v in np.unique(label.array))
-        slices = structure_slices(label.array, axis=case_axis)
+        per_axis = tuple(structure_slices(label.array, axis=a) for a in range(3))
     channels = len(case.images) if len(case.images) > 1 else (head.shape[3] if len(head.shape) > 3 else 1)
     return CaseDescription(case.case_id, shape3, tuple(round(s, 4) for s in head.spacing),
-                           channels, str(head.dtype), labels, case_axis, slices)
+                           channels, str(head.dtype), labels, case_axis,
+                           None if per_axis is None else per_axis[case_axis], per_axis)
 
 
 def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,
@@ -72,14 +71,13 @@ def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,
     """Describe every case of a dataset (threads overlap file decompression)."""
     ds = discover_dataset(data, require_labels=require_labels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        first = list(pool.map(lambda c: describe_case(c, axis=axis), ds.cases))
-    chosen = axis if axis is not None else dataset_slice_axis([c.shape for c in first],
-                                                              [c.spacing for c in first])
-    if axis is None and any(c.axis != chosen for c in first):
-        # recount structure slices along the single dataset axis
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            first = list(pool.map(lambda c: describe_case(c, axis=chosen), ds.cases))
-    return DatasetDescription(Path(data), ds.layout, chosen, tuple(first), ds.label_names)
+        cases = list(pool.map(lambda c: describe_case(c, axis=axis), ds.cases))
+    chosen = axis if axis is not None else dataset_slice_axis([c.shape for c in cases],
+                                                              [c.spacing for c in cases])
+    cases = [replace(c, axis=chosen,
+                     structure_slices=None if c.per_axis_slices is None else c.per_axis_slices[chosen])
+             for c in cases]
+    return DatasetDescription(Path(data), ds.layout, chosen, tuple(cases), ds.label_names)
 
 
 def render_description(desc: DatasetDescription, console: Console, *, rows: int = 0) -> None:

@@ -241,8 +241,11 @@ def narrow_label_dtype(array: np.ndarray) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def check_same_space(image: Volume, label: Volume, *, name: str, atol: float = 1e-3) -> None:
-    """Refuse an image/label pair whose shapes or affines differ (names the case)."""
+def check_same_space(image: Volume | Header, label: Volume | Header, *, name: str, atol: float = 1e-3) -> None:
+    """Refuse an image/label pair whose shapes or affines differ (names the case).
+
+    Either side may be a :class:`Header`, so a pair can be checked before any voxel is read.
+    """
     if image.shape[:3] != label.shape[:3]:
         raise UserError(
             f"case {name!r}: label shape must match the image, got {label.shape[:3]} vs "

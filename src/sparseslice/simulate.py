@@ -144,8 +144,7 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         case = dataset.case(entry.case_id)
         label = read_label(case.label)
         head = read_header(case.images[0])
-        if head.shape[:3] != label.shape or not np.allclose(head.affine, label.affine, atol=1e-3):
-            check_same_space(load_image(case), label, name=case.case_id)
+        check_same_space(head, label, name=case.case_id)
         extra_values = sorted(set(np.unique(label.array).tolist()) - set(values))
         if extra_values:
             raise UserError(f"case {case.case_id!r} holds label values {extra_values} that dataset.json does "
