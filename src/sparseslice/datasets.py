@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sparseslice.io import (
     Volume,
     check_same_space,
     default_slice_axis,
+    read_header,
     read_label,
     read_volume,
     strip_suffix,
@@ -279,6 +281,14 @@ def split_cases(case_ids: list[str], *, seed: int, val: float = 0.1, test: float
         val=tuple(sorted(shuffled[n_test:n_test + n_val])),
         test=tuple(sorted(shuffled[:n_test])),
     )
+
+
+def slice_axis_of(paths: Iterable[str | os.PathLike[str]]) -> int:
+    """The dataset slice axis of these volume files, from their headers only (no voxels read)."""
+    headers = [read_header(p) for p in paths]
+    if not headers:
+        raise UserError("paths is empty, got no volume files; pass at least one image or label")
+    return dataset_slice_axis([h.shape[:3] for h in headers], [h.spacing for h in headers])
 
 
 def dataset_slice_axis(shapes: list[tuple[int, ...]], spacings: list[tuple[float, ...]]) -> int:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sparseslice.datasets import dataset_slice_axis, discover_dataset
+from sparseslice.datasets import discover_dataset, slice_axis_of
 from sparseslice.errors import UserError
-from sparseslice.io import Volume, check_axis, read_header, read_label, strip_suffix, volume_suffix
+from sparseslice.io import Volume, check_axis, read_label, strip_suffix, volume_suffix
 from sparseslice.metrics import METRICS, label_metrics
 from sparseslice.progress import track
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
@@ -141,8 +141,7 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); predict it or pass "
                         "--allow-missing")
     if axis is None:
-        headers = [read_header(p) for p in refs.values()]
-        axis = dataset_slice_axis([h.shape for h in headers], [h.spacing for h in headers]) if headers else 0
+        axis = slice_axis_of(refs.values()) if refs else 0
     axis = check_axis(axis)
     labels = _reference_labels(Path(ref)) or None
     todo = [c for c in refs if c in preds]

@@ -35,6 +35,7 @@ a 512x512x1000 volume needs little more than its label.
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -42,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseslice.datasets import slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.interpolate_sdf import fill_sdf, signed_distance
 from sparseslice.io import check_spacing
@@ -200,7 +202,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
         raise UserError(f"out must differ from sparse_dir, got {str(out)!r} for both; pick a new folder")
     (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
-    axis_cache: list[int] = []
+    dataset_axis = functools.cache(lambda: slice_axis_of(c.label for c in ds.cases))  # only if a file needs it
     counts, single = {}, []
     for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:
@@ -210,7 +212,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 counts[case.case_id] = _interpolate_file(case.label, target, method=method,
-                                                         axis=lambda: _dataset_axis(ds, axis_cache))
+                                                         axis=dataset_axis)
         except UserError as exc:
             raise UserError(f"case {case.case_id!r}: {exc}") from None
         if any("only one annotated slice" in str(w.message) for w in caught):
@@ -232,7 +234,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
 def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  # noqa: ANN001
     """Interpolate one label file into ``target``; returns the number of filled slices."""
     from sparseslice.io import read_label
-    from sparseslice.sparse import DEFAULT_IGNORE_VALUE, read_sparse, sidecar_path, write_sparse
+    from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path, write_sparse
 
     if sidecar_path(path).is_file():
         sparse, volume = read_sparse(path)
@@ -241,7 +243,7 @@ def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  #
         if not np.any(volume.array == DEFAULT_IGNORE_VALUE):
             _carry(path, target, link=False)  # fully annotated: nothing to fill
             return 0
-        sparse, volume = read_sparse(path, axis=axis())
+        sparse = decode(volume.array, axis=axis())
     result = interpolate_label(sparse, spacing=volume.spacing, method=method)
     meta = sparse.meta
     extra = {k: v for k, v in meta.items() if k not in _SIDECAR_KEYS}
@@ -250,17 +252,6 @@ def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  #
     write_sparse(result.sparse, target, like=volume,
                  ignore_value=int(meta.get("ignore_value", DEFAULT_IGNORE_VALUE)), extra=extra)
     return int(result.interpolated.sum())
-
-
-def _dataset_axis(ds, cache: list[int]) -> int:  # noqa: ANN001
-    """The dataset slice axis from the label headers (computed once)."""
-    from sparseslice.datasets import dataset_slice_axis
-    from sparseslice.io import read_header
-
-    if not cache:
-        headers = [read_header(c.label) for c in ds.cases]
-        cache.append(dataset_slice_axis([h.shape for h in headers], [h.spacing for h in headers]))
-    return cache[0]
 
 
 def _carry(src: Path, dst: Path, *, link: bool = True) -> None:

@@ -17,9 +17,9 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from sparseslice.datasets import Dataset, dataset_slice_axis, load_image
+from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
-from sparseslice.io import read_header, read_label
+from sparseslice.io import read_label
 from sparseslice.model import Normalization, normalize
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
 
@@ -83,8 +83,7 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
         return found
     if axis is not None:
         return axis
-    headers = [read_header(c.images[0]) for c in dataset.labelled]
-    return dataset_slice_axis([h.shape[:3] for h in headers], [h.spacing[:3] for h in headers])
+    return slice_axis_of(c.images[0] for c in dataset.labelled)
 
 
 def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
