@@ -35,23 +35,13 @@ import torch
 from sparseslice.datasets import discover_dataset, load_image, load_label, split_cases
 from sparseslice.io import Volume
 from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.study.runner import link_cases
 from sparseslice.train import TrainConfig, train
 from sparseslice.train.losses import selective_loss
 
 HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd-hippocampus"
 
 
-def link_subset(src: Path, out: Path, case_ids: list[str]) -> Path:
-    """A dataset folder of symlinks to some cases (no data copied)."""
-    ds = discover_dataset(src)
-    for sub in ("imagesTr", "labelsTr"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    for cid in case_ids:
-        case = ds.case(cid)
-        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
-        (out / "labelsTr" / case.label.name).symlink_to(case.label)
-    (out / "dataset.json").symlink_to(src / "dataset.json")
-    return out
 
 
 def interval_slices(n: int, fraction: float) -> list[int]:
@@ -136,8 +126,8 @@ def throughput(args: argparse.Namespace) -> None:
     config = TrainConfig(model="2d", epochs=1, num_threads=args.threads, seed=0, augment=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        train_dir = link_subset(HIPPO, tmp / "train", list(split.train[:args.cases]))
-        val_dir = link_subset(HIPPO, tmp / "val", list(split.val[:2]))
+        train_dir = link_cases(ds, split.train[:args.cases], tmp / "train")
+        val_dir = link_cases(ds, split.val[:2], tmp / "val")
         # warm-up run resolves the config (patch size, batch size) and loads the code paths
         res = train(train_dir, tmp / "warm", config=config.updated(samples_per_epoch=64), val_dir=val_dir,
                     progress=False)
@@ -230,8 +220,8 @@ def quality(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     print(f"cores visible: {os.cpu_count()}, torch threads: {args.threads}, load average at start: "
           f"{os.getloadavg()}")
-    train_dir = link_subset(HIPPO, out / "full", list(split.train)) if not (out / "full").exists() else out / "full"
-    val_dir = link_subset(HIPPO, out / "val", list(split.val)) if not (out / "val").exists() else out / "val"
+    train_dir = link_cases(ds, split.train, out / "full") if not (out / "full").exists() else out / "full"
+    val_dir = link_cases(ds, split.val, out / "val") if not (out / "val").exists() else out / "val"
     sparse_dir = out / "sparse10"
     if not sparse_dir.exists():
         write_sparse_subset(HIPPO, sparse_dir, list(split.train), axis=0, fraction=0.1)
