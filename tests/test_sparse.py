@@ -125,3 +125,22 @@ def test_bad_annotated_vector():
         SparseLabel.from_slices(np.zeros((2, 2, 4)), [4], axis=2)
     with pytest.raises(UserError, match="axis must be 0, 1 or 2"):
         SparseLabel(np.zeros((2, 2, 4)), np.ones(4, bool), axis=3)
+
+
+def test_read_label_file_follows_one_rule_for_every_stage(tmp_path):
+    """Sidecar -> sparse (sidecar's axis); ignore value -> decoded along axis; else fully annotated."""
+    from sparseslice.io import write_volume
+    from sparseslice.sparse import read_label_file
+
+    lab = toy_label()
+    like = Volume(np.zeros(lab.shape, np.float32))
+    with_side = write_sparse(SparseLabel.from_slices(lab, [1, 2], axis=0), tmp_path / "a.nii.gz", like=like)
+    sparse, _ = read_label_file(with_side, axis=2)
+    assert sparse.axis == 0 and sparse.annotated_indices == [1, 2]
+    no_side = write_volume(like.like(encode(SparseLabel.from_slices(lab, [3, 5], axis=2))), tmp_path / "b.nii.gz")
+    sparse, _ = read_label_file(no_side, axis=2)
+    assert sparse.axis == 2 and sparse.annotated_indices == [3, 5]
+    dense = write_volume(like.like(lab), tmp_path / "c.nii.gz")
+    sparse, vol = read_label_file(dense, axis=2)
+    assert sparse is None
+    np.testing.assert_array_equal(vol.array, lab)

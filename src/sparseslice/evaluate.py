@@ -22,7 +22,7 @@ from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_axis, read_label, strip_suffix, volume_suffix
 from sparseslice.metrics import METRICS, label_metrics
 from sparseslice.progress import track
-from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
+from sparseslice.sparse import read_label_file
 
 COLUMNS = ("case", "label", "metric", "value", "note")
 
@@ -61,14 +61,10 @@ def load_reference(path: Path, *, axis: int) -> tuple[Volume, np.ndarray | None,
     A sidecar gives the annotated slices and axis; without one, a label holding the ignore
     value is decoded along ``axis``; otherwise the label is dense (``annotated`` is None).
     """
-    if sidecar_path(path).is_file():
-        sparse, vol = read_sparse(path)
-        return vol.like(sparse.label), sparse.annotated, sparse.axis
-    vol = read_label(path)
-    if np.any(vol.array == DEFAULT_IGNORE_VALUE):
-        sparse = decode(vol.array, axis=axis)
-        return vol.like(sparse.label), sparse.annotated, axis
-    return vol, None, axis
+    sparse, vol = read_label_file(path, axis=axis)
+    if sparse is None:
+        return vol, None, axis
+    return vol.like(sparse.label), sparse.annotated, sparse.axis
 
 
 def check_pair(pred: Volume, ref: Volume, *, case: str) -> None:

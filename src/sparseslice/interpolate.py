@@ -35,7 +35,6 @@ a 512x512x1000 volume needs little more than its label.
 from __future__ import annotations
 
 import difflib
-import functools
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -202,7 +201,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
         raise UserError(f"out must differ from sparse_dir, got {str(out)!r} for both; pick a new folder")
     (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
-    dataset_axis = functools.cache(lambda: slice_axis_of(c.label for c in ds.cases))  # only if a file needs it
+    axis = slice_axis_of(c.label for c in ds.cases)  # for labels without a sidecar (headers only)
     counts, single = {}, []
     for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:
@@ -212,7 +211,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 counts[case.case_id] = _interpolate_file(case.label, target, method=method,
-                                                         axis=dataset_axis)
+                                                         axis=axis)
         except UserError as exc:
             raise UserError(f"case {case.case_id!r}: {exc}") from None
         if any("only one annotated slice" in str(w.message) for w in caught):
@@ -231,19 +230,14 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     return out
 
 
-def _interpolate_file(path: Path, target: Path, *, method: str, axis) -> int:  # noqa: ANN001
+def _interpolate_file(path: Path, target: Path, *, method: str, axis: int) -> int:
     """Interpolate one label file into ``target``; returns the number of filled slices."""
-    from sparseslice.io import read_label
-    from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path, write_sparse
+    from sparseslice.sparse import DEFAULT_IGNORE_VALUE, read_label_file, write_sparse
 
-    if sidecar_path(path).is_file():
-        sparse, volume = read_sparse(path)
-    else:
-        volume = read_label(path)
-        if not np.any(volume.array == DEFAULT_IGNORE_VALUE):
-            _carry(path, target, link=False)  # fully annotated: nothing to fill
-            return 0
-        sparse = decode(volume.array, axis=axis())
+    sparse, volume = read_label_file(path, axis=axis)
+    if sparse is None:
+        _carry(path, target, link=False)  # fully annotated: nothing to fill
+        return 0
     result = interpolate_label(sparse, spacing=volume.spacing, method=method)
     meta = sparse.meta
     extra = {k: v for k, v in meta.items() if k not in _SIDECAR_KEYS}

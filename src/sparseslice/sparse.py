@@ -251,3 +251,24 @@ def read_sparse(path: str | os.PathLike[str], *, axis: int | None = None,
                         f"slices {sparse.annotated_indices[:8]}, sidecar {record['annotated'][:8]}; "
                         "rewrite both with sparseslice simulate")
     return replace(sparse, meta=record), vol
+
+
+def read_label_file(path: str | os.PathLike[str], *, axis: int) -> tuple[SparseLabel | None, Volume]:
+    """Read any label file and say whether it is sparse: the one rule every stage follows.
+
+    With a sidecar the label is sparse (the sidecar's axis is used); without one, a label
+    holding the ignore value is decoded along ``axis``; otherwise it is fully annotated and
+    the first element is None.
+
+    Returns
+    -------
+    (SparseLabel or None, Volume)
+        The sparse label (None when fully annotated) and the label volume as read.
+    """
+    if sidecar_path(path).is_file():
+        return read_sparse(path)
+    vol = read_label(path)
+    if np.any(vol.array == DEFAULT_IGNORE_VALUE):
+        return decode(vol.array, axis=axis), vol
+    return None, vol
+

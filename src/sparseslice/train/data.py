@@ -19,9 +19,8 @@ import torch
 
 from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
-from sparseslice.io import read_label
 from sparseslice.model import Normalization, normalize
-from sparseslice.sparse import DEFAULT_IGNORE_VALUE, decode, read_sparse, sidecar_path
+from sparseslice.sparse import read_label_file, sidecar_path
 
 
 @dataclass
@@ -92,18 +91,13 @@ def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.nd
     With a sidecar it is sparse; without one it is fully annotated, unless it holds the ignore
     value 255, in which case slices free of it are annotated.
     """
-    side = sidecar_path(case_label)
-    if side.is_file():
-        sparse, _ = read_sparse(case_label, axis=axis)
-        interpolated = np.zeros(sparse.n_slices, bool)
-        interpolated[sparse.meta.get("interpolated", [])] = True
-        return sparse.label, sparse.annotated, interpolated & sparse.annotated
-    arr = read_label(case_label).array
-    n = arr.shape[axis]
-    if np.any(arr == DEFAULT_IGNORE_VALUE):
-        sparse = decode(arr, axis=axis)
-        return sparse.label, sparse.annotated, np.zeros(n, bool)
-    return arr, np.ones(n, bool), np.zeros(n, bool)
+    sparse, vol = read_label_file(case_label, axis=axis)
+    if sparse is None:
+        n = vol.shape[axis]
+        return vol.array, np.ones(n, bool), np.zeros(n, bool)
+    interpolated = np.zeros(sparse.n_slices, bool)
+    interpolated[sparse.meta.get("interpolated", [])] = True
+    return sparse.label, sparse.annotated, interpolated & sparse.annotated
 
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
