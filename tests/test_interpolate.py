@@ -118,7 +118,7 @@ def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.Monkey
     stack[3, 10:15, 8:20] = 2  # a slice with one label only
     sampling = (0.7, 1.3)
     box = np.tile([0, 30, 0, 26], (4, 1))
-    fmap, lmaps = _class_maps(stack, np.array([1, 2]), far=1e3, near_box=box, own_box=box, sampling=sampling)
+    fmap, lmaps, _ = _class_maps(stack, np.array([1, 2]), far=1e3, near_box=box, own_box=box, sampling=sampling)
     for s in range(4):
         np.testing.assert_allclose(fmap[s], signed_distance(stack[s] > 0, sampling=sampling), atol=1e-5)
         for j, v in enumerate((1, 2)):

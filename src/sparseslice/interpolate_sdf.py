@@ -9,7 +9,10 @@ A class (the foreground, or one label) present on both sides of a gap is interpo
 linearly between its two signed distance maps. A class seen on one side only ends inside the
 gap: each connected component is eroded by ``depth * cap(x)``, ``depth`` being its deepest
 distance and ``x`` the fraction of the gap from the side that shows it divided by where it
-ends, so it vanishes there (:func:`_cap`).
+ends, so it vanishes there (:func:`_cap`). A foreground component with no overlapping
+counterpart on the other side (a topology change) ends the same way, while the components that
+have one are blended linearly; such an ending part needs no distance transform of its own,
+since only its inside matters and there its distance is the foreground's.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[f
     holding its foreground and its neighbours' plus one voxel of background: inside that box
     they equal the whole slice's (the image edge is not background).
     """
-    per_slice = view.shape[1] * view.shape[2] * 12  # float32 maps and drops, int32 components
+    per_slice = view.shape[1] * view.shape[2] * 12  # float32 maps, int32 feature indices
     group: list[tuple[int, int]] = []
     ends: set[int] = set()
     for gap in gaps:
@@ -105,8 +108,8 @@ def _span(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.maximum(first - 1, 0), np.minimum(last + 2, n)
 
 
-def _nearest(masks: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarray | None = None,
-             far: float = np.inf) -> np.ndarray:
+def _nearest(features: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarray | None = None,
+             present: np.ndarray | None = None, far: float = np.inf) -> np.ndarray:
     """Distance in mm from each voxel to the nearest True voxel of its 2D slice, for a stack of
     slices ``(n, h, w)``.
 
@@ -116,41 +119,49 @@ def _nearest(masks: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarra
     start, stop, column start, stop) limits each slice's transform to a box: distances are to
     the nearest True voxel inside it, exact wherever that is the nearest overall (everywhere
     when the box holds all True voxels). Voxels outside the box, and slices without a True
-    voxel in it, get ``far``.
+    voxel in it, get ``far``. ``present`` (per slice: a True voxel lies in its box) saves
+    looking; slices it marks False are skipped.
     """
-    n, h, w = masks.shape
+    n, h, w = features.shape
     if boxes is None:
         boxes = np.tile([0, h, 0, w], (n, 1))
-    ft = np.empty((n, 2, h, w), np.int32)
+    boxes = np.asarray(boxes)
+    if present is None:
+        present = np.array([features[i, r0:r1, c0:c1].any() for i, (r0, r1, c0, c1) in enumerate(boxes.tolist())],
+                           bool).reshape(n)
+    out = np.full((n, h, w), far, np.float32)
+    if not present.any():
+        return out
+    boxes = boxes[present]
+    ft = np.empty((boxes.shape[0], 2, h, w), np.int32)  # only the slices with something to find
+    ft[:, 0] = 2 * h  # outside a box: an offset beyond the table (-> far)
+    ft[:, 1] = 0
     spacing = np.asarray(sampling, np.float64)
-    zeros = np.logical_not(masks).view(np.int8)  # the transform finds the zeros of its input
-    rows, cols = np.arange(h, dtype=np.int32), np.arange(w, dtype=np.int32)
-    valid = (((rows >= boxes[:, 0, None]) & (rows < boxes[:, 1, None]))[:, :, None]
-             & ((cols >= boxes[:, 2, None]) & (cols < boxes[:, 3, None]))[:, None, :])
-    present = (masks & valid).any(axis=(1, 2))
-    valid &= present[:, None, None]
-    for i, (r0, r1, c0, c1) in zip(np.flatnonzero(present).tolist(), boxes[present].tolist(), strict=True):
+    zeros = np.logical_not(features[present]).view(np.int8)  # the transform finds the zeros of its input
+    for i, (r0, r1, c0, c1) in enumerate(boxes.tolist()):
         if _feature_transform is None:
             ndimage.distance_transform_edt(zeros[i, r0:r1, c0:c1], sampling=spacing, return_distances=False,
                                            return_indices=True, indices=ft[i, :, r0:r1, c0:c1])
         else:
             _feature_transform(zeros[i, r0:r1, c0:c1], spacing, ft[i, :, r0:r1, c0:c1])
-    drow, dcol = ft[:, 0], ft[:, 1]  # offset of the nearest voxel, as index in the box: |ft + start - index|
-    drow += (boxes[:, 0, None] - rows)[:, :, None]
-    dcol += (boxes[:, 2, None] - cols)[:, None, :]
-    index = np.abs(drow, out=drow)
+    rows, cols = np.arange(h, dtype=np.int32), np.arange(w, dtype=np.int32)
+    ft[:, 0] += (boxes[:, 0, None] - rows).astype(np.int32)[:, :, None]  # feature index in the box -> offset
+    ft[:, 1] += (boxes[:, 2, None] - cols).astype(np.int32)[:, None, :]
+    np.abs(ft, out=ft)
+    index = ft[:, 0]
     index *= w
-    index += np.abs(dcol, out=dcol)
+    index += ft[:, 1]
+    np.minimum(index, h * w, out=index)
     # distance of every offset, computed as distance_transform_edt does (float64, then float32)
     dr, dc = np.ogrid[:h, :w]
     table = np.append(np.sqrt((dr * spacing[0]) ** 2 + (dc * spacing[1]) ** 2).astype(np.float32).ravel(),
                       np.float32(far))
-    index[~valid] = table.size - 1
-    return table[index]
+    out[present] = table[index]
+    return out
 
 
 def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: np.ndarray, own_box: np.ndarray,
-                sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+                sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Signed distances of the foreground and (with several labels) of each label, per slice.
 
     One transform per class present on a slice (background and each label: the distance to its
@@ -160,21 +171,28 @@ def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: 
     foreground (``own_box``, grown by one voxel), where it is used; the labels' on the box of
     the foreground of the slice and its neighbours (``near_box``), where the gaps use them.
     Elsewhere, and for absent classes, distances are ``far``, more than any in the box.
+    Also returns the label masks ``(labels, slices, h, w)``.
     """
     m, h, w = stack.shape
-    classes = stack[:, None] == np.concatenate([[0], values]).astype(stack.dtype)[None, :, None, None]
     inside = stack > 0
-    classes[:, 0] &= inside.any(axis=(1, 2))[:, None, None]  # empty slices need no background map
-    boxes = np.stack([own_box] + [near_box] * values.size, axis=1).reshape(-1, 4)
-    near = _nearest(classes.reshape(-1, h, w), sampling=sampling, boxes=boxes, far=far).reshape(classes.shape)
-    fmap = np.where(inside, near[:, 0], -near[:, 1:].min(axis=1)).astype(np.float32)
+    lmasks = stack[None] == values.astype(stack.dtype)[:, None, None, None]
+    features = np.concatenate([np.logical_not(inside)[None], lmasks])  # (classes, m, h, w)
+    boxes = np.concatenate([own_box[None], np.broadcast_to(near_box, (values.size, m, 4))])
+    area = np.count_nonzero(inside, axis=(1, 2))
+    present = np.concatenate([(area > 0)  # empty slices need no background map; a full box has none
+                              & (area < (own_box[:, 1] - own_box[:, 0]) * (own_box[:, 3] - own_box[:, 2]))[None],
+                              lmasks.any(axis=(2, 3))])
+    near = _nearest(features.reshape(-1, h, w), sampling=sampling, boxes=boxes.reshape(-1, 4),
+                    present=present.reshape(-1), far=far).reshape(features.shape)
+    outside = near[1] if values.size == 1 else np.minimum.reduce(near[1:])
+    fmap = np.where(inside, near[0], np.negative(outside))
     if values.size == 1:
-        return fmap, None
+        return fmap, None, lmasks
     lmaps = np.empty((values.size, m, h, w), np.float32)
     for j in range(values.size):  # inside a label: distance to the nearest other class
-        others = np.minimum.reduce([near[:, k] for k in range(values.size + 1) if k != j + 1])
-        lmaps[j] = np.where(classes[:, j + 1], others, -near[:, j + 1])
-    return fmap, lmaps
+        others = np.minimum.reduce([near[k] for k in range(values.size + 1) if k != j + 1])
+        lmaps[j] = np.where(lmasks[j], others, np.negative(near[j + 1]))
+    return fmap, lmaps, lmasks
 
 
 def _drops(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -186,15 +204,6 @@ def _drops(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     deepest = np.where(masks, maps, -np.inf).max(axis=(-2, -1))
     deepest = np.where(np.isfinite(deepest), deepest, 0).astype(np.float32)
     return np.where(masks, depth[components], deepest[..., None, None])
-
-
-def _drops_at(maps: np.ndarray, masks: np.ndarray, needed: np.ndarray) -> np.ndarray | None:
-    """:func:`_drops` for the slices flagged in ``needed`` (zero elsewhere), None if none is."""
-    if not needed.any():
-        return None
-    out = np.zeros(maps.shape, np.float32)
-    out[needed] = _drops(maps[needed], masks[needed])
-    return out
 
 
 def _coefficients(t: np.ndarray, has_a: np.ndarray, has_b: np.ndarray, end_a: np.ndarray | float,
@@ -225,6 +234,26 @@ def _level(maps: np.ndarray, drops: np.ndarray | None, ia: np.ndarray, ib: np.nd
     return level
 
 
+def _matched(comp: np.ndarray, n: int, fg: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, ...]:
+    """For gaps ``ia[i] -> ib[i]`` (slots of ``fg``, foreground on both), which components
+    (``comp``: per-slice components, numbered slice by slice) overlap foreground at the other
+    end: ``right`` for components seen as the left end of a gap, ``left`` as the right end.
+    Also, per gap, whether the left and the right end hold a component without counterpart."""
+    right, left = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    if ia.size:
+        overlap = fg[ia] & fg[ib]
+        right[comp[ia][overlap]] = True
+        left[comp[ib][overlap]] = True
+    right[0] = left[0] = True
+    last = np.maximum.accumulate(comp.reshape(comp.shape[0], -1).max(axis=1))  # components numbered by slice
+    first = np.concatenate([[0], last[:-1]])
+    missing_right = np.concatenate([[0], np.cumsum(~right[1:])])
+    missing_left = np.concatenate([[0], np.cumsum(~left[1:])])
+    lone_a = missing_right[last[ia]] > missing_right[first[ia]]
+    lone_b = missing_left[last[ib]] > missing_left[first[ib]]
+    return right, left, lone_a, lone_b
+
+
 def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tuple[float, ...],
                 border: np.ndarray, extent: tuple[int, int] | None) -> None:
     """Fill the gaps of ``group`` (consecutive) at once, inside the box of their slices' foreground."""
@@ -234,53 +263,51 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
     slot = {s: i for i, s in enumerate(ends)}
     stack = view[ends]
     fg = stack > 0
-    if not fg.any():
+    rows_any, cols_any = fg.any(axis=2), fg.any(axis=1)
+    if not rows_any.any():
         return
-    (br0,), (br1,) = _span(fg.any(axis=(0, 2))[None])
-    (bc0,), (bc1,) = _span(fg.any(axis=(0, 1))[None])
+    (br0,), (br1,) = _span(rows_any.any(axis=0)[None])
+    (bc0,), (bc1,) = _span(cols_any.any(axis=0)[None])
     stack, fg = stack[:, br0:br1, bc0:bc1], fg[:, br0:br1, bc0:bc1]
+    rows_any, cols_any = rows_any[:, br0:br1], cols_any[:, bc0:bc1]
     m, h, w = stack.shape
     values = np.flatnonzero(np.bincount(stack[fg]))  # labels present, sorted
     ia = np.array([slot[a] for a, _ in group])
     ib = np.array([slot[b] for _, b in group])
-    rows_any, cols_any = fg.any(axis=2), fg.any(axis=1)
     own_r, own_c = _span(rows_any), _span(cols_any)
     near_r, near_c = rows_any.copy(), cols_any.copy()  # each slot is the left end of one gap at most
     near_r[ia] |= rows_any[ib]
     near_c[ia] |= cols_any[ib]
     near_r[ib] |= rows_any[ia]
     near_c[ib] |= cols_any[ia]
-    near_r, near_c = _span(near_r), _span(near_c)
-    fmap_far = 2 * (h * sampling[0] + w * sampling[1]) + 1  # more than any distance in the box
-    fmap, lmaps = _class_maps(stack, values, far=fmap_far, near_box=np.stack([*near_r, *near_c], axis=1),
-                              own_box=np.stack([*own_r, *own_c], axis=1), sampling=sampling)
+    near_box = np.stack([*_span(near_r), *_span(near_c)], axis=1)
+    far = 2 * (h * sampling[0] + w * sampling[1]) + 1  # more than any distance in the box
+    fmap, lmaps, lmasks = _class_maps(stack, values, far=far, near_box=near_box,
+                                      own_box=np.stack([*own_r, *own_c], axis=1), sampling=sampling)
 
-    has = fg.any(axis=(1, 2))
+    has = rows_any.any(axis=1)
     has_a, has_b = has[ia], has[ib]
     both = has_a & has_b
-    keep = _kept_components(fg, ia[both], ib[both])  # (per side) components with a counterpart
+    comp, n_comp = ndimage.label(fg, structure=_PLANE)
+    right, left, lone_a, lone_b = _matched(comp, n_comp, fg, ia[both], ib[both])
     lone = np.zeros(len(group), bool)
-    if keep is not None:
-        lone[both] = ((fg[ia[both]] & ~keep[0]).any(axis=(1, 2)) | (fg[ib[both]] & ~keep[1]).any(axis=(1, 2)))
+    lone[both] = lone_a | lone_b
+    ending = lone | (has_a ^ has_b)  # gaps where (some) foreground ends inside
     ends_ab = np.array([_end_fractions(a, b, border=border, extent=extent) for a, b in group], np.float32)
-    one_sided = np.zeros(m, bool)
-    one_sided[ia[has_a & ~has_b]] = one_sided[ib[has_b & ~has_a]] = True
-    fdrops = _drops_at(fmap, fg, one_sided)
-    lhas = ldrops = None
+    ending_maps = None
+    if ending.any():
+        ending_maps = _ending_maps(fmap, fg, comp, n_comp, right, left, ia[ending], ib[ending], near_box,
+                                   sampling=sampling, far=far)
+    ldrops = None
     if lmaps is not None:
-        lmasks = stack[None] == values[:, None, None, None]
         lhas = lmasks.any(axis=(2, 3))  # (labels, slots)
         needed = np.zeros(lhas.shape, bool)
         needed[:, ia] |= lhas[:, ia] & ~lhas[:, ib]
         needed[:, ib] |= lhas[:, ib] & ~lhas[:, ia]
-        ldrops = _drops_at(lmaps, lmasks, needed)
-    area = fg.sum(axis=(1, 2))
-    lone_maps = lone_index = None
-    if lone.any():
-        lone_index = np.cumsum(lone) - 1  # gap -> row of the lone gaps' maps
-        at = (np.cumsum(both) - 1)[lone]
-        lone_maps = _lone_maps(fmap, fg, ia[lone], ib[lone], keep[0][at], keep[1][at],
-                               np.stack([*near_r, *near_c], axis=1), sampling=sampling, far=fmap_far)
+        if needed.any():
+            ldrops = np.zeros(lmaps.shape, np.float32)
+            ldrops[needed] = _drops(lmaps[needed], lmasks[needed])
+    area = np.count_nonzero(fg, axis=(1, 2))
 
     sizes = np.array([b - a - 1 for a, b in group])
     sizes[~(has_a | has_b)] = 0  # both ends empty: already zero
@@ -290,20 +317,23 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
     z_all = np.concatenate([np.arange(a + 1, b) for (a, b), n_z in zip(group, sizes, strict=True) if n_z])
     a_all = np.array([a for a, _ in group])[gap_of]
     t_all = ((z_all - a_all) / (sizes[gap_of] + 1)).astype(np.float32)
+    ending_row = np.cumsum(ending) - 1  # gap -> row of the ending gaps' maps
     step = max(1, _CHUNK_VALUES // (h * w * (values.size + 3)))
     for start in range(0, gap_of.size, step):
         g, z, t = gap_of[start:start + step], z_all[start:start + step], t_all[start:start + step]
         sa, sb = ia[g], ib[g]
-        level = _level(fmap, fdrops, sa, sb, _coefficients(t, has_a[g], has_b[g], ends_ab[g, 0], ends_ab[g, 1]))
-        inside = level > 0
-        linear = both[g] & ~lone[g]
+        inside = np.empty((g.size, h, w), bool)
+        linear = ~ending[g]
         if linear.any():
-            inside[linear] = _top_rows(level[linear], (1 - t[linear]) * area[sa[linear]] + t[linear] * area[sb[linear]],
+            t3 = t[linear, None, None]
+            level = (1 - t3) * fmap[sa[linear]]
+            level += t3 * fmap[sb[linear]]
+            inside[linear] = _top_rows(level, (1 - t[linear]) * area[sa[linear]] + t[linear] * area[sb[linear]],
                                        rows=_span((rows_any[sa] | rows_any[sb])[linear]),
                                        cols=_span((cols_any[sa] | cols_any[sb])[linear]))
-        if lone_maps is not None and lone[g].any():
-            rows = lone[g]
-            inside[rows] = _lone_level(lone_maps, lone_index[g[rows]], t[rows], ends_ab[g[rows]]) > 0
+        if not linear.all():
+            rows = ~linear
+            inside[rows] = _ending_level(ending_maps, ending_row[g[rows]], t[rows], ends_ab[g[rows]]) > 0
         if lmaps is None:
             chosen = values[0]
         else:
@@ -325,52 +355,41 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
         view[z, br0:br1, bc0:bc1] = np.where(inside, chosen, 0).astype(view.dtype)
 
 
-def _kept_components(fg: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """For gaps ``ia[i] -> ib[i]`` (slots of ``fg``), the components of each end's foreground that
-    overlap foreground at the other end (the rest end inside the gap)."""
-    if ia.size == 0:
-        return None
-    components, n = ndimage.label(fg, structure=_PLANE)
-    kept = []
-    for mine, other in ((ia, ib), (ib, ia)):
-        hit = np.zeros(n + 1, bool)
-        hit[components[mine][fg[other]]] = True  # each slot is one gap's left end at most (and right end)
-        hit[0] = False
-        kept.append(hit[components[mine]])
-    return kept[0], kept[1]
+def _ending_maps(fmap: np.ndarray, fg: np.ndarray, comp: np.ndarray, n_comp: int, right: np.ndarray,
+                 left: np.ndarray, ia: np.ndarray, ib: np.ndarray, boxes: np.ndarray, *,
+                 sampling: tuple[float, ...], far: float) -> tuple[np.ndarray, ...]:
+    """Maps of the gaps where foreground ends inside: one end is empty, or holds components
+    without counterpart at the other end (a topology change).
 
-
-def _lone_maps(fmap: np.ndarray, fg: np.ndarray, ia: np.ndarray, ib: np.ndarray, keep_a: np.ndarray,
-               keep_b: np.ndarray, boxes: np.ndarray, *, sampling: tuple[float, ...],
-               far: float) -> tuple[np.ndarray, ...]:
-    """Maps of the gaps whose ends have components without counterpart (topology change).
-
-    Components with a counterpart (``keep_a``, ``keep_b``) are interpolated with it (linear
-    signed distances); the others (lone) end inside the gap. Signed distances
-    of both parts come from one transform per part (distance to its nearest voxel) and the
-    foreground map: inside one part, the nearest voxel outside it is background or the other
-    part. Returns the kept maps, the lone maps and the lone parts' drops, side a then b, and
-    whether a kept part exists, per gap.
+    Components with a counterpart (kept) are interpolated with it: linear signed distances of
+    the kept parts, which equal the foreground's where a side has no other part, and otherwise
+    take one transform of the kept part. The others (lone) end inside the gap: their level is
+    the foreground distance eroded by their depth (:func:`_cap`), and only counts inside them.
+    Returns, side a then b: kept maps, lone levels before erosion (-inf outside lone parts) and
+    lone depths, and per gap whether kept parts exist.
     """
-    ma, mb = fg[ia], fg[ib]
-    parts = np.stack([keep_a, ma & ~keep_a, keep_b, mb & ~keep_b])  # (4, gaps, h, w)
-    whole = ~parts[[1, 3]].any(axis=(2, 3))  # no lone part on that side: its kept part is the foreground
-    parts[0][whole[0]] = parts[2][whole[1]] = False  # ... whose distances fmap holds: no transform
-    box = np.stack([boxes[ia], boxes[ia], boxes[ib], boxes[ib]]).reshape(-1, 4)
-    near = _nearest(parts.reshape(-1, *fg.shape[1:]), sampling=sampling, boxes=box, far=far).reshape(parts.shape)
-    own = np.stack([fmap[ia], fmap[ia], fmap[ib], fmap[ib]])
-    for side, mask in ((0, ma), (1, mb)):
-        parts[2 * side][whole[side]] = mask[whole[side]]
-        near[2 * side][whole[side]] = np.where(mask, 0, -own[2 * side])[whole[side]]
-    other = near[[1, 0, 3, 2]]
-    signed = np.where(parts, np.minimum(own, other), -near).astype(np.float32)
-    lone = parts[[1, 3]]
-    drops = _drops(signed[[1, 3]].reshape(-1, *fg.shape[1:]), lone.reshape(-1, *fg.shape[1:])).reshape(lone.shape)
-    return signed[0], signed[2], signed[1], signed[3], drops[0], drops[1], keep_a.any(axis=(1, 2))
+    ca, cb = comp[ia], comp[ib]
+    kept_a, kept_b = right[ca] & fg[ia], left[cb] & fg[ib]  # empty where the other side is empty
+    lone_a, lone_b = fg[ia] & ~kept_a, fg[ib] & ~kept_b
+    has_kept = kept_a.any(axis=(1, 2))
+    depth = np.zeros(n_comp + 1, np.float32)
+    np.maximum.at(depth, comp[fg], fmap[fg])
+    maps_a, maps_b = fmap[ia], fmap[ib]
+    partial = np.concatenate([has_kept & lone_a.any(axis=(1, 2)), has_kept & lone_b.any(axis=(1, 2))])
+    if partial.any():  # a kept part beside lone parts: its own signed distance outside it
+        kept = np.concatenate([kept_a, kept_b])[partial]
+        box = np.concatenate([boxes[ia], boxes[ib]])[partial]
+        dist = _nearest(kept, sampling=sampling, boxes=box, present=np.ones(kept.shape[0], bool), far=far)
+        maps = np.concatenate([maps_a, maps_b])
+        maps[partial] = np.where(kept, maps[partial], -dist)
+        maps_a, maps_b = maps[:ia.size], maps[ia.size:]
+    lone_level_a = np.where(lone_a, fmap[ia], -np.inf).astype(np.float32)
+    lone_level_b = np.where(lone_b, fmap[ib], -np.inf).astype(np.float32)
+    return maps_a, maps_b, lone_level_a, lone_level_b, depth[ca], depth[cb], has_kept
 
 
-def _lone_level(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Foreground level on filled slices of lone gaps: the largest of the kept part's linear
+def _ending_level(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Foreground level on filled slices of ending gaps: the largest of the kept parts' linear
     blend and each lone part's ending profile (``index``: row of each slice's gap)."""
     kept_a, kept_b, lone_a, lone_b, drop_a, drop_b, has_kept = (m[index] for m in maps)
     t3 = t[:, None, None]
