@@ -333,7 +333,7 @@ def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tup
                                        cols=_span((cols_any[sa] | cols_any[sb])[linear]))
         if not linear.all():
             rows = ~linear
-            inside[rows] = _ending_level(ending_maps, ending_row[g[rows]], t[rows], ends_ab[g[rows]]) > 0
+            inside[rows] = _ending_inside(ending_maps, ending_row[g[rows]], t[rows], ends_ab[g[rows]])
         if lmaps is None:
             chosen = values[0]
         else:
@@ -364,9 +364,11 @@ def _ending_maps(fmap: np.ndarray, fg: np.ndarray, comp: np.ndarray, n_comp: int
     Components with a counterpart (kept) are interpolated with it: linear signed distances of
     the kept parts, which equal the foreground's where a side has no other part, and otherwise
     take one transform of the kept part. The others (lone) end inside the gap: their level is
-    the foreground distance eroded by their depth (:func:`_cap`), and only counts inside them.
-    Returns, side a then b: kept maps, lone levels before erosion (-inf outside lone parts) and
-    lone depths, and per gap whether kept parts exist.
+    the foreground distance eroded by their depth (:func:`_cap`), and only counts inside them,
+    so each lone voxel has a lifetime: it is inside while ``x < 1 - (1 - d / depth) ** 2``
+    (``d`` its distance, ``x`` as for :func:`_cap`), which is ``d > depth * cap(x)`` solved for ``x``.
+    Returns, side a then b: kept maps and lone lifetimes (0 outside lone parts), and per gap
+    whether kept parts exist and whether each side has lone parts.
     """
     ca, cb = comp[ia], comp[ib]
     kept_a, kept_b = right[ca] & fg[ia], left[cb] & fg[ib]  # empty where the other side is empty
@@ -383,20 +385,27 @@ def _ending_maps(fmap: np.ndarray, fg: np.ndarray, comp: np.ndarray, n_comp: int
         maps = np.concatenate([maps_a, maps_b])
         maps[partial] = np.where(kept, maps[partial], -dist)
         maps_a, maps_b = maps[:ia.size], maps[ia.size:]
-    lone_level_a = np.where(lone_a, fmap[ia], -np.inf).astype(np.float32)
-    lone_level_b = np.where(lone_b, fmap[ib], -np.inf).astype(np.float32)
-    return maps_a, maps_b, lone_level_a, lone_level_b, depth[ca], depth[cb], has_kept
+    life = []
+    for lone, slots, comps in ((lone_a, ia, ca), (lone_b, ib, cb)):
+        share = np.divide(fmap[slots], depth[comps], out=np.zeros(lone.shape, np.float32), where=lone)
+        life.append(np.where(lone, 1 - (1 - share) ** 2, 0).astype(np.float32))
+    return maps_a, maps_b, life[0], life[1], has_kept, lone_a.any(axis=(1, 2)), lone_b.any(axis=(1, 2))
 
 
-def _ending_level(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Foreground level on filled slices of ending gaps: the largest of the kept parts' linear
-    blend and each lone part's ending profile (``index``: row of each slice's gap)."""
-    kept_a, kept_b, lone_a, lone_b, drop_a, drop_b, has_kept = (m[index] for m in maps)
-    t3 = t[:, None, None]
-    kept = np.where(has_kept[:, None, None], (1 - t3) * kept_a + t3 * kept_b, -np.inf)
-    from_a = lone_a - _cap(t3 / ends[:, 0, None, None]) * drop_a
-    from_b = lone_b - _cap((1 - t3) / ends[:, 1, None, None]) * drop_b
-    return np.maximum(np.maximum(kept, from_a), from_b)
+def _ending_inside(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Foreground of filled slices of ending gaps: where the kept parts' linear blend is positive
+    or a lone part is still alive (``index``: row of each slice's gap in ``maps``)."""
+    kept_a, kept_b, life_a, life_b, has_kept, lone_a, lone_b = maps
+    inside = np.zeros((t.size, *kept_a.shape[1:]), bool)
+    rows = np.flatnonzero(has_kept[index])
+    if rows.size:
+        t3 = t[rows, None, None]
+        inside[rows] = (1 - t3) * kept_a[index[rows]] + t3 * kept_b[index[rows]] > 0
+    for life, lone, x in ((life_a, lone_a, t / ends[:, 0]), (life_b, lone_b, (1 - t) / ends[:, 1])):
+        rows = np.flatnonzero(lone[index])
+        if rows.size:
+            inside[rows] |= life[index[rows]] > x[rows, None, None]
+    return inside
 
 
 def _top_rows(level: np.ndarray, area: np.ndarray, *, rows: tuple[np.ndarray, np.ndarray],
