@@ -2,14 +2,16 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/train.py throughput          # (a) a minute or two
+    .venv/bin/python bench/train.py throughput          # (a) a minute or two; --device cuda on a GPU
     .venv/bin/python bench/train.py quality             # (b) two 5-minute runs + inference
 
 (a) End-to-end training samples/s (sampling, batching, augmentation, loss, backward,
 optimiser, progress bookkeeping; validation timed separately) divided by the bare model
 step (forward + selective loss + backward + Adam step on one batch already in memory, same
 model and batch size), both measured in the same process. Goal >= 0.90. Also the cost of the
-batched augmentation against MONAI's ``RandAffined`` applied sample by sample.
+batched augmentation against MONAI's ``RandAffined`` applied sample by sample. On a GPU each
+timed run takes 300 steps by default (40 on a CPU): a fresh run's first steps cost more, and
+40 GPU steps last well under a second.
 
 (b) MSD hippocampus, ``split_cases(ids, seed=0)``: a 2D model on full labels and on 10 % of
 the slices of every training volume (fixed interval), each trained for at most 5 minutes
@@ -120,10 +122,13 @@ def test_dice(run_dir: Path, src: Path, case_ids: list[str], *, tta: bool = Fals
 
 
 def throughput(args: argparse.Namespace) -> None:
+    from sparseslice.model import pick_device
+
     torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
     ds = discover_dataset(HIPPO)
     split = split_cases(ds.case_ids, seed=0)
-    config = TrainConfig(model="2d", epochs=1, num_threads=args.threads, seed=0, augment=True)
+    config = TrainConfig(model="2d", epochs=1, num_threads=args.threads, seed=0, augment=True, device=str(device))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_dir = link_cases(ds, split.train[:args.cases], tmp / "train")
@@ -133,18 +138,18 @@ def throughput(args: argparse.Namespace) -> None:
                     progress=False)
         resolved = TrainConfig.from_dict(json.loads((res.run_dir / "config.json").read_text()))
         bs, patch = resolved.batch_size, resolved.patch_size
-        steps = args.steps
+        steps = args.steps or (300 if device.type == "cuda" else 40)
         # bare model step: same model, same batch size, tensors already in memory
         from sparseslice.model import ModelSpec, build_model
 
         spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=resolved.channels,
                          strides=resolved.strides, num_res_units=resolved.num_res_units)
-        model = build_model(spec)
+        model = build_model(spec).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((bs, 1, *patch), generator=gen)
-        y = torch.randint(0, 3, (bs, *patch), generator=gen)
-        w = torch.ones((bs, *patch))
+        x = torch.randn((bs, 1, *patch), generator=gen).to(device)
+        y = torch.randint(0, 3, (bs, *patch), generator=gen).to(device)
+        w = torch.ones((bs, *patch), device=device)
 
         def bare(n: int) -> float:
             t = time.perf_counter()
@@ -153,6 +158,8 @@ def throughput(args: argparse.Namespace) -> None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             return time.perf_counter() - t
 
         bare(3)
@@ -170,7 +177,8 @@ def throughput(args: argparse.Namespace) -> None:
                   f"ratio {e2e / results[-1][0]:.3f}")
         bare_sps = np.median([r[0] for r in results])
         e2e_sps = np.median([r[1] for r in results])
-        print(f"batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, {args.threads} threads")
+        print(f"batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, {args.threads} threads, "
+              f"device {device}")
         print(f"bare model step: {bare_sps:.1f} samples/s; end-to-end training: {e2e_sps:.1f} samples/s (medians)")
         ratios = [r[1] / r[0] for r in results]
         print(f"throughput ratio, median of per-repeat ratios: {np.median(ratios):.3f} (goal >= 0.90); "
@@ -264,9 +272,10 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     a = sub.add_parser("throughput")
     a.add_argument("--threads", type=int, default=2)
-    a.add_argument("--steps", type=int, default=40)
+    a.add_argument("--steps", type=int, default=None, help="steps per timed run (default: 40 on CPU, 300 on CUDA)")
     a.add_argument("--repeats", type=int, default=5)
     a.add_argument("--cases", type=int, default=40)
+    a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     b = sub.add_parser("quality")
     b.add_argument("--minutes", type=float, default=5.0)
     b.add_argument("--out", default="/tmp/sparseslice-bench-train")

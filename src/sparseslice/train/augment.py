@@ -9,6 +9,10 @@ Why not MONAI's per-sample ``RandAffined``: applied sample by sample on CPU it c
 than one batched ``grid_sample`` (see ``bench/train.py``), and the throughput goal is
 end-to-end training at >= 90 % of the bare model step. The transforms are the same family
 (nnU-Net/MONAI defaults: mirror, rotation, scaling, intensity).
+
+The random numbers are always drawn on the CPU from the caller's generator (the same
+sequence whatever the device); the resampling runs on the batch's device, so a trainer on a
+GPU moves the batch there first and the CPU never resamples it.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def augment_batch(batch: Batch, *, axis: int | None, gen: torch.Generator,
     s = settings or AugmentSettings()
     image, label, weight, annotated = batch
     n, spatial = image.shape[0], tuple(image.shape[2:])
-    theta = random_affine(n, spatial, axis=axis, settings=s, gen=gen)
+    dev = image.device
+    theta = random_affine(n, spatial, axis=axis, settings=s, gen=gen).to(dev)
     grid = F.affine_grid(theta, [n, 1, *spatial], align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
     maps = torch.stack([label.float(), weight, annotated], 1)
@@ -88,9 +93,9 @@ def augment_batch(batch: Batch, *, axis: int | None, gen: torch.Generator,
     on = torch.rand(n, generator=gen) < s.p_intensity
     mult = torch.where(on, _uniform(n, *s.intensity_scale, gen), torch.ones(n)).view(view)
     shift = torch.where(on, _uniform(n, -s.intensity_shift, s.intensity_shift, gen), torch.zeros(n)).view(view)
-    image = image * mult + shift
+    image = image * mult.to(dev) + shift.to(dev)
     noisy = (torch.rand(n, generator=gen) < s.p_noise).float().view(view)
     if bool(noisy.any()):
-        image = image + noisy * s.noise_std * torch.randn(image.shape, generator=gen)
+        image = image + (noisy * s.noise_std * torch.randn(image.shape, generator=gen)).to(dev)
     return Batch(image, label, weight, annotated)
 

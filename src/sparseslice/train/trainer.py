@@ -29,6 +29,7 @@ from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
 from sparseslice.train.data import (
+    Batch,
     BlockSampler,
     CaseArrays,
     SliceSampler,
@@ -146,7 +147,9 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     state: dict[str, Any] = {"epoch": 0, "phase": 1, "phase_start": 0, "best_dice": -1.0, "best_epoch": 0,
                              "bad_epochs": 0, "elapsed": 0.0, "history": []}
     if resume and last_path.exists():
-        saved = torch.load(last_path, map_location=device, weights_only=False)
+        # on the CPU: the RNG states must stay CPU tensors; weights and optimiser state are copied to the
+        # model's device by load_state_dict
+        saved = torch.load(last_path, map_location="cpu", weights_only=False)
         key = config_difference(saved["config"], resolved.to_dict())
         if key is not None:
             raise UserError(f"config {key} differs from the run being resumed, got {resolved.to_dict().get(key)!r} "
@@ -207,6 +210,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
             losses, seen = [], 0
             threads = torch.get_num_threads()
             for batch in sampler.epoch(samples, batch_size, rng):
+                # to the model's device first, so a GPU also does the augmentation (no-op on the CPU)
+                batch = Batch(*(t.to(device, non_blocking=True) for t in batch))
                 if resolved.augment:
                     # small batch ops run on one thread: with several, OpenMP barriers cost more than the
                     # work whenever another process competes for the cores (measured in bench/train.py)
