@@ -128,7 +128,8 @@ def throughput(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     ds = discover_dataset(HIPPO)
     split = split_cases(ds.case_ids, seed=0)
-    config = TrainConfig(model="2d", epochs=1, num_threads=args.threads, seed=0, augment=True, device=str(device))
+    config = TrainConfig(model=args.model, epochs=1, num_threads=args.threads, seed=0, augment=True,
+                         device=str(device))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_dir = link_cases(ds, split.train[:args.cases], tmp / "train")
@@ -142,7 +143,7 @@ def throughput(args: argparse.Namespace) -> None:
         # bare model step: same model, same batch size, tensors already in memory
         from sparseslice.model import ModelSpec, build_model
 
-        spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=resolved.channels,
+        spec = ModelSpec(dims=len(patch), in_channels=1, out_channels=3, channels=resolved.channels,
                          strides=resolved.strides, num_res_units=resolved.num_res_units)
         model = build_model(spec).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -177,8 +178,8 @@ def throughput(args: argparse.Namespace) -> None:
                   f"ratio {e2e / results[-1][0]:.3f}")
         bare_sps = np.median([r[0] for r in results])
         e2e_sps = np.median([r[1] for r in results])
-        print(f"batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, {args.threads} threads, "
-              f"device {device}")
+        print(f"{args.model}: batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, "
+              f"{args.threads} threads, device {device}")
         print(f"bare model step: {bare_sps:.1f} samples/s; end-to-end training: {e2e_sps:.1f} samples/s (medians)")
         ratios = [r[1] / r[0] for r in results]
         print(f"throughput ratio, median of per-repeat ratios: {np.median(ratios):.3f} (goal >= 0.90); "
@@ -196,16 +197,17 @@ def augment_cost(bs: int, patch: tuple[int, ...]) -> None:
 
     gen = torch.Generator().manual_seed(0)
     threads = torch.get_num_threads()
+    axis = 0 if len(patch) == 3 else None  # hippocampus slice axis for 3D blocks
     batch = Batch(torch.randn((bs, 1, *patch)), torch.randint(0, 3, (bs, *patch)), torch.ones((bs, *patch)),
                   torch.ones((bs, *patch)))
     t = time.perf_counter()
     for _ in range(20):
-        augment_batch(batch, axis=None, gen=gen)
+        augment_batch(batch, axis=axis, gen=gen)
     ours = (time.perf_counter() - t) / 20
     torch.set_num_threads(1)
     t = time.perf_counter()
     for _ in range(20):
-        augment_batch(batch, axis=None, gen=gen)
+        augment_batch(batch, axis=axis, gen=gen)
     ours_one = (time.perf_counter() - t) / 20
     torch.set_num_threads(threads)
     tr = RandAffined(keys=["image", "label"], prob=1.0, rotate_range=0.26, scale_range=0.15,
@@ -276,6 +278,7 @@ def main() -> None:
     a.add_argument("--repeats", type=int, default=5)
     a.add_argument("--cases", type=int, default=40)
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
+    a.add_argument("--model", choices=("2d", "3d"), default="2d")
     b = sub.add_parser("quality")
     b.add_argument("--minutes", type=float, default=5.0)
     b.add_argument("--out", default="/tmp/sparseslice-bench-train")

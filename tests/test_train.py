@@ -190,8 +190,51 @@ def test_resume_continues_from_the_last_epoch(phantoms, tmp_path):
     assert [r.split(",")[:5] for r in rows_a] == [r.split(",")[:5] for r in rows_b]  # same losses and Dice
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    if torch.cuda.is_available():  # GPU backward passes are not bit-reproducible; a fresh start is far off
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-2) for k in a)
+    else:
+        assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
+
+
+def test_prefetched_batches_train_exactly_like_inline_ones(phantoms, tmp_path, monkeypatch):
+    """The background thread (used on GPUs) draws the same batches in the same order."""
+    import sparseslice.train.trainer as trainer
+
+    sparse = make_sparse(phantoms, tmp_path / "sp", lambda n: list(range(1, n, 2)))
+    cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=12, epochs=2, device="cpu",
+                      **{**TINY, "augment": True, "val_fraction": 0.5})
+    train(sparse, tmp_path / "inline", config=cfg, progress=False)
+    monkeypatch.setattr(trainer, "_prefetches", lambda device: True)
+    train(sparse, tmp_path / "ahead", config=cfg, progress=False)
+    a = torch.load(tmp_path / "inline" / "last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "ahead" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_when_left():
+    import threading
+
+    from sparseslice.train.data import Batch, prefetch
+
+    def source(n, fail_at=None):
+        for i in range(n):
+            if i == fail_at:
+                raise ValueError("broken sample")
+            drawn.append(i)
+            yield Batch(torch.tensor(i), torch.tensor(0), torch.tensor(0), torch.tensor(0))
+
+    drawn = []
+    assert [int(b.image) for b in prefetch(source(7))] == list(range(7))
+    drawn = []
+    with pytest.raises(ValueError, match="broken sample"):
+        list(prefetch(source(7, fail_at=3)))
+    drawn = []
+    for b in prefetch(source(1000), depth=2):
+        if int(b.image) == 1:
+            break
+    assert not any(t.name == "sparseslice-prefetch" for t in threading.enumerate())  # stopped on leaving
+    assert len(drawn) <= 2 + 2 + 1  # consumed, waiting in the queue, one being put
 
 
 def test_two_step_fine_tunes_from_best_with_restarts(phantoms, tmp_path):

@@ -10,7 +10,10 @@ so every sample holds known voxels.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -309,3 +312,60 @@ class BlockSampler:
             img, lab, w, ann = (np.stack(p) for p in zip(*parts, strict=True))
             yield Batch(torch.from_numpy(img), torch.from_numpy(lab).long(), torch.from_numpy(w),
                         torch.from_numpy(ann))
+
+
+def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | None = None, depth: int = 2,
+             pin: bool = False) -> Iterator[Batch]:
+    """Yield the batches of ``batches``, drawn (and ``transform``-ed) ahead in a background thread.
+
+    On a GPU the training step is bound by the CPU launching its kernels, so preparing the next
+    batch beside it keeps the GPU fed. The batches and their order are those of ``batches``:
+    the thread is the only user of the sampler's and the transform's random generators while
+    it runs. At most ``depth`` batches wait; ``pin`` puts them in page-locked memory before the
+    transform, so its copy to the GPU is asynchronous. An exception in the thread is raised
+    here; leaving the loop early stops the thread before returning.
+
+    Examples
+    --------
+    >>> [int(b.image) for b in prefetch(iter(Batch(torch.tensor(i), None, None, None) for i in range(3)))]
+    [0, 1, 2]
+    """
+    done = object()
+    waiting: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                waiting.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                if pin:
+                    batch = Batch(*(t.pin_memory() for t in batch))
+                if transform is not None:
+                    batch = transform(batch)
+                if not put(batch):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put(exc)
+
+    thread = threading.Thread(target=work, name="sparseslice-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = waiting.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
