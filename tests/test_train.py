@@ -282,3 +282,17 @@ def test_cli_train_and_errors(phantoms, tmp_path):
     assert res.exit_code == 2 and "model must be one of 2d, 3d" in res.output
     res = runner.invoke(app, ["train", str(phantoms), "-o", str(tmp_path / "run"), "--config", str(cfg)])
     assert res.exit_code == 2 and "--resume" in res.output
+
+
+def test_label_on_another_grid_than_its_image_is_refused(phantoms, tmp_path):
+    import nibabel as nib
+
+    moved = make_sparse(phantoms, tmp_path / "sp", lambda n: [3, 6])
+    case = discover_dataset(moved).cases[0]
+    img = nib.load(case.label)
+    affine = img.affine.copy()
+    affine[:3, 3] += 5.0  # same shape, shifted origin: the label would land on the wrong anatomy
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), affine), case.label)
+    with pytest.raises(UserError, match=rf"case '{case.case_id}': label affine must match the image"):
+        train(moved, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=4, samples_per_epoch=4, **TINY),
+              progress=False)

@@ -22,6 +22,7 @@ import torch
 
 from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
+from sparseslice.io import Volume, check_same_space
 from sparseslice.model import Normalization, normalize
 from sparseslice.sparse import read_label_file, sidecar_path
 
@@ -88,19 +89,20 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
     return slice_axis_of(c.images[0] for c in dataset.labelled)
 
 
-def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read a label file as ``(label, annotated, interpolated)``.
+def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume]:
+    """Read a label file as ``(label, annotated, interpolated, volume)``.
 
     With a sidecar it is sparse; without one it is fully annotated, unless it holds the ignore
-    value 255, in which case slices free of it are annotated.
+    value 255, in which case slices free of it are annotated. ``volume`` is the file as read
+    (its grid, for checking it against the image).
     """
     sparse, vol = read_label_file(case_label, axis=axis)
     if sparse is None:
         n = vol.shape[axis]
-        return vol.array, np.ones(n, bool), np.zeros(n, bool)
+        return vol.array, np.ones(n, bool), np.zeros(n, bool), vol
     interpolated = np.zeros(sparse.n_slices, bool)
     interpolated[sparse.meta.get("interpolated", [])] = True
-    return sparse.label, sparse.annotated, interpolated & sparse.annotated
+    return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol
 
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
@@ -120,10 +122,8 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
             raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
         image = load_image(case)
         arr = image.array if image.array.ndim == 4 else image.array[..., None]
-        label, annotated, interpolated = read_case_label(case.label, axis=axis)
-        if label.shape != arr.shape[:3]:
-            raise UserError(f"case {cid!r}: label shape must match the image, got {label.shape} vs "
-                            f"{arr.shape[:3]}; resample the label onto the image grid")
+        label, annotated, interpolated, label_volume = read_case_label(case.label, axis=axis)
+        check_same_space(image, label_volume, name=cid)
         weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
         weight[interpolated] = interpolated_weight
         known = weight > 0
