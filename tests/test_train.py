@@ -212,6 +212,26 @@ def test_prefetched_batches_train_exactly_like_inline_ones(phantoms, tmp_path, m
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_failing_step_stops_the_prefetch_thread(phantoms, tmp_path, monkeypatch):
+    import threading
+
+    import sparseslice.train.trainer as trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer, "_prefetches", lambda device: True)
+    monkeypatch.setattr(trainer, "selective_loss", broken)
+    try:
+        train(phantoms, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=40, **TINY),
+              progress=False)
+    except RuntimeError as exc:  # checked while the traceback (and the loop's frame) is still alive
+        assert "out of memory" in str(exc)
+        assert not any(t.name == "sparseslice-prefetch" for t in threading.enumerate())
+    else:
+        pytest.fail("the failing step did not raise")
+
+
 def test_prefetch_keeps_order_raises_errors_and_stops_when_left():
     import threading
 
