@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/train.py throughput          # (a) a minute or two; --device cuda on a GPU
+    .venv/bin/python bench/train.py throughput          # (a) a minute or two; --model 3d, --device cuda
     .venv/bin/python bench/train.py quality             # (b) two 5-minute runs + inference
 
 (a) End-to-end training samples/s (sampling, batching, augmentation, loss, backward,
