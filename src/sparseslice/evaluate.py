@@ -3,8 +3,10 @@
 ``evaluate_folder`` returns one row per case, label and metric (columns ``case, label,
 metric, value, note``); ``summarize`` turns that into the per-label table the CLI prints.
 References may be sparse: a label file with a ``.sparse.json`` sidecar, or one holding the
-ignore value, is scored on its annotated slices only (see
-:func:`sparseslice.metrics.mask_metrics` for what that means for each metric).
+ignore value (the one nnU-Net's ``dataset.json`` declares as ``"ignore"``, else 255), is
+scored on its annotated slices only (see :func:`sparseslice.metrics.mask_metrics` for what
+that means for each metric). A slice with some ignored voxels is not annotated, so it is not
+scored at all: per-slice metrics (``assd2d``) need whole slices.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ def reference_files(ref: Path) -> dict[str, Path]:
     return {c.case_id: c.images[0] for c in ds.cases if len(c.images) == 1}
 
 
+def _reference_ignore(ref: Path) -> int | None:
+    """The ignore label a reference dataset's ``dataset.json`` declares (None without one)."""
+    return discover_dataset(ref).ignore_value if (Path(ref) / "dataset.json").is_file() else None
+
+
 def _reference_labels(ref: Path) -> list[int]:
     meta = (Path(ref) / "dataset.json") if Path(ref).is_dir() else None
     if meta is None or not meta.is_file():
@@ -55,13 +62,15 @@ def _reference_labels(ref: Path) -> list[int]:
     return sorted(v for v in names if v > 0)
 
 
-def load_reference(path: Path, *, axis: int) -> tuple[Volume, np.ndarray | None, int]:
+def load_reference(path: Path, *, axis: int, ignore_value: int | None = None
+                   ) -> tuple[Volume, np.ndarray | None, int]:
     """Read a reference label; returns (volume with unknown voxels set to 0, annotated or None, axis).
 
     A sidecar gives the annotated slices and axis; without one, a label holding the ignore
-    value is decoded along ``axis``; otherwise the label is dense (``annotated`` is None).
+    value (``ignore_value``: the dataset's declared one, else 255) is decoded along ``axis``;
+    otherwise the label is dense (``annotated`` is None).
     """
-    sparse, vol = read_label_file(path, axis=axis)
+    sparse, vol = read_label_file(path, axis=axis, ignore_value=ignore_value)
     if sparse is None:
         return vol, None, axis
     return vol.like(sparse.label), sparse.annotated, sparse.axis
@@ -140,10 +149,11 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         axis = slice_axis_of(refs.values()) if refs else 0
     axis = check_axis(axis)
     labels = _reference_labels(Path(ref)) or None
+    ignore = _reference_ignore(Path(ref))
     todo = [c for c in refs if c in preds]
     rows: list[dict[str, object]] = []
     for case in track(todo, "evaluating", progress=progress):
-        ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis)
+        ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis, ignore_value=ignore)
         pred_vol = read_label(preds[case])
         rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
     df = pd.DataFrame(rows, columns=list(COLUMNS))
