@@ -174,3 +174,24 @@ def test_nnunet_channel_suffixes_follow_channel_names(tmp_path):
     with pytest.raises(UserError, match="case 'case_001' has channel files \\['0000', '0001'\\], but dataset.json "
                                         "channel_names declares 3"):
         discover_dataset(tmp_path)
+
+
+def test_info_reads_nnunet_ignore_label(tmp_path):
+    from typer.testing import CliRunner
+
+    from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
+    from sparseslice.cli import app
+    from sparseslice.describe import describe_dataset
+    from sparseslice.io import read_label
+
+    data = write_ignore_dataset(tmp_path / "nn")
+    desc = describe_dataset(data)
+    assert desc.ignore_value == IGNORE and desc.label_values == (0, 1, 2) and desc.axis == 2
+    for case in desc.cases:
+        assert case.annotated == ANNOTATED and case.partial == (PARTIAL,)
+        # structure slices count known foreground only: the ignore value is no structure
+        ref = read_label(data / "labelsTr" / f"{case.case_id}.nii.gz").array
+        assert case.structure_slices == int(np.sum(np.any((ref > 0) & (ref != IGNORE), axis=(0, 1))))
+    out = CliRunner().invoke(app, ["info", str(data)], terminal_width=200).output
+    assert "ignore value 3 (dataset.json)" in out and "case_000: annotated 3,6; partly labelled 8" in out
+    assert "labels {0, 1, 2}" in out

@@ -246,7 +246,9 @@ def _from_listing(root: Path, meta: dict) -> Dataset:
         cid = strip_suffix(label) if label is not None else strip_suffix(images[0])
         if len(images) == 1:
             images = _listed_channels(images[0], cid)
-        for p in (*images, *([label] if label is not None else [])):
+        if label is not None and not label.exists():
+            label = None  # an image without its label, as in a folder pool: require_labels says so
+        for p in images:
             if not p.exists():
                 raise UserError(f"file {where!r}: training entry {n} names {str(p)!r}, which does not exist; "
                                 "fix dataset.json or the file (paths are relative to dataset.json's folder)")
