@@ -142,6 +142,11 @@ def test_msd_listing_is_the_truth_for_four_digit_case_ids(tmp_path):
     # the same files without dataset.json: suffixes 0001, 0002 are not channels 0000..000k either
     (tmp_path / "dataset.json").unlink()
     assert discover_dataset(tmp_path).case_ids == ["amos_0001", "amos_0002"]
+    # ... nor amos_0000, amos_0001 when labels carry those names
+    for n, cid in enumerate(("amos_0001", "amos_0002")):
+        for sub in ("imagesTr", "labelsTr"):
+            (tmp_path / sub / f"{cid}.nii.gz").rename(tmp_path / sub / f"amos_{n:04d}.nii.gz")
+    assert discover_dataset(tmp_path, require_labels=True).case_ids == ["amos_0000", "amos_0001"]
 
 
 def test_msd_listing_channels_and_bad_entries(tmp_path):

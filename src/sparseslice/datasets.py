@@ -140,12 +140,14 @@ def _volume_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and volume_suffix(p))
 
 
-def _group_channels(files: list[Path], *, channels: int | None = None) -> dict[str, list[Path]]:
+def _group_channels(files: list[Path], *, channels: int | None = None,
+                    label_ids: Iterable[str] = ()) -> dict[str, list[Path]]:
     """Group files into cases by their ``_0000`` channel suffix, when the suffixes are channels.
 
     ``channels`` (nnU-Net's ``channel_names`` count) makes the suffix rule mandatory: each case
     must have exactly ``_0000`` ... ``_{channels-1:04d}``. Without it, files are grouped only
-    when every case has the same channels ``_0000`` ... ``_000k``; otherwise each file is a case.
+    when every case has the same channels ``_0000`` ... ``_000k`` and no label is named like
+    an image file (``labelsTr/x_0000`` makes ``x_0000`` a case); otherwise each file is a case.
     """
     stems = [strip_suffix(f) for f in files]
     matches = [_CHANNEL.match(s) for s in stems]
@@ -166,8 +168,10 @@ def _group_channels(files: list[Path], *, channels: int | None = None) -> dict[s
                                 f"declares {channels} channel(s) {expected}; add or rename the channel files")
         return groups
     suffixes = {tuple(_CHANNEL.match(strip_suffix(f)).group("channel") for f in fs) for fs in groups.values()}
-    if len(suffixes) == 1 and next(iter(suffixes)) == tuple(f"{c:04d}" for c in range(len(next(iter(suffixes))))):
-        return groups
+    if len(suffixes) == 1 and not set(stems) & set(label_ids):
+        (found,) = suffixes
+        if found == tuple(f"{c:04d}" for c in range(len(found))):
+            return groups
     return {s: [f] for f, s in zip(files, stems, strict=True)}
 
 
@@ -222,10 +226,10 @@ def _channel_count(root: Path) -> int | None:
 
 def _from_folders(root: Path, image_dir: Path, label_dir: Path | None, layout: str) -> Dataset:
     channels = _channel_count(root)
-    groups = _group_channels(_volume_files(image_dir), channels=channels)
     labels = {}
     if label_dir is not None:
         labels = {strip_suffix(p): p for p in _volume_files(label_dir)}
+    groups = _group_channels(_volume_files(image_dir), channels=channels, label_ids=labels)
     cases = tuple(Case(cid, tuple(files), labels.get(cid)) for cid, files in sorted(groups.items()))
     names, modality, ignore = _read_dataset_json(root)
     return Dataset(root, cases, layout, names, modality, ignore)
@@ -292,7 +296,7 @@ def _from_flat(root: Path) -> Dataset:
             labels[stem[: -len(tag)]] = f
         else:
             images.append(f)
-    groups = _group_channels(images, channels=_channel_count(root))
+    groups = _group_channels(images, channels=_channel_count(root), label_ids=labels)
     cases = tuple(Case(cid, tuple(fs), labels.get(cid)) for cid, fs in sorted(groups.items()))
     names, modality, ignore = _read_dataset_json(root)
     return Dataset(root, cases, "pairs", names, modality, ignore)
