@@ -200,3 +200,26 @@ def test_info_reads_nnunet_ignore_label(tmp_path):
     out = CliRunner().invoke(app, ["info", str(data)], terminal_width=200).output
     assert "ignore value 3 (dataset.json)" in out and "case_000: annotated 3,6; partly labelled 8" in out
     assert "labels {0, 1, 2}" in out
+
+
+def test_ignore_label_drawn_along_another_axis_than_the_default(tmp_path):
+    # whole slices along axis 1 while the spacing makes axis 2 the default: every stage finds axis 1
+    from nnunet_fakes import ANNOTATED, PARTIAL, write_ignore_dataset
+
+    from sparseslice.describe import describe_dataset
+    from sparseslice.evaluate import evaluate_folder
+    from sparseslice.interpolate import interpolate_dataset
+    from sparseslice.train.data import resolve_axis
+
+    data = write_ignore_dataset(tmp_path / "nn", cases=1, axis=1)
+    ds = discover_dataset(data)
+    assert resolve_axis(ds, None) == 1
+    desc = describe_dataset(data)
+    assert desc.axis == 1 and desc.cases[0].annotated == ANNOTATED and desc.cases[0].partial == (PARTIAL,)
+    out = interpolate_dataset(data, tmp_path / "out", method="nearest", progress=False)
+    side = json.loads((out / "labelsTr" / "case_000.sparse.json").read_text())
+    assert side["axis"] == 1 and side["interpolated"] == [4, 5]
+    (tmp_path / "pred").mkdir()
+    shutil.copy(data / "full" / "case_000.nii.gz", tmp_path / "pred" / "case_000.nii.gz")
+    df = evaluate_folder(tmp_path / "pred", data, progress=False)
+    assert df.attrs["axis"] == 1 and np.all(df[df.metric == "dice"].value == 1.0)

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sparseslice.datasets import Case, dataset_slice_axis, discover_dataset
 from sparseslice.io import check_axis, check_same_space, default_slice_axis, read_header, read_label
-from sparseslice.sparse import structure_slices
+from sparseslice.sparse import fewest_partial_axis, structure_slices
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,
         cases = list(pool.map(lambda c: describe_case(c, axis=axis, ignore_value=ds.ignore_value), ds.cases))
     chosen = axis if axis is not None else dataset_slice_axis([c.shape for c in cases],
                                                               [c.spacing for c in cases])
+    known = [c.per_axis_known for c in cases if c.per_axis_known is not None]
+    if axis is None and known:  # a declared ignore label: the axis along which its slices are whole
+        chosen = fewest_partial_axis([sum(len(k[a][1]) for k in known) for a in range(3)], default=chosen)
     cases = [replace(c, axis=chosen,
                      structure_slices=None if c.per_axis_slices is None else c.per_axis_slices[chosen],
                      annotated=None if c.per_axis_known is None else c.per_axis_known[chosen][0],

@@ -24,7 +24,7 @@ from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_axis, read_label, strip_suffix, volume_suffix
 from sparseslice.metrics import METRICS, label_metrics
 from sparseslice.progress import track
-from sparseslice.sparse import read_label_file
+from sparseslice.sparse import ignore_axis, read_label_file
 
 COLUMNS = ("case", "label", "metric", "value", "note")
 
@@ -120,7 +120,8 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         ``df.attrs["missing"]``.
     axis : int, optional
         Slice axis for ``assd2d`` and for decoding sidecar-less sparse references
-        (default: the dataset's slice axis, from the reference headers).
+        (default: the dataset's slice axis, from the reference headers; with a declared
+        ignore label, the axis along which its slices are whole).
     progress : bool
         Show a progress bar.
 
@@ -145,11 +146,13 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         raise UserError(f"case {missing[0]!r} has no prediction in {str(pred_dir)!r} ({len(missing)} missing: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); predict it or pass "
                         "--allow-missing")
+    ignore = _reference_ignore(Path(ref))
     if axis is None:
         axis = slice_axis_of(refs.values()) if refs else 0
+        if ignore is not None:
+            axis = ignore_axis(refs.values(), ignore_value=ignore, default=axis)
     axis = check_axis(axis)
     labels = _reference_labels(Path(ref)) or None
-    ignore = _reference_ignore(Path(ref))
     todo = [c for c in refs if c in preds]
     rows: list[dict[str, object]] = []
     for case in track(todo, "evaluating", progress=progress):

@@ -207,6 +207,10 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
     axis = slice_axis_of(c.label for c in ds.cases)  # for labels without a sidecar (headers only)
+    if ds.ignore_value is not None:  # nnU-Net's ignore label: the axis along which its slices are whole
+        from sparseslice.sparse import ignore_axis
+
+        axis = ignore_axis((c.label for c in ds.cases), ignore_value=ds.ignore_value, default=axis)
     counts, single = {}, []
     for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:

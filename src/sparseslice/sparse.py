@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -315,3 +316,43 @@ def read_label_file(path: str | os.PathLike[str], *, axis: int,
         return decode(vol.array, axis=axis, ignore_value=ignore, partial=ignore_value is not None), vol
     return None, vol
 
+
+
+def ignore_axis(paths: Iterable[str | os.PathLike[str]], *, ignore_value: int, default: int,
+                sample: int = 3) -> int:
+    """The slice axis of sidecar-less labels whose unknown voxels hold ``ignore_value``.
+
+    nnU-Net's ignore label says which voxels are unknown, not along which axis the annotator
+    drew; the axis along which the labels' slices are whole (fewest partly ignored slices, over
+    the first ``sample`` files holding the value) is that axis. ``default`` (the dataset's
+    axis from its headers) wins ties and is returned when no file holds the value.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sparseslice.io import Volume, write_volume
+    >>> lab = np.full((4, 5, 6), 3, np.uint8); lab[:, 2, :] = 1  # one whole slice along axis 1
+    >>> path = write_volume(Volume(lab), Path(tempfile.mkdtemp()) / "a.nii.gz")
+    >>> ignore_axis([path], ignore_value=3, default=2)
+    1
+    """
+    partial = np.zeros(3, int)
+    seen = 0
+    for path in paths:
+        if seen == sample:
+            break
+        ignored = read_label(path).array == ignore_value
+        if not ignored.any():
+            continue
+        seen += 1
+        for a in range(3):
+            other = tuple(b for b in range(3) if b != a)
+            partial[a] += int(np.count_nonzero(np.any(ignored, axis=other) & ~np.all(ignored, axis=other)))
+    return fewest_partial_axis(partial.tolist(), default=default) if seen else default
+
+
+def fewest_partial_axis(partial: list[int], *, default: int) -> int:
+    """The axis with the fewest partly ignored slices (``partial[a]`` along axis ``a``);
+    ``default`` wins ties, then the lowest axis."""
+    best = [a for a in range(len(partial)) if partial[a] == min(partial)]
+    return default if default in best else best[0]

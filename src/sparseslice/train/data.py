@@ -25,7 +25,7 @@ from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_same_space
 from sparseslice.model import Normalization, normalize
-from sparseslice.sparse import read_label_file, sidecar_path
+from sparseslice.sparse import ignore_axis, read_label_file, sidecar_path
 
 
 @dataclass
@@ -79,7 +79,8 @@ class Batch(NamedTuple):
 
 
 def resolve_axis(dataset: Dataset, axis: int | None) -> int:
-    """The slice axis: ``axis`` if given, else the sidecars' axis, else the dataset's axis."""
+    """The slice axis: ``axis`` if given, else the sidecars' axis, else the dataset's axis
+    (for a declared ignore label, the axis along which its slices are whole)."""
     side_axes = set()
     for case in dataset.labelled:
         side = sidecar_path(case.label)
@@ -96,7 +97,10 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
         return found
     if axis is not None:
         return axis
-    return slice_axis_of(c.images[0] for c in dataset.labelled)
+    default = slice_axis_of(c.images[0] for c in dataset.labelled)
+    if dataset.ignore_value is None:
+        return default
+    return ignore_axis((c.label for c in dataset.labelled), ignore_value=dataset.ignore_value, default=default)
 
 
 def read_case_label(case_label: object, *, axis: int, ignore_value: int | None = None
