@@ -205,7 +205,6 @@ def test_info_reads_nnunet_ignore_label(tmp_path):
 def test_ignore_label_drawn_along_another_axis_than_the_default(tmp_path):
     # whole slices along axis 1 while the spacing makes axis 2 the default: every stage finds axis 1
     from nnunet_fakes import ANNOTATED, PARTIAL, write_ignore_dataset
-
     from sparseslice.describe import describe_dataset
     from sparseslice.evaluate import evaluate_folder
     from sparseslice.interpolate import interpolate_dataset
