@@ -120,3 +120,105 @@ def test_phantoms_are_seeded_and_anisotropic(tmp_path):
     ds = discover_dataset(out, require_labels=True)
     assert len(ds.cases) == 2
     np.testing.assert_allclose(load_image(ds.cases[0]).affine, affine_from_spacing((1.0, 1.0, 2.5)))
+
+
+def _msd_json(root, training, **extra):
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "organ"},
+                                                   "modality": {"0": "CT"}, "training": training, **extra}))
+
+
+def test_msd_listing_is_the_truth_for_four_digit_case_ids(tmp_path):
+    # AMOS names its cases amos_0001, amos_0002: two cases of one channel, not two channels of "amos"
+    for cid in ("amos_0001", "amos_0002"):
+        write_volume(Volume(np.zeros((3, 3, 3), np.int16)), tmp_path / "imagesTr" / f"{cid}.nii.gz")
+        write_volume(Volume(np.zeros((3, 3, 3), np.uint8)), tmp_path / "labelsTr" / f"{cid}.nii.gz")
+    _msd_json(tmp_path, [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"}
+                         for c in ("amos_0001", "amos_0002")])
+    ds = discover_dataset(tmp_path, require_labels=True)
+    assert ds.case_ids == ["amos_0001", "amos_0002"]
+    assert [len(c.images) for c in ds.cases] == [1, 1]
+    assert ds.case("amos_0002").label.name == "amos_0002.nii.gz"
+    assert load_image(ds.case("amos_0001")).shape == (3, 3, 3)
+    # the same files without dataset.json: suffixes 0001, 0002 are not channels 0000..000k either
+    (tmp_path / "dataset.json").unlink()
+    assert discover_dataset(tmp_path).case_ids == ["amos_0001", "amos_0002"]
+    # ... nor amos_0000, amos_0001 when labels carry those names
+    for n, cid in enumerate(("amos_0001", "amos_0002")):
+        for sub in ("imagesTr", "labelsTr"):
+            (tmp_path / sub / f"{cid}.nii.gz").rename(tmp_path / sub / f"amos_{n:04d}.nii.gz")
+    assert discover_dataset(tmp_path, require_labels=True).case_ids == ["amos_0000", "amos_0001"]
+
+
+def test_msd_listing_channels_and_bad_entries(tmp_path):
+    for ch in range(2):
+        write_volume(Volume(np.full((3, 3, 3), ch, np.int16)), tmp_path / "imagesTr" / f"p_{ch:04d}.nii.gz")
+    write_volume(Volume(np.zeros((3, 3, 3), np.uint8)), tmp_path / "labelsTr" / "p.nii.gz")
+    # a list of channels (MONAI's load_decathlon_datalist form), and "_0000" only (its siblings follow)
+    for image in (["./imagesTr/p_0000.nii.gz", "./imagesTr/p_0001.nii.gz"], "./imagesTr/p_0000.nii.gz",
+                  "./imagesTr/p.nii.gz"):  # nnU-Net v1: listed without the suffix
+        _msd_json(tmp_path, [{"image": image, "label": "./labelsTr/p.nii.gz"}])
+        ds = discover_dataset(tmp_path)
+        assert ds.case_ids == ["p"] and load_image(ds.case("p")).array[0, 0, 0].tolist() == [0, 1]
+    _msd_json(tmp_path, [{"image": "./imagesTr/q.nii.gz", "label": "./labelsTr/q.nii.gz"}])
+    with pytest.raises(UserError, match="training entry 0 names .*q.nii.gz', which does not exist"):
+        discover_dataset(tmp_path)
+
+
+def test_nnunet_channel_suffixes_follow_channel_names(tmp_path):
+    # nnU-Net v2 raw: case_001_0000, case_001_0001 are the two channels of case_001
+    for ch in range(2):
+        write_volume(Volume(np.full((3, 3, 3), ch, np.int16)), tmp_path / "imagesTr" / f"case_001_{ch:04d}.nii.gz")
+    write_volume(Volume(np.zeros((3, 3, 3), np.uint8)), tmp_path / "labelsTr" / "case_001.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "organ": 1},
+         "numTraining": 1, "file_ending": ".nii.gz"}))
+    ds = discover_dataset(tmp_path, require_labels=True)
+    assert ds.case_ids == ["case_001"] and load_image(ds.case("case_001")).shape == (3, 3, 3, 2)
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "T1", "1": "T2", "2": "FLAIR"}, "labels": {"background": 0, "organ": 1}}))
+    with pytest.raises(UserError, match="case 'case_001' has channel files \\['0000', '0001'\\], but dataset.json "
+                                        "channel_names declares 3"):
+        discover_dataset(tmp_path)
+
+
+def test_info_reads_nnunet_ignore_label(tmp_path):
+    from typer.testing import CliRunner
+
+    from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
+    from sparseslice.cli import app
+    from sparseslice.describe import describe_dataset
+    from sparseslice.io import read_label
+
+    data = write_ignore_dataset(tmp_path / "nn")
+    desc = describe_dataset(data)
+    assert desc.ignore_value == IGNORE and desc.label_values == (0, 1, 2) and desc.axis == 2
+    for case in desc.cases:
+        assert case.annotated == ANNOTATED and case.partial == (PARTIAL,)
+        # structure slices count known foreground only: the ignore value is no structure
+        ref = read_label(data / "labelsTr" / f"{case.case_id}.nii.gz").array
+        assert case.structure_slices == int(np.sum(np.any((ref > 0) & (ref != IGNORE), axis=(0, 1))))
+    out = CliRunner().invoke(app, ["info", str(data)], terminal_width=200).output
+    assert "ignore value 3 (dataset.json)" in out and "case_000: annotated 3,6; partly labelled 8" in out
+    assert "labels {0, 1, 2}" in out
+
+
+def test_ignore_label_drawn_along_another_axis_than_the_default(tmp_path):
+    # whole slices along axis 1 while the spacing makes axis 2 the default: every stage finds axis 1
+    from nnunet_fakes import ANNOTATED, PARTIAL, write_ignore_dataset
+    from sparseslice.describe import describe_dataset
+    from sparseslice.evaluate import evaluate_folder
+    from sparseslice.interpolate import interpolate_dataset
+    from sparseslice.train.data import resolve_axis
+
+    data = write_ignore_dataset(tmp_path / "nn", cases=1, axis=1)
+    ds = discover_dataset(data)
+    assert resolve_axis(ds, None) == 1
+    desc = describe_dataset(data)
+    assert desc.axis == 1 and desc.cases[0].annotated == ANNOTATED and desc.cases[0].partial == (PARTIAL,)
+    out = interpolate_dataset(data, tmp_path / "out", method="nearest", progress=False)
+    side = json.loads((out / "labelsTr" / "case_000.sparse.json").read_text())
+    assert side["axis"] == 1 and side["interpolated"] == [4, 5]
+    (tmp_path / "pred").mkdir()
+    shutil.copy(data / "full" / "case_000.nii.gz", tmp_path / "pred" / "case_000.nii.gz")
+    df = evaluate_folder(tmp_path / "pred", data, progress=False)
+    assert df.attrs["axis"] == 1 and np.all(df[df.metric == "dice"].value == 1.0)

@@ -139,3 +139,29 @@ def test_real_hippocampus_case_against_itself_shifted(hippocampus, tmp_path):
     got = df.set_index(["label", "metric"])["value"]
     assert got[("fg", "hd")] == pytest.approx(1.0)  # 1 mm isotropic, one-voxel shift
     assert 0.5 < got[("fg", "dice")] < 1.0 and df.attrs["axis"] == 0
+
+
+def test_nnunet_ignore_label_voxels_are_not_scored(tmp_path):
+    # the reference declares "ignore": 3 in dataset.json and has no sidecars
+    from nnunet_fakes import ANNOTATED, IGNORE, write_ignore_dataset
+
+    data = write_ignore_dataset(tmp_path / "nn", cases=1)
+    ref = read_label(data / "labelsTr" / "case_000.nii.gz")
+    truth = read_label(data / "full" / "case_000.nii.gz").array
+    unknown = ref.array == IGNORE
+    pred = truth.copy()
+    pred[unknown] = 1  # anything where the reference is unknown, the partly labelled slice's ignored half too
+    write_volume(ref.like(pred), tmp_path / "pred" / "case_000.nii.gz")
+    df = evaluate_folder(tmp_path / "pred", data, axis=2, progress=False)
+    scores = df[df.metric == "dice"]
+    assert len(scores) == 3 and np.all(scores.value == 1.0)  # labels 1, 2 and the union; never 3
+    assert df[df.metric == "hd"].note.str.startswith("sparse ref").all()
+    # an error on an annotated slice counts, on the annotated slices only
+    pred[..., ANNOTATED[0]] = 0
+    write_volume(ref.like(pred), tmp_path / "pred" / "case_000.nii.gz")
+    df = evaluate_folder(tmp_path / "pred", data, axis=2, progress=False)
+    known = np.zeros(truth.shape, bool)
+    known[..., list(ANNOTATED)] = True
+    expected = [dice(pred == v, truth == v, mask=known) for v in (1, 2)] + [dice(pred > 0, truth > 0, mask=known)]
+    np.testing.assert_allclose(df[df.metric == "dice"].value.to_numpy(), expected)
+    assert max(expected) < 1

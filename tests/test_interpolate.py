@@ -330,3 +330,37 @@ def test_cli_interpolate(sparse_dir: Path, tmp_path: Path) -> None:
 
 def test_methods_constant() -> None:
     assert METHODS == ("none", "nearest", "sdf", "mci")
+
+
+def test_nnunet_ignore_label_without_sidecars(tmp_path: Path) -> None:
+    # dataset.json declares "ignore": 3; slices 3 and 6 are whole, slice 8 is labelled on one half only
+    from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
+
+    data = write_ignore_dataset(tmp_path / "nn", cases=1)
+    out = interpolate_dataset(data, tmp_path / "out", method="nearest", progress=False)
+    src = read_label(data / "labelsTr" / "case_000.nii.gz").array
+    written = read_label(out / "labelsTr" / "case_000.nii.gz").array
+    side = json.loads((out / "labelsTr" / "case_000.sparse.json").read_text())
+    assert side["ignore_value"] == IGNORE and side["annotated"] == [3, 4, 5, 6] and side["interpolated"] == [4, 5]
+    assert side["partial"] == [PARTIAL] and side["drawn"] == list(ANNOTATED)
+    np.testing.assert_array_equal(written[..., 4], src[..., 3])  # nearest: 4 copies 3, 5 copies 6
+    np.testing.assert_array_equal(written[..., 5], src[..., 6])
+    # the partly labelled slice is no input (slice 7 would be filled from it) and keeps its known half
+    assert np.all(written[..., 7] == IGNORE)
+    np.testing.assert_array_equal(written[..., PARTIAL], src[..., PARTIAL])
+    assert not np.any(written == 255)
+    sparse, _ = read_sparse(out / "labelsTr" / "case_000.nii.gz")
+    assert sparse.partial_slices == [PARTIAL] and sparse.annotated_indices == [3, 4, 5, 6]
+
+
+def test_partly_labelled_slice_in_a_gap_keeps_its_labelled_voxels() -> None:
+    lab = np.zeros((6, 6, 5), np.uint8)
+    lab[1:5, 1:5, 0] = 1
+    lab[:, :, 2] = 2  # the annotator labelled slice 2's first rows as 2 (the rest of it is unknown)
+    partial = np.zeros(lab.shape, bool)
+    partial[:2, :, 2] = True
+    sparse = SparseLabel(lab, np.array([1, 0, 0, 0, 1], bool), 2, partial_known=partial)
+    res = interpolate_label(sparse, spacing=(1.0, 1.0, 1.0), method="nearest")
+    assert res.interpolated.tolist() == [False, True, True, True, False] and res.sparse.partial_known is None
+    np.testing.assert_array_equal(res.sparse.label[:2, :, 2], 2)
+    np.testing.assert_array_equal(res.sparse.label[2:, :, 2], lab[2:, :, 0])

@@ -144,3 +144,32 @@ def test_read_label_file_follows_one_rule_for_every_stage(tmp_path):
     sparse, vol = read_label_file(dense, axis=2)
     assert sparse is None
     np.testing.assert_array_equal(vol.array, lab)
+
+
+def test_declared_ignore_value_with_partly_labelled_slices(tmp_path):
+    """nnU-Net's dataset.json ignore label: slices free of it are annotated, partly ignored ones voxel-level."""
+    from sparseslice.io import write_volume
+    from sparseslice.sparse import read_label_file
+
+    lab = toy_label()
+    raw = np.full(lab.shape, 3, np.uint8)
+    raw[..., 2] = lab[..., 2]
+    raw[:3, :, 4] = lab[:3, :, 4]  # slice 4: only its first three rows are labelled
+    like = Volume(np.zeros(lab.shape, np.float32))
+    path = write_volume(like.like(raw), tmp_path / "a.nii.gz")
+    sparse, _ = read_label_file(path, axis=2, ignore_value=3)
+    assert sparse.annotated_indices == [2] and sparse.partial_slices == [4]
+    np.testing.assert_array_equal(sparse.known_mask(), raw != 3)
+    np.testing.assert_array_equal(sparse.label[sparse.known_mask()], raw[raw != 3])
+    with pytest.raises(UserError, match="slice 4 along axis 2 is partly ignored"):
+        decode(raw, axis=2, ignore_value=3)  # our own files are whole slices: still refused
+    # written with a sidecar (as interpolate does), read back the same
+    back, _ = read_sparse(write_sparse(sparse, tmp_path / "b.nii.gz", like=like, ignore_value=3))
+    assert json.loads(sidecar_path(tmp_path / "b.nii.gz").read_text())["partial"] == [4]
+    np.testing.assert_array_equal(back.known_mask(), raw != 3)
+    # a dense file under a declared ignore value is fully annotated; 255 is then no ignore value
+    sparse, _ = read_label_file(write_volume(like.like(lab), tmp_path / "c.nii.gz"), axis=2, ignore_value=3)
+    assert sparse is None
+    # border slices become whole: their partial voxels are dropped
+    part = SparseLabel(lab, np.eye(8, dtype=bool)[2], 2, partial_known=raw != 3).with_border_slices((2, 3))
+    assert part.partial_known is None and part.annotated_indices == [0, 1, 2, 4, 5, 6, 7]

@@ -316,3 +316,40 @@ def test_label_on_another_grid_than_its_image_is_refused(phantoms, tmp_path):
     with pytest.raises(UserError, match=rf"case '{case.case_id}': label affine must match the image"):
         train(moved, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=4, samples_per_epoch=4, **TINY),
               progress=False)
+
+
+# --- nnU-Net's ignore label without sidecars ------------------------------------------------
+
+def test_nnunet_ignore_label_is_unknown_never_a_class(tmp_path):
+    from nnunet_fakes import IGNORE, PARTIAL, write_ignore_dataset
+    from sparseslice.train.losses import selective_loss
+
+    data = write_ignore_dataset(tmp_path / "nn")
+    ds = discover_dataset(data)
+    assert ds.ignore_value == IGNORE and ds.label_names == {0: "background", 1: "part1", 2: "part2"}
+    cases, labels = load_cases(ds, ds.case_ids, axis=2, normalization=Normalization())
+    assert labels == (0, 1, 2)
+    raw = read_label(ds.cases[0].label).array
+    case = cases[0]
+    np.testing.assert_array_equal(case.voxel_weight(), (raw != IGNORE).astype(np.float32))
+    assert PARTIAL in case.known_slices.tolist() and PARTIAL not in case.validation_slices.tolist()
+    # a block covering the whole volume: its weights are 0 exactly at the ignore voxels, and so is the gradient
+    sampler = BlockSampler(cases[:1], patch_size=raw.shape)
+    batch = next(sampler.epoch(1, 1, np.random.default_rng(0)))
+    np.testing.assert_array_equal(batch.weight[0].numpy(), (raw != IGNORE).astype(np.float32))
+    logits = torch.randn(1, len(labels), *raw.shape, requires_grad=True)
+    selective_loss(logits, batch.label, batch.weight).backward()
+    grad = logits.grad.abs().sum(1)[0].numpy()
+    assert np.all(grad[raw == IGNORE] == 0) and np.all(grad[raw != IGNORE] > 0)
+    # 2D: the partly labelled slice is sampled with its ignored half at weight 0
+    slices = SliceSampler(cases[:1], patch_size=raw.shape[:2])
+    assert len(slices) == 3 and sorted(slices.weights.sum((1, 2)).tolist()) == [
+        (raw[..., PARTIAL] != IGNORE).sum(), raw[..., 0].size, raw[..., 0].size]
+    # one epoch of training: the model's outputs are the three real classes, not four
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = train(data, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=2, **TINY),
+                    progress=False)
+    net, ckpt = load_checkpoint(res.run_dir)
+    assert ckpt.labels == (0, 1, 2) and ckpt.spec.out_channels == 3
+    assert json.loads((res.run_dir / "split.json").read_text())["labels"] == [0, 1, 2]

@@ -3,6 +3,19 @@
 A :class:`Case` names one subject: its image channels and, when it has one, its label.
 Unlabelled pools are normal before annotation, so labels are optional unless a caller asks
 for them with ``require_labels=True``.
+
+What decides which files form a case, first rule that applies:
+
+1. ``dataset.json`` lists the training pairs (MSD: ``"training": [{"image", "label"}]``):
+   the list is the truth. Case ids are the label names (``amos_0001`` is a case, never
+   channel 1 of ``amos``); an entry's ``image`` may be a list of channel files, and an image
+   named ``<case>_0000`` (or listed as ``<case>`` while only ``<case>_0000``... exist, as in
+   nnU-Net v1) brings its sibling channel files ``<case>_0001``...
+2. ``dataset.json`` declares ``channel_names`` (nnU-Net v2 raw): every image file ends in a
+   four-digit channel suffix and each case has exactly the declared channels.
+3. Otherwise (no listing, e.g. an ``imagesTs`` folder) files are channels of one case only
+   when every file has a four-digit suffix and every case has the same channels
+   ``_0000`` ... ``_000k`` (``amos_0001``, ``amos_0002`` are two cases).
 """
 
 from __future__ import annotations
@@ -54,6 +67,9 @@ class Dataset:
     layout: str
     label_names: dict[int, str] = field(default_factory=dict)
     modality: str = "unknown"
+    ignore_value: int | None = None
+    """nnU-Net v2's ignore label (``dataset.json`` ``"labels": {"ignore": K}``): voxels equal to
+    ``K`` are unknown, never a class. None when ``dataset.json`` declares none."""
 
     @property
     def case_ids(self) -> list[str]:
@@ -96,6 +112,8 @@ def discover_dataset(path: str | os.PathLike[str], *, require_labels: bool = Fal
             raise UserError(f"data path {str(root)!r} is a file but not a CSV; pass a dataset "
                             "folder or a CSV with image,label columns")
         ds = _from_csv(root)
+    elif _read_meta(root).get("training"):
+        ds = _from_listing(root, _read_meta(root))
     else:
         image_dir = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
         if image_dir is not None:
@@ -122,27 +140,56 @@ def _volume_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and volume_suffix(p))
 
 
-def _group_channels(files: list[Path]) -> dict[str, list[Path]]:
+def _group_channels(files: list[Path], *, channels: int | None = None,
+                    label_ids: Iterable[str] = ()) -> dict[str, list[Path]]:
+    """Group files into cases by their ``_0000`` channel suffix, when the suffixes are channels.
+
+    ``channels`` (nnU-Net's ``channel_names`` count) makes the suffix rule mandatory: each case
+    must have exactly ``_0000`` ... ``_{channels-1:04d}``. Without it, files are grouped only
+    when every case has the same channels ``_0000`` ... ``_000k`` and no label is named like
+    an image file (``labelsTr/x_0000`` makes ``x_0000`` a case); otherwise each file is a case.
+    """
     stems = [strip_suffix(f) for f in files]
     matches = [_CHANNEL.match(s) for s in stems]
     groups: dict[str, list[Path]] = {}
     if files and all(matches):
         for f, m in sorted(zip(files, matches, strict=True), key=lambda t: t[0].name):
             groups.setdefault(m.group("case"), []).append(f)
-    else:
-        for f, s in zip(files, stems, strict=True):
-            groups[s] = [f]
-    return groups
+    if channels is not None:
+        expected = [f"{c:04d}" for c in range(channels)]
+        for f, m in zip(files, matches, strict=True):
+            if m is None:
+                raise UserError(f"image {f.name!r} has no channel suffix; dataset.json declares channel_names "
+                                f"(nnU-Net layout), so name it <case>_0000{volume_suffix(f)}")
+        for cid, fs in groups.items():
+            found = [_CHANNEL.match(strip_suffix(f)).group("channel") for f in fs]
+            if found != expected:
+                raise UserError(f"case {cid!r} has channel files {found}, but dataset.json channel_names "
+                                f"declares {channels} channel(s) {expected}; add or rename the channel files")
+        return groups
+    suffixes = {tuple(_CHANNEL.match(strip_suffix(f)).group("channel") for f in fs) for fs in groups.values()}
+    if len(suffixes) == 1 and not set(stems) & set(label_ids):
+        (found,) = suffixes
+        if found == tuple(f"{c:04d}" for c in range(len(found))):
+            return groups
+    return {s: [f] for f, s in zip(files, stems, strict=True)}
 
 
-def _read_dataset_json(root: Path) -> tuple[dict[int, str], str]:
+def _read_meta(root: Path) -> dict:
+    """``root/dataset.json`` as a dict ({} when absent)."""
     meta_path = root / "dataset.json"
     if not meta_path.is_file():
-        return {}, "unknown"
+        return {}
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise UserError(f"file {str(meta_path)!r} is not valid JSON ({exc}); fix or remove it") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
+def _read_dataset_json(root: Path) -> tuple[dict[int, str], str, int | None]:
+    """Label names, modality and nnU-Net ignore value that ``root/dataset.json`` declares."""
+    meta = _read_meta(root)
     names: dict[int, str] = {}
     labels = meta.get("labels", {})
     for k, v in labels.items():
@@ -154,17 +201,85 @@ def _read_dataset_json(root: Path) -> tuple[dict[int, str], str]:
             names[int(k)] = str(v)
     modalities = meta.get("modality") or meta.get("channel_names") or {}
     modality = str(next(iter(modalities.values()), "unknown")) if modalities else "unknown"
-    return names, modality
+    return names, modality, _ignore_value(labels, names, root / "dataset.json")
+
+
+def _ignore_value(labels: dict, names: dict[int, str], path: Path) -> int | None:
+    """nnU-Net v2's ``"ignore": K`` from dataset.json's labels, checked; None when absent."""
+    if "ignore" not in labels:
+        return None
+    value = labels["ignore"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value) or value < 0:
+        raise UserError(f"file {str(path)!r}: labels.ignore must be a non-negative integer, got {value!r}; "
+                        "give the label value that marks unknown voxels (nnU-Net: the highest value)")
+    if int(value) in names:
+        raise UserError(f"file {str(path)!r}: labels.ignore must differ from every class, got {int(value)} "
+                        f"which is also {names[int(value)]!r}; give the ignore label its own value")
+    return int(value)
+
+
+def _channel_count(root: Path) -> int | None:
+    """Number of channels nnU-Net's ``channel_names`` declares (None for other layouts)."""
+    channels = _read_meta(root).get("channel_names")
+    return len(channels) if isinstance(channels, dict) and channels else None
 
 
 def _from_folders(root: Path, image_dir: Path, label_dir: Path | None, layout: str) -> Dataset:
-    groups = _group_channels(_volume_files(image_dir))
+    channels = _channel_count(root)
     labels = {}
     if label_dir is not None:
         labels = {strip_suffix(p): p for p in _volume_files(label_dir)}
+    groups = _group_channels(_volume_files(image_dir), channels=channels, label_ids=labels)
     cases = tuple(Case(cid, tuple(files), labels.get(cid)) for cid, files in sorted(groups.items()))
-    names, modality = _read_dataset_json(root)
-    return Dataset(root, cases, layout, names, modality)
+    names, modality, ignore = _read_dataset_json(root)
+    return Dataset(root, cases, layout, names, modality, ignore)
+
+
+def _from_listing(root: Path, meta: dict) -> Dataset:
+    """Cases exactly as dataset.json's ``training`` list names them (MSD, nnU-Net v1)."""
+    where = str(root / "dataset.json")
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for n, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or not entry.get("image"):
+            raise UserError(f"file {where!r}: training entry {n} must be an object with an 'image', got "
+                            f"{entry!r}; list pairs as {{\"image\": ..., \"label\": ...}}")
+        listed = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        images = [_resolve(root, str(p)) for p in listed]
+        label = _resolve(root, str(entry["label"])) if entry.get("label") else None
+        cid = strip_suffix(label) if label is not None else strip_suffix(images[0])
+        if len(images) == 1:
+            images = _listed_channels(images[0], cid)
+        if label is not None and not label.exists():
+            label = None  # an image without its label, as in a folder pool: require_labels says so
+        for p in images:
+            if not p.exists():
+                raise UserError(f"file {where!r}: training entry {n} names {str(p)!r}, which does not exist; "
+                                "fix dataset.json or the file (paths are relative to dataset.json's folder)")
+        if cid in seen:
+            raise UserError(f"file {where!r}: case {cid!r} is listed twice in training; list each case once")
+        seen.add(cid)
+        cases.append(Case(cid, tuple(images), label))
+    names, modality, ignore = _read_dataset_json(root)
+    return Dataset(root, tuple(sorted(cases, key=lambda c: c.case_id)), "msd", names, modality, ignore)
+
+
+def _listed_channels(image: Path, case_id: str) -> list[Path]:
+    """The channel files of one listed image: itself, unless it is channel ``_0000`` of ``case_id``
+    (then every ``<case_id>_dddd`` beside it) or absent while ``<stem>_0000`` exists (nnU-Net v1)."""
+    suffix = volume_suffix(image) or ".nii.gz"
+    stem = strip_suffix(image)
+    if not image.exists():
+        case_id, stem = stem, stem + "_0000"
+    if stem != f"{case_id}_0000" or not (image.parent / f"{stem}{suffix}").exists():
+        return [image]
+    files = []
+    for c in range(10000):
+        p = image.parent / f"{case_id}_{c:04d}{suffix}"
+        if not p.exists():
+            break
+        files.append(p)
+    return files
 
 
 def _from_flat(root: Path) -> Dataset:
@@ -181,10 +296,10 @@ def _from_flat(root: Path) -> Dataset:
             labels[stem[: -len(tag)]] = f
         else:
             images.append(f)
-    groups = _group_channels(images)
+    groups = _group_channels(images, channels=_channel_count(root), label_ids=labels)
     cases = tuple(Case(cid, tuple(fs), labels.get(cid)) for cid, fs in sorted(groups.items()))
-    names, modality = _read_dataset_json(root)
-    return Dataset(root, cases, "pairs", names, modality)
+    names, modality, ignore = _read_dataset_json(root)
+    return Dataset(root, cases, "pairs", names, modality, ignore)
 
 
 def _from_csv(path: Path) -> Dataset:

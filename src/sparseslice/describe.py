@@ -13,7 +13,7 @@ from rich.table import Table
 
 from sparseslice.datasets import Case, dataset_slice_axis, discover_dataset
 from sparseslice.io import check_axis, check_same_space, default_slice_axis, read_header, read_label
-from sparseslice.sparse import structure_slices
+from sparseslice.sparse import fewest_partial_axis, structure_slices
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class CaseDescription:
     axis: int
     structure_slices: int | None
     per_axis_slices: tuple[int, ...] | None = None
+    annotated: tuple[int, ...] | None = None
+    """With a declared ignore value: the slices along ``axis`` free of it (None otherwise)."""
+    partial: tuple[int, ...] | None = None
+    """With a declared ignore value: the slices along ``axis`` that hold it on some voxels only."""
+    per_axis_known: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class DatasetDescription:
     axis: int
     cases: tuple[CaseDescription, ...]
     label_names: dict[int, str]
+    ignore_value: int | None = None
+    """nnU-Net's ignore label from dataset.json: its voxels are unknown, not a class."""
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -45,25 +52,43 @@ class DatasetDescription:
         return tuple(sorted(values))
 
 
-def describe_case(case: Case, *, axis: int | None = None) -> CaseDescription:
+def describe_case(case: Case, *, axis: int | None = None, ignore_value: int | None = None) -> CaseDescription:
     """Header facts of a case plus, when labelled, its label values and structure slices.
 
     The label is read once; structure slices are counted along every axis so that the
-    dataset's axis can be chosen afterwards without reading it again.
+    dataset's axis can be chosen afterwards without reading it again. With ``ignore_value``
+    (nnU-Net's declared ignore label) its voxels are unknown: not a label value, not
+    structure, and the slices free of it are the annotated ones (``annotated``; ``partial``
+    lists the slices it covers only in part).
     """
     head = read_header(case.images[0])
     shape3 = head.shape[:3]
     case_axis = default_slice_axis(head.spacing, shape3) if axis is None else check_axis(axis)
-    labels = per_axis = None
+    labels = per_axis = known = None
     if case.label is not None:
         label = read_label(case.label)
         check_same_space(head, label, name=case.case_id)
-        labels = tuple(int(v) for v in np.unique(label.array))
-        per_axis = tuple(structure_slices(label.array, axis=a) for a in range(3))
+        array = label.array
+        if ignore_value is not None:
+            ignored = array == ignore_value
+            array = np.where(ignored, 0, array)
+            known = tuple(_known_slices(ignored, axis=a) for a in range(3))
+            labels = tuple(int(v) for v in np.unique(label.array[~ignored]))
+        else:
+            labels = tuple(int(v) for v in np.unique(array))
+        per_axis = tuple(structure_slices(array, axis=a) for a in range(3))
     channels = len(case.images) if len(case.images) > 1 else (head.shape[3] if len(head.shape) > 3 else 1)
     return CaseDescription(case.case_id, shape3, tuple(round(s, 4) for s in head.spacing),
                            channels, str(head.dtype), labels, case_axis,
-                           None if per_axis is None else per_axis[case_axis], per_axis)
+                           None if per_axis is None else per_axis[case_axis], per_axis,
+                           *(known[case_axis] if known else (None, None)), known)
+
+
+def _known_slices(ignored: np.ndarray, *, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(annotated, partial) slice indices along ``axis`` of an ignore-value mask."""
+    other = tuple(a for a in range(3) if a != axis)
+    anywhere, everywhere = np.any(ignored, axis=other), np.all(ignored, axis=other)
+    return tuple(np.flatnonzero(~anywhere).tolist()), tuple(np.flatnonzero(anywhere & ~everywhere).tolist())
 
 
 def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,
@@ -71,13 +96,18 @@ def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,
     """Describe every case of a dataset (threads overlap file decompression)."""
     ds = discover_dataset(data, require_labels=require_labels)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        cases = list(pool.map(lambda c: describe_case(c, axis=axis), ds.cases))
+        cases = list(pool.map(lambda c: describe_case(c, axis=axis, ignore_value=ds.ignore_value), ds.cases))
     chosen = axis if axis is not None else dataset_slice_axis([c.shape for c in cases],
                                                               [c.spacing for c in cases])
+    known = [c.per_axis_known for c in cases if c.per_axis_known is not None]
+    if axis is None and known:  # a declared ignore label: the axis along which its slices are whole
+        chosen = fewest_partial_axis([sum(len(k[a][1]) for k in known) for a in range(3)], default=chosen)
     cases = [replace(c, axis=chosen,
-                     structure_slices=None if c.per_axis_slices is None else c.per_axis_slices[chosen])
+                     structure_slices=None if c.per_axis_slices is None else c.per_axis_slices[chosen],
+                     annotated=None if c.per_axis_known is None else c.per_axis_known[chosen][0],
+                     partial=None if c.per_axis_known is None else c.per_axis_known[chosen][1])
              for c in cases]
-    return DatasetDescription(Path(data), ds.layout, chosen, tuple(cases), ds.label_names)
+    return DatasetDescription(Path(data), ds.layout, chosen, tuple(cases), ds.label_names, ds.ignore_value)
 
 
 def render_description(desc: DatasetDescription, console: Console, *, rows: int = 0) -> None:
@@ -109,5 +139,35 @@ def render_description(desc: DatasetDescription, console: Console, *, rows: int 
     ]
     if sl:
         lines.append(f"structure slices per case {min(sl)}-{max(sl)} (median {int(np.median(sl))})")
+    if desc.ignore_value is not None:
+        lines.extend(_ignore_lines(desc, rows=rows))
     for line in lines:
         console.print(line, soft_wrap=True)
+
+
+def _ignore_lines(desc: DatasetDescription, *, rows: int) -> list[str]:
+    """Summary lines for a declared ignore label: which slices of each case are annotated."""
+    known = [c for c in desc.cases if c.annotated is not None]
+    lines = [f"ignore value {desc.ignore_value} (dataset.json): its voxels are unknown, not a class"]
+    if not known:
+        return lines
+    counts = [len(c.annotated) for c in known]
+    lines.append(f"annotated slices (free of {desc.ignore_value}) along axis {desc.axis} per case "
+                 f"{min(counts)}-{max(counts)}; partly labelled slices (voxel-level unknown) "
+                 f"{sum(len(c.partial) for c in known)} in all")
+    for c in known if rows <= 0 else known[:rows]:
+        part = f"; partly labelled {_ranges(c.partial)}" if c.partial else ""
+        lines.append(f"  {c.case_id}: annotated {_ranges(c.annotated) or 'none'}{part}")
+    return lines
+
+
+def _ranges(indices: tuple[int, ...]) -> str:
+    """``(1, 2, 3, 7)`` -> ``"1-3,7"``."""
+    out, start = [], None
+    for i, v in enumerate(indices):
+        if start is None:
+            start = v
+        if i + 1 == len(indices) or indices[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)

@@ -3,8 +3,10 @@
 ``evaluate_folder`` returns one row per case, label and metric (columns ``case, label,
 metric, value, note``); ``summarize`` turns that into the per-label table the CLI prints.
 References may be sparse: a label file with a ``.sparse.json`` sidecar, or one holding the
-ignore value, is scored on its annotated slices only (see
-:func:`sparseslice.metrics.mask_metrics` for what that means for each metric).
+ignore value (the one nnU-Net's ``dataset.json`` declares as ``"ignore"``, else 255), is
+scored on its annotated slices only (see :func:`sparseslice.metrics.mask_metrics` for what
+that means for each metric). A slice with some ignored voxels is not annotated, so it is not
+scored at all: per-slice metrics (``assd2d``) need whole slices.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_axis, read_label, strip_suffix, volume_suffix
 from sparseslice.metrics import METRICS, label_metrics
 from sparseslice.progress import track
-from sparseslice.sparse import read_label_file
+from sparseslice.sparse import ignore_axis, read_label_file
 
 COLUMNS = ("case", "label", "metric", "value", "note")
 
@@ -47,6 +49,11 @@ def reference_files(ref: Path) -> dict[str, Path]:
     return {c.case_id: c.images[0] for c in ds.cases if len(c.images) == 1}
 
 
+def _reference_ignore(ref: Path) -> int | None:
+    """The ignore label a reference dataset's ``dataset.json`` declares (None without one)."""
+    return discover_dataset(ref).ignore_value if (Path(ref) / "dataset.json").is_file() else None
+
+
 def _reference_labels(ref: Path) -> list[int]:
     meta = (Path(ref) / "dataset.json") if Path(ref).is_dir() else None
     if meta is None or not meta.is_file():
@@ -55,13 +62,15 @@ def _reference_labels(ref: Path) -> list[int]:
     return sorted(v for v in names if v > 0)
 
 
-def load_reference(path: Path, *, axis: int) -> tuple[Volume, np.ndarray | None, int]:
+def load_reference(path: Path, *, axis: int, ignore_value: int | None = None
+                   ) -> tuple[Volume, np.ndarray | None, int]:
     """Read a reference label; returns (volume with unknown voxels set to 0, annotated or None, axis).
 
     A sidecar gives the annotated slices and axis; without one, a label holding the ignore
-    value is decoded along ``axis``; otherwise the label is dense (``annotated`` is None).
+    value (``ignore_value``: the dataset's declared one, else 255) is decoded along ``axis``;
+    otherwise the label is dense (``annotated`` is None).
     """
-    sparse, vol = read_label_file(path, axis=axis)
+    sparse, vol = read_label_file(path, axis=axis, ignore_value=ignore_value)
     if sparse is None:
         return vol, None, axis
     return vol.like(sparse.label), sparse.annotated, sparse.axis
@@ -111,7 +120,8 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         ``df.attrs["missing"]``.
     axis : int, optional
         Slice axis for ``assd2d`` and for decoding sidecar-less sparse references
-        (default: the dataset's slice axis, from the reference headers).
+        (default: the dataset's slice axis, from the reference headers; with a declared
+        ignore label, the axis along which its slices are whole).
     progress : bool
         Show a progress bar.
 
@@ -136,14 +146,17 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         raise UserError(f"case {missing[0]!r} has no prediction in {str(pred_dir)!r} ({len(missing)} missing: "
                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}); predict it or pass "
                         "--allow-missing")
+    ignore = _reference_ignore(Path(ref))
     if axis is None:
         axis = slice_axis_of(refs.values()) if refs else 0
+        if ignore is not None:
+            axis = ignore_axis(refs.values(), ignore_value=ignore, default=axis)
     axis = check_axis(axis)
     labels = _reference_labels(Path(ref)) or None
     todo = [c for c in refs if c in preds]
     rows: list[dict[str, object]] = []
     for case in track(todo, "evaluating", progress=progress):
-        ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis)
+        ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis, ignore_value=ignore)
         pred_vol = read_label(preds[case])
         rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
     df = pd.DataFrame(rows, columns=list(COLUMNS))

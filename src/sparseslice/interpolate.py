@@ -20,7 +20,9 @@ Methods (``METHODS``):
 
 Rules shared by all methods: only slices strictly between two annotated slices are filled;
 annotated slices (including empty ones and border slices) are never changed; beyond the first
-and last annotated slice voxels stay unknown. A structure present on one side of a gap and
+and last annotated slice voxels stay unknown. Only whole annotated slices are inputs: a partly
+labelled slice (nnU-Net's ignore label on some of its voxels) is filled like an unknown one,
+then keeps the voxels its annotator labelled. A structure present on one side of a gap and
 absent on the other (an annotated empty slice) ends inside the gap: for ``sdf`` it shrinks
 to nothing half-way (a rounded end: erosion ``depth * (1 - sqrt(1 - x))``), or at the border
 when the empty slice is a border slice outside the known extent; ``mci`` ends it at the
@@ -146,6 +148,8 @@ def interpolate_label(sparse: SparseLabel, *, spacing: tuple[float, float, float
         elif method == "mci":
             view[a + 1:b] = filled[a + 1:b]
         interpolated[a + 1:b] = True
+    if sparse.partial_known is not None:  # labelled voxels of partly labelled slices win over the fill
+        label[sparse.partial_known] = sparse.label[sparse.partial_known]
     out = replace(sparse, label=label, annotated=sparse.annotated | interpolated)
     return Interpolation(out, interpolated)
 
@@ -164,7 +168,8 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
         A dataset :func:`~sparseslice.datasets.discover_dataset` finds (typically the output of
         ``sparseslice simulate``). Labels with a ``.sparse.json`` sidecar are sparse; labels
         without one are decoded with the dataset slice axis when they hold the ignore value
-        and are otherwise copied through as fully annotated.
+        (the one nnU-Net's ``dataset.json`` declares as ``"ignore"``, else 255; output labels
+        keep it) and are otherwise copied through as fully annotated.
     out : Path
         Output folder; receives the same layout (relative paths) as ``sparse_dir``.
     method : {"none", "nearest", "sdf", "mci"}
@@ -202,6 +207,10 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
     axis = slice_axis_of(c.label for c in ds.cases)  # for labels without a sidecar (headers only)
+    if ds.ignore_value is not None:  # nnU-Net's ignore label: the axis along which its slices are whole
+        from sparseslice.sparse import ignore_axis
+
+        axis = ignore_axis((c.label for c in ds.cases), ignore_value=ds.ignore_value, default=axis)
     counts, single = {}, []
     for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:
@@ -211,7 +220,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
                 counts[case.case_id] = _interpolate_file(case.label, target, method=method,
-                                                         axis=axis)
+                                                         axis=axis, ignore_value=ds.ignore_value)
         except UserError as exc:
             raise UserError(f"case {case.case_id!r}: {exc}") from None
         if any("only one annotated slice" in str(w.message) for w in caught):
@@ -230,11 +239,14 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     return out
 
 
-def _interpolate_file(path: Path, target: Path, *, method: str, axis: int) -> int:
-    """Interpolate one label file into ``target``; returns the number of filled slices."""
+def _interpolate_file(path: Path, target: Path, *, method: str, axis: int, ignore_value: int | None = None) -> int:
+    """Interpolate one label file into ``target``; returns the number of filled slices.
+
+    ``ignore_value`` is the dataset's declared ignore label (None: the sidecar's, else 255).
+    """
     from sparseslice.sparse import DEFAULT_IGNORE_VALUE, read_label_file, write_sparse
 
-    sparse, volume = read_label_file(path, axis=axis)
+    sparse, volume = read_label_file(path, axis=axis, ignore_value=ignore_value)
     if sparse is None:
         _carry(path, target, link=False)  # fully annotated: nothing to fill
         return 0
@@ -244,7 +256,8 @@ def _interpolate_file(path: Path, target: Path, *, method: str, axis: int) -> in
     extra.update(drawn=np.flatnonzero(sparse.drawn).tolist(),
                  interpolated=np.flatnonzero(result.interpolated).tolist(), method=method)
     write_sparse(result.sparse, target, like=volume,
-                 ignore_value=int(meta.get("ignore_value", DEFAULT_IGNORE_VALUE)), extra=extra)
+                 ignore_value=int(meta.get("ignore_value", DEFAULT_IGNORE_VALUE if ignore_value is None
+                                           else ignore_value)), extra=extra)
     return int(result.interpolated.sum())
 
 

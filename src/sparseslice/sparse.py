@@ -4,12 +4,20 @@ Voxels in slices that are not annotated are *unknown*, never background. On disk
 label is one volume whose unknown voxels hold the ignore value (255 by default, nnU-Net v2's
 convention) plus a JSON sidecar (``<case>.sparse.json``) recording the axis, the annotated
 and border slices and the extent.
+
+An nnU-Net v2 dataset may instead declare its ignore value in ``dataset.json``
+(``"labels": {"ignore": K}``) and carry no sidecar. Then a slice is annotated when none of
+its voxels is ``K``; a slice holding both ``K`` and real values is *partly labelled*: it is
+not annotated (interpolation does not start from it, evaluation does not score it), and its
+non-``K`` voxels are kept as voxel-level known (``partial_known``), which the training loss
+uses (its weight is per voxel).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -40,6 +48,10 @@ class SparseLabel:
         the extent, free of drawing cost). Defaults to none.
     extent : tuple of int, optional
         First and last slice containing the structure, when known.
+    partial_known : numpy.ndarray, optional
+        Boolean voxel mask: the known voxels of slices labelled only in part (nnU-Net's
+        ignore label marks single voxels unknown). Such slices are not annotated; the mask
+        is cleared on annotated slices. None (default) when annotation is per whole slice.
 
     Examples
     --------
@@ -57,6 +69,7 @@ class SparseLabel:
     border: np.ndarray | None = None
     extent: tuple[int, int] | None = None
     meta: dict = field(default_factory=dict, compare=False)
+    partial_known: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         axis = check_axis(self.axis, self.label.ndim)
@@ -78,6 +91,18 @@ class SparseLabel:
         object.__setattr__(self, "border", border)
         if self.extent is not None:
             object.__setattr__(self, "extent", check_extent(self.extent, n))
+        if self.partial_known is not None:
+            part = np.asarray(self.partial_known, bool)
+            if part.shape != self.label.shape:
+                raise UserError(f"partial_known must have the label's shape {self.label.shape}, got {part.shape}; "
+                                "pass a boolean voxel mask")
+            part = part & ~self._slice_mask(annotated)
+            object.__setattr__(self, "partial_known", part if part.any() else None)
+
+    def _slice_mask(self, per_slice: np.ndarray) -> np.ndarray:
+        shape = [1] * self.label.ndim
+        shape[self.axis] = self.label.shape[self.axis]
+        return np.broadcast_to(np.asarray(per_slice).reshape(shape), self.label.shape)
 
     @classmethod
     def from_slices(cls, label: np.ndarray, slices: list[int] | np.ndarray, *, axis: int) -> SparseLabel:
@@ -105,11 +130,19 @@ class SparseLabel:
         """Annotated slices an annotator had to draw (annotated and not border)."""
         return self.annotated & ~self.border
 
+    @property
+    def partial_slices(self) -> list[int]:
+        """Slices labelled only in part (some voxels known; not annotated)."""
+        if self.partial_known is None:
+            return []
+        other = tuple(a for a in range(self.label.ndim) if a != self.axis)
+        return np.flatnonzero(np.any(self.partial_known, axis=other)).tolist()
+
     def known_mask(self) -> np.ndarray:
-        """Boolean voxel mask, True where the label is known (annotated slices)."""
-        shape = [1] * self.label.ndim
-        shape[self.axis] = self.n_slices
-        return np.broadcast_to(self.annotated.reshape(shape), self.label.shape)
+        """Boolean voxel mask, True where the label is known (annotated slices, plus the known
+        voxels of partly labelled slices)."""
+        known = self._slice_mask(self.annotated)
+        return known if self.partial_known is None else known | self.partial_known
 
     def with_border_slices(self, extent: tuple[int, int] | None = None) -> SparseLabel:
         """Mark every slice outside ``extent`` as annotated background (border slices).
@@ -178,24 +211,28 @@ def encode(sparse: SparseLabel, *, ignore_value: int = DEFAULT_IGNORE_VALUE) -> 
 
 
 def decode(volume: np.ndarray, *, axis: int, ignore_value: int = DEFAULT_IGNORE_VALUE,
-           border: np.ndarray | None = None, extent: tuple[int, int] | None = None) -> SparseLabel:
+           border: np.ndarray | None = None, extent: tuple[int, int] | None = None,
+           partial: bool = False) -> SparseLabel:
     """Inverse of :func:`encode`: a slice is annotated when none of its voxels is ignored.
 
-    A slice holding both ignore and real values is refused: annotation is per whole slice.
+    A slice holding both ignore and real values is refused (annotation is per whole slice),
+    unless ``partial``: then it is not annotated and its other voxels are ``partial_known``
+    (nnU-Net's ignore label may mark any voxel unknown). Ignored voxels read 0.
     """
     axis = check_axis(axis, volume.ndim)
     other = tuple(a for a in range(volume.ndim) if a != axis)
     ignored = volume == ignore_value
     any_ignored = np.any(ignored, axis=other)
     all_ignored = np.all(ignored, axis=other)
-    partial = np.flatnonzero(any_ignored & ~all_ignored)
-    if partial.size:
-        raise UserError(f"slice {int(partial[0])} along axis {axis} is partly ignored (value "
+    part = np.flatnonzero(any_ignored & ~all_ignored)
+    if part.size and not partial:
+        raise UserError(f"slice {int(part[0])} along axis {axis} is partly ignored (value "
                         f"{ignore_value}); annotated slices must be complete: check the axis or "
                         "the ignore value")
-    annotated = ~all_ignored
+    annotated = ~any_ignored
     label = np.where(ignored, 0, volume).astype(volume.dtype)
-    return SparseLabel(label, annotated, axis, border=border, extent=extent)
+    return SparseLabel(label, annotated, axis, border=border, extent=extent,
+                       partial_known=~ignored if part.size else None)
 
 
 def sidecar_path(label_path: str | os.PathLike[str]) -> Path:
@@ -219,6 +256,7 @@ def write_sparse(sparse: SparseLabel, path: str | os.PathLike[str], *, like: Vol
         "border": np.flatnonzero(sparse.border).tolist(),
         "drawn": np.flatnonzero(sparse.drawn).tolist(),
         "extent": list(sparse.extent) if sparse.extent is not None else None,
+        **({"partial": sparse.partial_slices} if sparse.partial_known is not None else {}),
         **(extra or {}),
     }
     write_json(sidecar_path(path), record)
@@ -245,7 +283,8 @@ def read_sparse(path: str | os.PathLike[str], *, axis: int | None = None,
     border = np.zeros(n, bool)
     border[record.get("border", [])] = True
     extent = tuple(record["extent"]) if record.get("extent") is not None else None
-    sparse = decode(vol.array, axis=axis, ignore_value=ignore, border=border, extent=extent)
+    sparse = decode(vol.array, axis=axis, ignore_value=ignore, border=border, extent=extent,
+                    partial=bool(record.get("partial")))
     if "annotated" in record and sorted(record["annotated"]) != sparse.annotated_indices:
         raise UserError(f"file {str(path)!r} disagrees with its sidecar: volume has annotated "
                         f"slices {sparse.annotated_indices[:8]}, sidecar {record['annotated'][:8]}; "
@@ -253,12 +292,16 @@ def read_sparse(path: str | os.PathLike[str], *, axis: int | None = None,
     return replace(sparse, meta=record), vol
 
 
-def read_label_file(path: str | os.PathLike[str], *, axis: int) -> tuple[SparseLabel | None, Volume]:
+def read_label_file(path: str | os.PathLike[str], *, axis: int,
+                    ignore_value: int | None = None) -> tuple[SparseLabel | None, Volume]:
     """Read any label file and say whether it is sparse: the one rule every stage follows.
 
     With a sidecar the label is sparse (the sidecar's axis is used); without one, a label
     holding the ignore value is decoded along ``axis``; otherwise it is fully annotated and
-    the first element is None.
+    the first element is None. ``ignore_value`` is the dataset's declared ignore label
+    (nnU-Net's ``dataset.json`` ``"ignore"``, see ``Dataset.ignore_value``): it replaces the
+    default 255 for sidecar-less files, and partly labelled slices are then allowed (their
+    known voxels are ``partial_known``).
 
     Returns
     -------
@@ -268,7 +311,48 @@ def read_label_file(path: str | os.PathLike[str], *, axis: int) -> tuple[SparseL
     if sidecar_path(path).is_file():
         return read_sparse(path)
     vol = read_label(path)
-    if np.any(vol.array == DEFAULT_IGNORE_VALUE):
-        return decode(vol.array, axis=axis), vol
+    ignore = DEFAULT_IGNORE_VALUE if ignore_value is None else int(ignore_value)
+    if np.any(vol.array == ignore):
+        return decode(vol.array, axis=axis, ignore_value=ignore, partial=ignore_value is not None), vol
     return None, vol
 
+
+
+def ignore_axis(paths: Iterable[str | os.PathLike[str]], *, ignore_value: int, default: int,
+                sample: int = 3) -> int:
+    """The slice axis of sidecar-less labels whose unknown voxels hold ``ignore_value``.
+
+    nnU-Net's ignore label says which voxels are unknown, not along which axis the annotator
+    drew; the axis along which the labels' slices are whole (fewest partly ignored slices, over
+    the first ``sample`` files holding the value) is that axis. ``default`` (the dataset's
+    axis from its headers) wins ties and is returned when no file holds the value.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from sparseslice.io import Volume, write_volume
+    >>> lab = np.full((4, 5, 6), 3, np.uint8); lab[:, 2, :] = 1  # one whole slice along axis 1
+    >>> path = write_volume(Volume(lab), Path(tempfile.mkdtemp()) / "a.nii.gz")
+    >>> ignore_axis([path], ignore_value=3, default=2)
+    1
+    """
+    partial = np.zeros(3, int)
+    seen = 0
+    for path in paths:
+        if seen == sample:
+            break
+        ignored = read_label(path).array == ignore_value
+        if not ignored.any():
+            continue
+        seen += 1
+        for a in range(3):
+            other = tuple(b for b in range(3) if b != a)
+            partial[a] += int(np.count_nonzero(np.any(ignored, axis=other) & ~np.all(ignored, axis=other)))
+    return fewest_partial_axis(partial.tolist(), default=default) if seen else default
+
+
+def fewest_partial_axis(partial: list[int], *, default: int) -> int:
+    """The axis with the fewest partly ignored slices (``partial[a]`` along axis ``a``);
+    ``default`` wins ties, then the lowest axis."""
+    best = [a for a in range(len(partial)) if partial[a] == min(partial)]
+    return default if default in best else best[0]

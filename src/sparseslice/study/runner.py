@@ -99,16 +99,29 @@ def link_cases(dataset: Dataset, cases: list[str] | tuple[str, ...], out: Path) 
     """A dataset folder (MSD layout) of symbolic links to some cases' images and labels."""
     for sub in ("imagesTr", "labelsTr"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    training = []
     for cid in cases:
         case = dataset.case(cid)
+        images = []
         for n, image in enumerate(case.images):
             # nnU-Net channel names: grouped back to the case id whatever the source names were
-            os.symlink(Path(image).resolve(), out / "imagesTr" / f"{cid}_{n:04d}{_suffix(image)}")
+            images.append(f"./imagesTr/{cid}_{n:04d}{_suffix(image)}")
+            os.symlink(Path(image).resolve(), out / images[-1])
+        entry = {"image": images if len(images) > 1 else images[0]}
         if case.label is not None:
-            os.symlink(Path(case.label).resolve(), out / "labelsTr" / f"{cid}{_suffix(case.label)}")
+            entry["label"] = f"./labelsTr/{cid}{_suffix(case.label)}"
+            os.symlink(Path(case.label).resolve(), out / entry["label"])
+        training.append(entry)
     meta = Path(dataset.root) / "dataset.json"
-    if meta.is_file():
-        os.symlink(meta.resolve(), out / "dataset.json")
+    if meta.is_file():  # the source's, listing the linked cases only (a listing is the truth for discovery)
+        import json
+
+        from sparseslice.atomic import write_json
+
+        record = json.loads(meta.read_text())
+        if "training" in record:
+            record.update(training=training, numTraining=len(training))
+        write_json(out / "dataset.json", record)
     return out
 
 

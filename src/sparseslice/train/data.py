@@ -2,7 +2,8 @@
 
 Every case is read once: normalised float32 image ``(C, X, Y, Z)``, label as class indices,
 and one weight per slice along the slice axis (0 unknown, 1 annotated or border,
-``interpolated_weight`` for interpolated slices). Samplers only draw known data: the 2D
+``interpolated_weight`` for interpolated slices), plus the known voxels of partly labelled
+slices (nnU-Net's ignore label, weight 1 per voxel). Samplers only draw known data: the 2D
 sampler keeps annotated slices only; the 3D sampler draws blocks around an annotated slice,
 so every sample holds known voxels.
 """
@@ -24,7 +25,7 @@ from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_same_space
 from sparseslice.model import Normalization, normalize
-from sparseslice.sparse import read_label_file, sidecar_path
+from sparseslice.sparse import ignore_axis, read_label_file, sidecar_path
 
 
 @dataclass
@@ -32,7 +33,9 @@ class CaseArrays:
     """One case in memory.
 
     ``image`` is ``(C, X, Y, Z)`` float32, ``label`` ``(X, Y, Z)`` uint8 class indices
-    (positions in the run's label list), ``slice_weight`` one float per slice along ``axis``.
+    (positions in the run's label list), ``slice_weight`` one float per slice along ``axis``,
+    ``partial`` (optional, ``(X, Y, Z)`` bool) the known voxels of slices labelled only in
+    part (weight 1 there; the rest of such a slice is unknown).
     """
 
     case_id: str
@@ -41,6 +44,7 @@ class CaseArrays:
     slice_weight: np.ndarray
     axis: int
     interpolated: np.ndarray | None = None
+    partial: np.ndarray | None = None
 
     @property
     def validation_slices(self) -> np.ndarray:
@@ -50,12 +54,18 @@ class CaseArrays:
 
     @property
     def known_slices(self) -> np.ndarray:
-        return np.flatnonzero(self.slice_weight > 0)
+        """Slices holding any known voxel (annotated, interpolated or partly labelled)."""
+        known = self.slice_weight > 0
+        if self.partial is not None:
+            known |= np.any(self.partial, axis=tuple(a for a in range(3) if a != self.axis))
+        return np.flatnonzero(known)
 
     def voxel_weight(self) -> np.ndarray:
+        """Per-voxel loss weight: the slice weight, and 1 at the known voxels of partial slices."""
         shape = [1, 1, 1]
         shape[self.axis] = -1
-        return np.broadcast_to(self.slice_weight.reshape(shape), self.label.shape)
+        weight = np.broadcast_to(self.slice_weight.reshape(shape), self.label.shape)
+        return weight if self.partial is None else np.where(self.partial, np.float32(1), weight)
 
 
 class Batch(NamedTuple):
@@ -69,7 +79,8 @@ class Batch(NamedTuple):
 
 
 def resolve_axis(dataset: Dataset, axis: int | None) -> int:
-    """The slice axis: ``axis`` if given, else the sidecars' axis, else the dataset's axis."""
+    """The slice axis: ``axis`` if given, else the sidecars' axis, else the dataset's axis
+    (for a declared ignore label, the axis along which its slices are whole)."""
     side_axes = set()
     for case in dataset.labelled:
         side = sidecar_path(case.label)
@@ -86,23 +97,29 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
         return found
     if axis is not None:
         return axis
-    return slice_axis_of(c.images[0] for c in dataset.labelled)
+    default = slice_axis_of(c.images[0] for c in dataset.labelled)
+    if dataset.ignore_value is None:
+        return default
+    return ignore_axis((c.label for c in dataset.labelled), ignore_value=dataset.ignore_value, default=default)
 
 
-def read_case_label(case_label: object, *, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume]:
-    """Read a label file as ``(label, annotated, interpolated, volume)``.
+def read_case_label(case_label: object, *, axis: int, ignore_value: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume, np.ndarray | None]:
+    """Read a label file as ``(label, annotated, interpolated, volume, partial)``.
 
     With a sidecar it is sparse; without one it is fully annotated, unless it holds the ignore
-    value 255, in which case slices free of it are annotated. ``volume`` is the file as read
-    (its grid, for checking it against the image).
+    value (the dataset's ``ignore_value`` from nnU-Net's dataset.json, else 255), in which
+    case slices free of it are annotated. ``volume`` is the file as read (its grid, for
+    checking it against the image); ``partial`` the known voxels of partly labelled slices
+    (None when there are none).
     """
-    sparse, vol = read_label_file(case_label, axis=axis)
+    sparse, vol = read_label_file(case_label, axis=axis, ignore_value=ignore_value)
     if sparse is None:
         n = vol.shape[axis]
-        return vol.array, np.ones(n, bool), np.zeros(n, bool), vol
+        return vol.array, np.ones(n, bool), np.zeros(n, bool), vol, None
     interpolated = np.zeros(sparse.n_slices, bool)
     interpolated[sparse.meta.get("interpolated", [])] = True
-    return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol
+    return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol, sparse.partial_known
 
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
@@ -122,15 +139,18 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
             raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
         image = load_image(case)
         arr = image.array if image.array.ndim == 4 else image.array[..., None]
-        label, annotated, interpolated, label_volume = read_case_label(case.label, axis=axis)
+        label, annotated, interpolated, label_volume, partial = read_case_label(
+            case.label, axis=axis, ignore_value=dataset.ignore_value)
         check_same_space(image, label_volume, name=cid)
         weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
         weight[interpolated] = interpolated_weight
         known = weight > 0
         if known.any():
             found.update(np.unique(np.compress(known, label, axis=axis)).tolist())
+        if partial is not None:
+            found.update(np.unique(label[partial]).tolist())
         img = normalize(np.moveaxis(arr, -1, 0), normalization)
-        raw.append((cid, img, label, weight, interpolated))
+        raw.append((cid, img, label, weight, interpolated, partial))
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
     lut = np.zeros(max(max(labels), max(found, default=0)) + 1, np.int64)
@@ -139,8 +159,8 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         raise UserError(f"label value {unexpected[0]} is not one of the run's labels {list(labels)}; "
                         "check the labels or dataset.json")
     lut[list(labels)] = np.arange(len(labels))
-    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp)
-             for cid, img, label, weight, interp in raw]
+    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial)
+             for cid, img, label, weight, interp, partial in raw]
     return cases, tuple(int(v) for v in labels)
 
 
@@ -207,7 +227,7 @@ class SliceSampler:
                 continue
             img = np.moveaxis(np.take(c.image, idx, axis=1 + c.axis), 1 + c.axis, 0)  # (n, C, h, w)
             lab = np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0)
-            w = np.broadcast_to(c.slice_weight[idx][:, None, None], lab.shape).astype(np.float32)
+            w = np.moveaxis(np.take(c.voxel_weight(), idx, axis=c.axis), c.axis, 0).astype(np.float32)
             padded, off = pad_center(lab, store)
             images.append(pad_center(img, store)[0])
             labels.append(padded)
@@ -270,6 +290,7 @@ class BlockSampler:
                             "check the sparse labels and their sidecars")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.images, self.labels, self.slice_weights = [], [], []
+        self.voxel_weights: list[np.ndarray | None] = []  # only for cases with partly labelled slices
         self.margins = []
         for c in self.cases:
             margin = tuple(max(0, p - s) for p, s in zip(self.patch_size, c.label.shape, strict=True))
@@ -279,6 +300,8 @@ class BlockSampler:
             self.labels.append(pad_center(c.label, shape)[0])
             # weights stay one value per slice (padding: unknown); blocks broadcast them on the fly
             self.slice_weights.append(pad_center(c.slice_weight.astype(np.float32), (shape[c.axis],))[0])
+            self.voxel_weights.append(None if c.partial is None
+                                      else pad_center(c.voxel_weight().astype(np.float32), shape)[0])
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -303,7 +326,8 @@ class BlockSampler:
                      zip(start, self.margins[i], case.label.shape, strict=True))] = 1
         view = [-1 if a == case.axis else 1 for a in range(3)]
         per_slice = self.slice_weights[i][sl[case.axis]].reshape(view)
-        return (self.images[i][(slice(None), *sl)], label, inside * per_slice, inside * (per_slice > 0))
+        weight = inside * (per_slice if self.voxel_weights[i] is None else self.voxel_weights[i][sl])
+        return (self.images[i][(slice(None), *sl)], label, weight, (weight > 0).astype(np.float32))
 
     def epoch(self, samples: int, batch_size: int, rng: np.random.Generator):
         """Yield ``ceil(samples / batch_size)`` batches of random blocks."""
