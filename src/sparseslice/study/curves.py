@@ -211,7 +211,7 @@ def learning_curve_figure(history: pd.DataFrame) -> bytes | None:
                 ax.plot(rows["epoch"], rows[col], color=colors[arm], ls=style, lw=1.2, alpha=0.85, label=label)
                 ax.plot(rows["epoch"].iloc[-1:], rows[col].iloc[-1:], "o", color=colors[arm], ms=3)
     axes[0].set_ylabel("training loss")
-    axes[1].set_ylabel("validation Dice")
+    axes[1].set_ylabel("validation Dice (mean over labels)")
     axes[1].set_ylim(0, 1)
     for ax, title in zip(axes, ("Training loss", "Validation Dice"), strict=True):
         ax.set_xlabel("epoch")
@@ -299,11 +299,12 @@ def dataset_label_names(spec) -> dict[int, str]:
 def report_figures(store, spec, results: pd.DataFrame, per_run: pd.DataFrame,
                    cases: pd.DataFrame) -> list[tuple[bytes | None, str]]:
     """The per-arm figures of the report with their captions: ``(png or None, caption)``."""
-    ci = f"{CONFIDENCE:.0%} bootstrap CI over test cases (each case averaged over seeds first)"
+    ci = f"{CONFIDENCE * 100:g} % bootstrap CI over test cases (each case averaged over seeds first)"
     history = run_histories(store, per_run)
     out = [(learning_curve_figure(history),
-            "Learning curves: training loss and validation Dice per epoch of every run (colour: arm; line "
-            "style: seed). A validation Dice still rising at the last epoch means the run was undertrained.")]
+            "Learning curves: training loss and validation Dice (the trainer's: mean over labels) per epoch of "
+            "every run (colour: arm; line style: seed). A validation Dice still rising at the last epoch means "
+            "the run was undertrained.")]
     hours = annotation_hours(store, per_run, axis=spec.dataset.axis)
     cost = _cost_text(store, per_run)
     out.append((hours_figure(cases, hours),

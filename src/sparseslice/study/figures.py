@@ -221,6 +221,7 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
     present = sorted({int(v) for _, _, t, p in rows for v in np.union1d(np.unique(t), np.unique(p)) if v > 0})
     handles = [Patch(color=label_color(v), alpha=0.7, label=f"{v}: {names.get(v, f'label {v}')}") for v in present]
     if handles:
-        fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(handles), 6),
+        fig.tight_layout()
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.01), ncol=min(len(handles), 6),
                    fontsize=8, title="label value: name", title_fontsize=8, frameon=False)
     return _png(fig)
