@@ -193,8 +193,8 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
         k = int(np.argmax(np.count_nonzero(truth, axis=other)))
         take = [slice(None)] * 3
         take[axis] = k
-        rows.append((f"{title} (Dice {dice:.3f}, slice {k} along axis {axis})", image[tuple(take)], truth[tuple(take)],
-                     pred[tuple(take)]))
+        rows.append((f"{title} (foreground Dice {dice:.3f}, slice {k} along axis {axis})", image[tuple(take)],
+                     truth[tuple(take)], pred[tuple(take)]))
     if not rows:
         return None
     from matplotlib.colors import BoundaryNorm, ListedColormap
