@@ -318,8 +318,8 @@ def render_report(root: str | os.PathLike[str]) -> str:
         parts.append(_img(figures.regime_figure(per_run, regimes), "Every regime (seeds as points)"))
         parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
         example = _examples(store, spec, per_run, cases)
-        parts.append(_img(example, "Example slices (image, truth, prediction) of the best and worst test case "
-                                   "of the best run") if example else
+        parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
+                                   "legend) of the best and worst test case of the best run") if example else
                      "<p>Example slices: no predictions available.</p>")
         parts.append("<h2>Mean ± std per regime</h2><p>Std is over seeds (of each run's mean over test cases); "
                      "a regime with one seed shows no std.</p>" + _regime_table(regimes, metrics))
