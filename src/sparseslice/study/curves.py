@@ -147,12 +147,15 @@ def annotation_hours(store, per_run: pd.DataFrame, *, axis: int | None = None) -
         minutes = plan.minutes if plan.minutes is not None else plan.cost.plan_cost(
             [(e.slices, e.extent is not None) for e in plan.entries])
         hours[run_id] = minutes / 60
+    done: dict[tuple[Path, ...], float | None] = {}  # baselines share the training split: read it once
     for run_id in per_run.loc[per_run["baseline"].astype(bool), "run_id"]:
         labels = store.run_dir(run_id) / "full" / "labelsTr"
         if plan_axis is not None and labels.is_dir():
-            minutes = _full_minutes(sorted(labels.iterdir()), axis=int(plan_axis), cost=cost or CostModel())
-            if minutes is not None:
-                hours[run_id] = minutes / 60
+            files = tuple(sorted(p.resolve() for p in labels.iterdir()))
+            if files not in done:
+                done[files] = _full_minutes(list(files), axis=int(plan_axis), cost=cost or CostModel())
+            if done[files] is not None:
+                hours[run_id] = done[files] / 60
     return pd.Series(hours, name="hours", dtype=float)
 
 
