@@ -250,7 +250,9 @@ def hours_figure(cases: pd.DataFrame, hours: pd.Series) -> bytes | None:
     spread = span["h_max"].max() / max(span["h_min"].min(), 1e-9)
     if spread > 8:
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("annotation hours (plan's time model" + ("; log scale)" if spread > 8 else ")"))
     ax.set_ylabel("test Dice (mean over cases)")
     ax.set_title("Annotation time vs test Dice (95 % CI over test cases)", fontsize=10)
