@@ -39,3 +39,39 @@ def crashing_run(run, config, run_dir: Path) -> RunOutput:
     if run.strategy == "interval" and run.seed == 1:
         raise RuntimeError("simulated crash in training")
     return fake_run(run, config, run_dir)
+
+
+#: Full labels of the fake baseline: foreground on slices FULL_SLICES along axis 2 of each volume.
+FULL_VOLUMES, FULL_SLICES = 2, (1, 2, 3, 4)
+
+
+def fake_history(level: float, epochs: int = 5) -> pd.DataFrame:
+    """A run's ``history.csv``: loss falling, validation Dice rising towards ``level``."""
+    epoch = np.arange(1, epochs + 1)
+    return pd.DataFrame({"epoch": epoch, "phase": 1, "loss": 1.5 / epoch, "val_dice": level * (1 - 0.5 ** epoch)})
+
+
+def fake_run_with_files(run, config, run_dir: Path) -> RunOutput:
+    """Like fake_run, and writes what real runs leave for the report's figures: ``model/history.csv``,
+    ``plan.json`` (sparse runs, with the time model's minutes) or ``full/labelsTr`` (baseline)."""
+    import nibabel as nib
+
+    from sparseslice.select import CostModel, Plan, PlanEntry, write_plan
+
+    output = fake_run(run, config, run_dir)
+    (run_dir / "model").mkdir()
+    level = float(output.metrics.loc[output.metrics["metric"] == "dice", "value"].mean())
+    fake_history(level).to_csv(run_dir / "model" / "history.csv", index=False)
+    if run.baseline:
+        (run_dir / "full" / "labelsTr").mkdir(parents=True)
+        for n in range(FULL_VOLUMES):
+            label = np.zeros((6, 6, 8), np.uint8)
+            label[2:4, 2:4, list(FULL_SLICES)] = 1
+            nib.save(nib.Nifti1Image(label, np.eye(4)), run_dir / "full" / "labelsTr" / f"train_{n}.nii.gz")
+        return output
+    groups = np.array_split(np.arange(run.budget), output.info["n_volumes"])
+    entries = [PlanEntry(f"train_{n}", 2, tuple(range(len(g))), 12) for n, g in enumerate(groups)]
+    minutes = CostModel().plan_cost([(e.slices, False) for e in entries])
+    write_plan(Plan(entries, run.strategy, run.seed, run.budget, run.rho, len(entries), axis=2, minutes=minutes),
+               run_dir / "plan.json")
+    return output

@@ -57,7 +57,8 @@ def test_real_pipeline_runs_baseline_and_sparse_runs_and_reports(phantom_dataset
     runs = pd.read_csv(tmp_path / "s" / "runs.csv").set_index("run_id")
     assert runs.loc["2d_b4_rho0.25_random_interp-none_seed0", "n_volumes"] == len(plan["entries"])
     html = render_report(tmp_path / "s")
-    assert html.count("<img ") == 5  # density, interpolation, strategy, regimes, example slices
+    # density, interpolation, strategy, regimes, learning curves, hours vs Dice, per-label, example slices
+    assert html.count("<img ") == 8
     assert re.search(r"annotate \d+ volumes at [\d.]+ slices each, chosen by random", html)
 
 

@@ -1,6 +1,8 @@
 """The report's figures, drawn with matplotlib's Agg backend and returned as PNG bytes.
 
-Seeds are shown as individual points around their mean, never averaged away.
+Seeds are shown as individual points around their mean, never averaged away; error bars are
+95 % bootstrap intervals over test cases (:func:`sparseslice.study.curves.case_ci`), not the
+spread of a few seeds.
 """
 
 from __future__ import annotations
@@ -36,8 +38,24 @@ def _measure(per_run: pd.DataFrame) -> tuple[str, str]:
     return "dice", "Dice (no baseline: absolute)"
 
 
-def density_figure(per_run: pd.DataFrame, *, budget: int) -> bytes | None:
-    """Relative performance vs density at a fixed budget: one panel per model, a line per strategy."""
+def _case_errorbars(ax, cases: pd.DataFrame, runs: pd.DataFrame, x_col: str, value: str, **style) -> None:
+    """Mean over test cases with its 95 % CI (each case averaged over seeds first) at each ``x_col``."""
+    from sparseslice.study.curves import case_ci
+
+    rows = cases[cases["run_id"].isin(runs["run_id"])]
+    rows = rows.assign(_x=rows["run_id"].map(runs.set_index("run_id")[x_col]))
+    ci = case_ci(rows, by=["_x"], value=value).sort_values("_x")
+    if ci.empty:
+        return
+    yerr = np.nan_to_num(np.vstack([ci["mean"] - ci["lo"], ci["hi"] - ci["mean"]]))
+    ax.errorbar(ci["_x"], ci["mean"], yerr=yerr, capsize=3, **style)
+
+
+def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int) -> bytes | None:
+    """Relative performance vs density at a fixed budget: one panel per model, a line per strategy.
+
+    Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means.
+    """
     runs = per_run[(per_run["budget"] == budget) & per_run["block_fraction"].isna()]
     if (runs["interpolation"] == "none").any():
         runs = runs[runs["interpolation"] == "none"]
@@ -52,9 +70,7 @@ def density_figure(per_run: pd.DataFrame, *, budget: int) -> bytes | None:
     for ax, model in zip(axes[0], models, strict=True):
         sub = runs[runs["model"] == model]
         for color, (strategy, rows) in zip(COLORS, sub.groupby("strategy"), strict=False):
-            mean = rows.groupby(x_col)[value].agg(["mean", "std"]).reset_index()
-            ax.errorbar(mean[x_col], mean["mean"], yerr=mean["std"].fillna(0), color=color, marker="o",
-                        capsize=3, label=strategy)
+            _case_errorbars(ax, cases, rows, x_col, value, color=color, marker="o", label=strategy)
             jitter = rows[x_col] * (1 + rng.uniform(-0.03, 0.03, len(rows)))
             ax.scatter(jitter, rows[value], color=color, alpha=0.45, s=14)
         vols = sub.groupby(x_col)["n_volumes"].mean() if "n_volumes" in sub else pd.Series(dtype=float)
@@ -71,12 +87,16 @@ def density_figure(per_run: pd.DataFrame, *, budget: int) -> bytes | None:
         if value == "rel_dice":
             ax.axhline(1.0, color="#888", lw=0.8, ls="--")
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(title="strategy (points: seeds)", fontsize=8)
+    axes[0][-1].legend(title="strategy (bars: 95 % CI over cases; points: seeds)", fontsize=8, title_fontsize=8,
+                       loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     return _png(fig)
 
 
-def interpolation_figure(per_run: pd.DataFrame) -> bytes | None:
-    """With vs without interpolation: a line per method over density, one panel per model."""
+def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame) -> bytes | None:
+    """With vs without interpolation: a line per method over density, one panel per model.
+
+    Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means.
+    """
     runs = per_run[~per_run["baseline"].astype(bool) & per_run["rho"].notna()]
     # only runs that exist with and without interpolation (same everything else), so lines are comparable
     keys = ["model", "budget", "rho", "strategy", "border_slices", "schedule", "mask_channel", "seed"]
@@ -91,9 +111,7 @@ def interpolation_figure(per_run: pd.DataFrame) -> bytes | None:
     for ax, model in zip(axes[0], models, strict=True):
         sub = runs[runs["model"] == model]
         for color, (method, rows) in zip(COLORS, sub.groupby("interpolation"), strict=False):
-            mean = rows.groupby("rho")[value].agg(["mean", "std"]).reset_index()
-            ax.errorbar(mean["rho"], mean["mean"], yerr=mean["std"].fillna(0), color=color, marker="s",
-                        capsize=3, label=method)
+            _case_errorbars(ax, cases, rows, "rho", value, color=color, marker="s", label=method)
             ax.scatter(rows["rho"], rows[value], color=color, alpha=0.4, s=12)
         ax.set_xscale("log")
         ax.minorticks_off()
@@ -103,7 +121,8 @@ def interpolation_figure(per_run: pd.DataFrame) -> bytes | None:
         ax.set_title(f"{model.upper()}: with vs without interpolation (matched runs)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
-    axes[0][-1].legend(title="interpolation", fontsize=8)
+    axes[0][-1].legend(title="interpolation (bars: 95 % CI over cases; points: seeds)", fontsize=8,
+                       title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     return _png(fig)
 
 
@@ -150,10 +169,13 @@ def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
-def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]]) -> bytes | None:
+def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
+                   label_names: dict[int, str] | None = None) -> bytes | None:
     """Image, truth and prediction on the slice with most truth foreground, one row per case.
 
     ``examples``: ``(title, image path, label path, prediction path, slice axis, dice)``.
+    Label values are drawn in fixed colours (:func:`~sparseslice.study.curves.label_color`)
+    with a legend naming each value (``label_names``, e.g. from ``dataset.json``).
     """
     from sparseslice.io import read_label, read_volume
 
@@ -171,21 +193,35 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]]) -> 
         k = int(np.argmax(np.count_nonzero(truth, axis=other)))
         take = [slice(None)] * 3
         take[axis] = k
-        rows.append((f"{title} (Dice {dice:.3f}, slice {k} along axis {axis})", image[tuple(take)], truth[tuple(take)],
-                     pred[tuple(take)]))
+        rows.append((f"{title} (foreground Dice {dice:.3f}, slice {k} along axis {axis})", image[tuple(take)],
+                     truth[tuple(take)], pred[tuple(take)]))
     if not rows:
         return None
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+
+    from sparseslice.study.curves import label_color
+
     plt = _pyplot()
+    vmax = max([1, *(int(max(t.max(), p.max())) for _, _, t, p in rows)])
+    cmap = ListedColormap([label_color(v) for v in range(1, vmax + 1)])
+    norm = BoundaryNorm(np.arange(0.5, vmax + 1.5), cmap.N)
     fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.8 * len(rows)), squeeze=False)
     for r, (title, img, tru, prd) in enumerate(rows):
-        vmax = max(int(tru.max()), int(prd.max()), 1)
         for c, (name, overlay) in enumerate((("image", None), ("truth", tru), ("prediction", prd))):
             ax = axes[r][c]
             ax.imshow(img.T, cmap="gray", origin="lower")
             if overlay is not None:
-                ax.imshow(np.ma.masked_equal(overlay.T, 0), cmap="autumn", alpha=0.5, vmin=0, vmax=vmax,
+                ax.imshow(np.ma.masked_equal(overlay.T, 0), cmap=cmap, norm=norm, alpha=0.55,
                           origin="lower", interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{title}\n{name}" if c == 0 else f"\n{name}", fontsize=8, loc="left")
+    names = label_names or {}
+    present = sorted({int(v) for _, _, t, p in rows for v in np.union1d(np.unique(t), np.unique(p)) if v > 0})
+    handles = [Patch(color=label_color(v), alpha=0.7, label=f"{v}: {names.get(v, f'label {v}')}") for v in present]
+    if handles:
+        fig.tight_layout()
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.01), ncol=min(len(handles), 6),
+                   fontsize=8, title="label value: name", title_fontsize=8, frameon=False)
     return _png(fig)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sparseslice.atomic import write_text
-from sparseslice.study import analysis, figures
+from sparseslice.study import analysis, curves, figures
 from sparseslice.study.results import collect_results, load_study, run_table
 from sparseslice.study.store import StudyStore
 
@@ -263,7 +263,7 @@ def _examples(store: StudyStore, spec, per_run: pd.DataFrame, cases: pd.DataFram
             continue
         if pred.is_file() and case.label is not None:
             examples.append((f"{title} {row['case']}", case.images[0], case.label, pred, axis, float(row["dice"])))
-    return figures.example_figure(examples) if examples else None
+    return figures.example_figure(examples, label_names=curves.dataset_label_names(spec)) if examples else None
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
@@ -308,15 +308,18 @@ def render_report(root: str | os.PathLike[str]) -> str:
     if not per_run.empty:
         parts.append("<h2>Figures</h2>")
         for budget in sorted(per_run["budget"].dropna().unique()):
-            parts.append(_img(figures.density_figure(per_run, budget=int(budget)),
-                              f"Relative performance vs density at a budget of {int(budget)} slices "
-                              "(mean ± std over seeds; points: seeds; s: volumes annotated)"))
-        parts.append(_img(figures.interpolation_figure(per_run), "With vs without interpolation"))
+            parts.append(_img(figures.density_figure(per_run, cases, budget=int(budget)),
+                              f"Relative performance vs density at a budget of {int(budget)} slices (mean over "
+                              "test cases, bars: 95 % bootstrap CI over test cases, each case averaged over seeds "
+                              "first; points: seeds; s: volumes annotated)"))
+        parts.append(_img(figures.interpolation_figure(per_run, cases),
+                          "With vs without interpolation (bars: 95 % bootstrap CI over test cases)"))
         parts.append(_img(figures.strategy_figure(cases), "Distribution of relative performance per strategy"))
         parts.append(_img(figures.regime_figure(per_run, regimes), "Every regime (seeds as points)"))
+        parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
         example = _examples(store, spec, per_run, cases)
-        parts.append(_img(example, "Example slices (image, truth, prediction) of the best and worst test case "
-                                   "of the best run") if example else
+        parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
+                                   "legend) of the best and worst test case of the best run") if example else
                      "<p>Example slices: no predictions available.</p>")
         parts.append("<h2>Mean ± std per regime</h2><p>Std is over seeds (of each run's mean over test cases); "
                      "a regime with one seed shows no std.</p>" + _regime_table(regimes, metrics))
