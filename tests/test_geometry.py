@@ -126,3 +126,39 @@ def test_nnunet_export_puts_the_annotated_axis_where_nnunet_2d_slices(axis: int,
             assert new_arr[index[::-1]] == src_arr[old[::-1]]
             if index[2] in entry.slices:
                 assert arr[index[::-1]] == truth[old[::-1]]
+
+
+def _nnunet_python() -> str:
+    """A Python with nnunetv2 (``SPARSESLICE_NNUNET_PYTHON``, /tmp/nnunet-venv, or this one), else skip."""
+    import importlib.util
+    import os
+    import sys
+
+    for python in (os.environ.get("SPARSESLICE_NNUNET_PYTHON"), "/tmp/nnunet-venv/bin/python"):
+        if python and Path(python).is_file():
+            return python
+    if importlib.util.find_spec("nnunetv2") is not None:
+        return sys.executable
+    pytest.skip("nnunetv2 not installed (set SPARSESLICE_NNUNET_PYTHON to a venv's python that has it)")
+
+
+@pytest.mark.parametrize("border", [False, True], ids=["sparse", "border"])
+def test_nnunet_verify_dataset_integrity_accepts_the_export(border: bool, tmp_path: Path) -> None:
+    """nnU-Net v2's own check: no spacing/origin/direction mismatch, label values as declared."""
+    import subprocess
+
+    python = _nnunet_python()
+    root = make_skewed_dataset(tmp_path / "src", codes=(1, 2), n_cases=2, shape=(9, 14, 12))
+    ds = discover_dataset(root)
+    plan = make_plan(ds, budget=4, volumes=2, strategy="interval", seed=0, axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = simulate(ds, plan, tmp_path / "raw" / "Dataset999_Skewed", format="nnunet", border_slices=border)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1", "nnUNet_raw": str(tmp_path / "raw"),
+           "nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")}
+    code = ("import sys; from nnunetv2.experiment_planning.verify_dataset_integrity import "
+            "verify_dataset_integrity as v; v(sys.argv[1], 1)")
+    res = subprocess.run([python, "-c", code, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text
+    assert "mismatch" not in text.lower() and "verify_dataset_integrity Done" in text, text
