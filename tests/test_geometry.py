@@ -162,3 +162,23 @@ def test_nnunet_verify_dataset_integrity_accepts_the_export(border: bool, tmp_pa
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
     assert "mismatch" not in text.lower() and "verify_dataset_integrity Done" in text, text
+
+
+def test_nnunet_channel_split_keeps_the_image_header(tmp_path: Path) -> None:
+    """One 4D image split into ``_0000``/``_0001`` files: each channel keeps the qform/sform header."""
+    import nibabel as nib
+
+    root = make_skewed_dataset(tmp_path / "src", codes=(1, 2), n_cases=2)
+    for path in (root / "imagesTr").iterdir():
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+        write_skewed(np.stack([data, -data], axis=-1), path, codes=(1, 2))
+    reference = write_skewed(np.zeros((2, 2, 2), np.uint8), tmp_path / "ref.nii.gz", codes=(1, 2))
+    ds = discover_dataset(root)
+    out = simulate(ds, make_plan(ds, budget=2, volumes=2, strategy="interval", seed=0, axis=2), tmp_path / "nn",
+                   format="nnunet")
+    for cid in ds.case_ids:
+        files = [out / "imagesTr" / f"{cid}_{c:04d}.nii.gz" for c in (0, 1)]
+        for path in [*files, out / "labelsTr" / f"{cid}.nii.gz"]:
+            assert_same_place(path, reference, (1, 2))
+        assert np.array_equal(np.asanyarray(nib.load(str(files[1])).dataobj),
+                              -np.asanyarray(nib.load(str(files[0])).dataobj))

@@ -74,8 +74,9 @@ def permute_affine(affine: np.ndarray, order: Sequence[int]) -> np.ndarray:
 
     Examples
     --------
-    >>> permute_affine(np.diag([1.0, 2.0, 3.0, 1.0]), (1, 2, 0)).diagonal().tolist()
-    [0.0, 0.0, 0.0, 1.0]
+    >>> moved = permute_affine(np.diag([1.0, 2.0, 3.0, 1.0]), (1, 2, 0))
+    >>> np.linalg.norm(moved[:3, :3], axis=0).tolist()  # spacing follows its axis
+    [2.0, 3.0, 1.0]
     """
     out = np.array(affine, dtype=float, copy=True)
     out[:3, :3] = np.asarray(affine, dtype=float)[:3, list(order)]
