@@ -71,7 +71,7 @@ def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
     write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), target)
     before = target.read_bytes()
 
-    def half_write(array, affine, path):
+    def half_write(array, affine, path, **_):
         path.write_bytes(b"half")
         raise RuntimeError("disk full")
 

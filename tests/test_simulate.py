@@ -16,7 +16,7 @@ from sparseslice.errors import UserError
 from sparseslice.io import read_label
 from sparseslice.select import PlanEntry, make_plan, read_plan, write_plan
 from sparseslice.simulate import nnunet_ignore_value, simulate
-from sparseslice.sparse import decode, extent_of, read_sparse
+from sparseslice.sparse import decode, extent_of, read_sparse, sidecar_path
 
 
 def _assert_exact(src, out: Path, plan, *, ignore_value: int) -> None:
@@ -26,11 +26,13 @@ def _assert_exact(src, out: Path, plan, *, ignore_value: int) -> None:
     for entry in plan.entries:
         truth = load_label(src.case(entry.case_id)).array
         case = written.case(entry.case_id)
+        order = json.loads(sidecar_path(case.label).read_text()).get("axis_order", [0, 1, 2])
+        truth, axis = np.transpose(truth, order), order.index(entry.axis)  # nnU-Net: annotated axis last
         raw = read_label(case.label).array
-        sparse = decode(raw, axis=entry.axis, ignore_value=ignore_value)
+        sparse = decode(raw, axis=axis, ignore_value=ignore_value)
         assert sparse.annotated_indices == list(entry.slices)
         index = [slice(None)] * 3
-        index[entry.axis] = list(entry.slices)
+        index[axis] = list(entry.slices)
         assert np.array_equal(sparse.label[tuple(index)], truth[tuple(index)])
         assert np.all(raw[sparse.known_mask() == 0] == ignore_value)
         side, _ = read_sparse(case.label)

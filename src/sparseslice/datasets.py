@@ -343,7 +343,7 @@ def load_image(case: Case) -> Volume:
         check_same_space(first, v, name=f"{case.case_id} channel {p.name}")
     if len(vols) == 1:
         return first
-    return Volume(np.stack([v.array for v in vols], axis=-1), first.affine)
+    return first.like(np.stack([v.array for v in vols], axis=-1))
 
 
 def load_label(case: Case, *, image: Volume | None = None) -> Volume:

@@ -5,13 +5,18 @@ Every volume is held the way nibabel holds NIfTI: ``array`` indexed ``[i, j, k]`
 through SimpleITK and are converted to and from that convention (SimpleITK's arrays are
 ``[k, j, i]`` and its world is LPS), so a label written here reopens in 3D Slicer or ITK-SNAP
 on top of its image. Intensities are never rescaled and dtypes are kept.
+
+A NIfTI header holds two transforms, the qform and the sform, each with a code; nibabel's
+``affine`` is one of them, ITK (SimpleITK, 3D Slicer, ITK-SNAP, nnU-Net) may read the other.
+Volumes read from NIfTI carry both (:class:`NiftiGeometry`), and every file written from
+them repeats them, so a label lands on its image in every viewer.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +31,70 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @dataclass(frozen=True)
+class NiftiGeometry:
+    """The spatial part of a NIfTI header: both transforms, their codes and the units.
+
+    Parameters
+    ----------
+    qform, sform : numpy.ndarray
+        4x4 voxel-to-RAS+ matrices stored in the header (each kept even when its code is 0).
+    qform_code, sform_code : int
+        NIfTI xform codes (0 unknown, 1 scanner, 2 aligned, 3 Talairach, 4 MNI, 5 template).
+    units : tuple of str
+        Spatial and temporal units (``("mm", "sec")``).
+    """
+
+    qform: np.ndarray
+    sform: np.ndarray
+    qform_code: int
+    sform_code: int
+    units: tuple[str, str] = ("mm", "sec")
+
+    @property
+    def affine(self) -> np.ndarray | None:
+        """The transform nibabel reads as ``affine``: the sform if coded, else the qform, else None."""
+        if self.sform_code > 0:
+            return self.sform
+        if self.qform_code > 0:
+            return self.qform
+        return None
+
+    def matches(self, affine: np.ndarray, *, atol: float = 1e-4) -> bool:
+        """Whether ``affine`` is still the one this header gives (so the header may be written)."""
+        own = self.affine
+        return own is not None and bool(np.allclose(own, affine, atol=atol))
+
+    def permuted(self, order: Sequence[int]) -> NiftiGeometry:
+        """The same header for an array transposed by ``order`` (same physical space)."""
+        return replace(self, qform=permute_affine(self.qform, order), sform=permute_affine(self.sform, order))
+
+
+def permute_affine(affine: np.ndarray, order: Sequence[int]) -> np.ndarray:
+    """Affine of ``np.transpose(array, order)`` so that every voxel keeps its world position.
+
+    Examples
+    --------
+    >>> moved = permute_affine(np.diag([1.0, 2.0, 3.0, 1.0]), (1, 2, 0))
+    >>> np.linalg.norm(moved[:3, :3], axis=0).tolist()  # spacing follows its axis
+    [2.0, 3.0, 1.0]
+    """
+    out = np.array(affine, dtype=float, copy=True)
+    out[:3, :3] = np.asarray(affine, dtype=float)[:3, list(order)]
+    return out
+
+
+def _nifti_geometry(img) -> NiftiGeometry | None:  # noqa: ANN001 - a nibabel Nifti1Image
+    """Both transforms of a nibabel image's header, or None when neither is coded."""
+    hdr = img.header
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    if qcode == 0 and scode == 0:
+        return None
+    units = tuple(u or "unknown" for u in hdr.get_xyzt_units())
+    return NiftiGeometry(np.asarray(hdr.get_qform(), float), np.asarray(hdr.get_sform(), float),
+                         qcode, scode, (units[0], units[1]))
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3D image or label array with its place in the world.
 
@@ -35,10 +104,14 @@ class Volume:
         Voxel values, indexed ``[i, j, k]``.
     affine : numpy.ndarray
         4x4 matrix from voxel indices to RAS+ millimetres.
+    geometry : NiftiGeometry or None
+        The NIfTI header's transforms and codes when read from NIfTI; written back as long
+        as ``affine`` is still the header's.
     """
 
     array: np.ndarray
     affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    geometry: NiftiGeometry | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -56,7 +129,15 @@ class Volume:
                 f"array shape must match the volume, got {array.shape} for {self.array.shape}; "
                 "pass an array on the same grid"
             )
-        return Volume(array, self.affine.copy())
+        return Volume(array, self.affine.copy(), self.geometry)
+
+    def transposed(self, order: Sequence[int]) -> Volume:
+        """The volume with spatial axes reordered by ``order``, in the same physical space."""
+        order = [int(a) for a in order]
+        full = order + list(range(3, self.array.ndim))
+        geometry = self.geometry.permuted(order) if self.geometry is not None else None
+        return Volume(np.ascontiguousarray(np.transpose(self.array, full)), permute_affine(self.affine, order),
+                      geometry)
 
 
 def affine_from_spacing(spacing: tuple[float, ...], origin: tuple[float, ...] = (0, 0, 0)) -> np.ndarray:
@@ -130,7 +211,7 @@ def _read_nifti(path: Path) -> Volume:
     if array.ndim not in (3, 4):
         raise UserError(f"file {str(path)!r} must hold a 3D volume, got shape {array.shape}; "
                         "pass a 3D image")
-    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=float))
+    return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=float), _nifti_geometry(img))
 
 
 def _read_itk(path: Path) -> Volume:
@@ -170,21 +251,28 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
         array = array.astype(np.uint8)
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
-            _write_nifti(array, volume.affine, tmp)
+            _write_nifti(array, volume.affine, tmp, geometry=volume.geometry)
         else:
             _write_itk(array, volume.affine, tmp, compress=suffix != ".mhd")
     return path
 
 
-def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, *,
+                 geometry: NiftiGeometry | None = None) -> None:
+    """Write NIfTI with ``geometry``'s header when it still gives ``affine``, else ``affine`` twice (codes 1/1)."""
     import nibabel as nib
 
     img = nib.Nifti1Image(array, affine)
     img.header.set_data_dtype(array.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm", "sec")
+    if geometry is not None and geometry.matches(affine):
+        img.set_sform(geometry.sform, code=int(geometry.sform_code))
+        img.set_qform(geometry.qform, code=int(geometry.qform_code))  # sets pixdim from the qform
+        img.header.set_xyzt_units(*geometry.units)
+    else:
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
     nib.save(img, str(path))
 
 
@@ -229,7 +317,7 @@ def read_label(path: str | os.PathLike[str], *, ignore_value: int | None = None)
         raise UserError(f"label {str(path)!r} must hold non-negative values, got {arr.min().item()}; "
                         "labels are 0 (background), 1, 2, ...")
     arr = narrow_label_dtype(arr)
-    return Volume(arr, vol.affine)
+    return Volume(arr, vol.affine, vol.geometry)
 
 
 def narrow_label_dtype(array: np.ndarray) -> np.ndarray:
@@ -312,6 +400,7 @@ class Header:
     shape: tuple[int, ...]
     affine: np.ndarray
     dtype: np.dtype
+    geometry: NiftiGeometry | None = None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -332,7 +421,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             shape = tuple(int(s) for s in img.shape)
             if len(shape) == 4 and shape[3] == 1:
                 shape = shape[:3]
-            return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()))
+            return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()),
+                          _nifti_geometry(img))
         if suffix is None:
             raise UserError(f"file {str(path)!r} has an unknown format; use one of "
                             f"{', '.join(VOLUME_SUFFIXES)}")

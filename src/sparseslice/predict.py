@@ -237,5 +237,5 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                 largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                 batch_size=batch_size)
-        written.append(write_volume(Volume(labels, image.affine.copy()), out / f"{case.case_id}.nii.gz"))
+        written.append(write_volume(image.like(labels), out / f"{case.case_id}.nii.gz"))
     return written

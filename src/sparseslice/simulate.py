@@ -29,7 +29,7 @@ import numpy as np
 from sparseslice.atomic import atomic_path, write_json
 from sparseslice.datasets import Case, Dataset, load_image
 from sparseslice.errors import UserError
-from sparseslice.io import check_same_space, read_header, read_label, volume_suffix, write_volume
+from sparseslice.io import Header, Volume, check_same_space, read_header, read_label, volume_suffix, write_volume
 from sparseslice.progress import track
 from sparseslice.select.plan import Plan
 from sparseslice.select.worklist import write_plan
@@ -140,6 +140,7 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
 
     training = []
     wasted: list[str] = []
+    finer: list[str] = []
     for entry in track(plan.entries, "simulating", progress=progress):
         case = dataset.case(entry.case_id)
         label = read_label(case.label)
@@ -159,15 +160,27 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
                 outside = [i for i in entry.slices if not ext[0] <= i <= ext[1]]
                 if outside:
                     wasted.append(f"{case.case_id} {outside}")
-        images = _write_images(case, out / "imagesTr", nnunet=format == "nnunet", copy=copy_images)
+        label = _on_image_header(label, head)
+        order = nnunet_axis_order(entry.axis) if format == "nnunet" else (0, 1, 2)
+        if order != (0, 1, 2):  # nnU-Net 2D slices along the last NIfTI axis: put the annotated one there
+            sparse, label = _transposed(sparse, order), label.transposed(order)
+            if _finer_than_another(head.spacing, entry.axis):
+                finer.append(case.case_id)
+        images = _write_images(case, out / "imagesTr", nnunet=format == "nnunet", copy=copy_images, order=order)
         label_path = out / "labelsTr" / f"{case.case_id}.nii.gz"
         write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
                      extra={"case": case.case_id, "strategy": plan.strategy, "seed": plan.seed,
                             "plan_extent": list(entry.extent) if entry.extent else None,
-                            "source_label": str(Path(case.label).resolve())})
+                            "source_label": str(Path(case.label).resolve()),
+                            **({"source_axis": entry.axis, "axis_order": list(order)}
+                               if order != (0, 1, 2) else {})})
         training.append({"image": f"./imagesTr/{images[0].name}" if format == "msd" or len(images) == 1
                          else [f"./imagesTr/{p.name}" for p in images],
                          "label": f"./labelsTr/{label_path.name}"})
+    if finer:
+        warnings.warn(f"{len(finer)} case(s) are annotated along an axis finer than another (e.g. {finer[0]}); "
+                      "nnU-Net's 2d configuration slices along the coarsest axis, so train it with 3d_fullres "
+                      "or plan along the coarsest axis", UserWarning, stacklevel=2)
     if wasted:
         warnings.warn(f"{len(wasted)} case(s) have drawn slices outside the structure extent, which border "
                       f"slices would have given for free (e.g. {wasted[0]}); plan with --extents so the "
@@ -176,6 +189,43 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, format=format,
                                                    ignore_value=ignore_value, border_slices=border_slices))
     return out
+
+
+def nnunet_axis_order(axis: int) -> tuple[int, int, int]:
+    """Axis order that moves the annotated ``axis`` last, keeping the other two in cyclic order.
+
+    nnU-Net v2 reads NIfTI through SimpleITK (array ``[k, j, i]``) and its 2d configuration
+    slices along that array's first axis (after moving the coarsest axis first; ties keep
+    it), i.e. along the last NIfTI axis. A cyclic order keeps the handedness of the grid.
+
+    Examples
+    --------
+    >>> nnunet_axis_order(0), nnunet_axis_order(1), nnunet_axis_order(2)
+    ((1, 2, 0), (2, 0, 1), (0, 1, 2))
+    """
+    return tuple((axis + 1 + k) % 3 for k in range(3))  # type: ignore[return-value]
+
+
+def _transposed(sparse: SparseLabel, order: tuple[int, int, int]) -> SparseLabel:
+    """``sparse`` with its arrays transposed by ``order``; its slice axis becomes ``order.index(axis)``."""
+    return replace(sparse, label=np.ascontiguousarray(np.transpose(sparse.label, order)),
+                   axis=order.index(sparse.axis))
+
+
+def _finer_than_another(spacing: Sequence[float], axis: int) -> bool:
+    """Whether ``axis`` has a smaller spacing than another axis (nnU-Net 2d would slice that one)."""
+    return spacing[axis] < max(spacing) * (1 - 1e-3)
+
+
+def _on_image_header(label: Volume, head: Header) -> Volume:
+    """``label`` carrying its image's NIfTI header (both transforms and codes), so it lands on the image.
+
+    The affines already agree (checked); the image's qform may still differ from the
+    label's, and ITK readers use it.
+    """
+    if head.geometry is None:
+        return label
+    return replace(label, geometry=head.geometry)
 
 
 def _clear_previous(out: Path) -> None:
@@ -197,14 +247,18 @@ def _clear_previous(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool) -> list[Path]:
-    """Link, copy or convert a case's image files; nnU-Net gets one ``_000c`` file per channel."""
+def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool,
+                  order: tuple[int, int, int] = (0, 1, 2)) -> list[Path]:
+    """Link, copy or convert a case's image files; nnU-Net gets one ``_000c`` file per channel.
+
+    Images are rewritten (with their own header) when converted, split or reordered by ``order``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     sources = list(case.images)
     if nnunet and len(sources) == 1:
         head = read_header(sources[0])
         if len(head.shape) == 4 and head.shape[3] > 1:  # one 4D file: split channels for nnU-Net
-            image = load_image(case)
+            image = load_image(case).transposed(order)
             targets = []
             for c in range(image.array.shape[3]):
                 target = folder / f"{case.case_id}_{c:04d}.nii.gz"
@@ -216,10 +270,10 @@ def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool) -> list
     for c, src in enumerate(sources):
         name = f"{case.case_id}_{c:04d}.nii.gz" if several else f"{case.case_id}.nii.gz"
         target = folder / name
-        if volume_suffix(src) != ".nii.gz":
+        if volume_suffix(src) != ".nii.gz" or order != (0, 1, 2):
             from sparseslice.io import read_volume
 
-            write_volume(read_volume(src), target)
+            write_volume(read_volume(src).transposed(order), target)
         else:
             _link_or_copy(Path(src), target, copy=copy)
         targets.append(target)
@@ -252,6 +306,8 @@ def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: lis
     sparse = {"ignore_value": ignore_value, "axis": plan.axis, "strategy": plan.strategy, "seed": plan.seed,
               "budget": plan.budget, "volumes": plan.volumes, "rho": plan.rho, "border_slices": border_slices,
               "source": str(Path(dataset.root).resolve())}
+    if format == "nnunet":  # every case was reordered so its annotated axis is the last (nnunet_axis_order)
+        sparse.update(axis=2, source_axis=plan.axis)
     name = f"{source.get('name', Path(dataset.root).name)} sparse ({plan.strategy}, {plan.budget} slices)"
     if format == "nnunet":
         labels: dict[str, int] = {}
