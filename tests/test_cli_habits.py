@@ -205,3 +205,9 @@ def test_info_json_counts_annotated_slices_of_a_simulation(tmp_path, phantom_dat
         lab = np.asarray(nib.load(tmp_path / "sp" / "labelsTr" / f"{case['case']}.nii.gz").dataobj)
         free_of_unknown = int((lab != 255).all(axis=(0, 1)).sum())
         assert case["annotated_slices"] == free_of_unknown
+
+
+def test_study_presets_are_listed_from_the_registry():
+    from sparseslice.study.spec import PRESETS
+
+    assert f"Presets: {', '.join(PRESETS)}." in help_text(["study", "run"])

@@ -30,11 +30,16 @@ PIPE_WIDTH = 4096
 
 
 class _Console(Console):
-    """A Console that does not wrap or cut at 80 columns when its output is not a terminal."""
+    """A Console that does not wrap or cut at 80 columns when its output is not a terminal
+    (an inherited ``COLUMNS``, as test runners and CI export, does not count)."""
+
+    def __init__(self, *, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(width=width, **kwargs)
+        self._asked_width = width
 
     def _get_size(self) -> ConsoleDimensions:
         size = Console.size.fget(self)
-        if self._width is None and not self.is_terminal:
+        if self._asked_width is None and not self.is_terminal:
             return ConsoleDimensions(PIPE_WIDTH, size.height)
         return size
 
@@ -64,10 +69,13 @@ class Choices:
     """Marks a ``str`` option whose valid values are a registry beside the implementations.
 
     ``registry`` is ``"module:NAME"`` (a tuple of names); it is imported only when help is
-    shown or a value is checked, so the CLI starts without importing torch.
+    shown or a value is checked, so the CLI starts without importing torch. ``strict=False``
+    only lists the values (an argument that also takes a file, e.g. a preset or a spec).
     """
 
     registry: str
+    strict: bool = True
+    label: str = "One of"
 
     def values(self) -> tuple[str, ...]:
         return tuple(_resolve(self.registry))
@@ -131,7 +139,8 @@ class SparseCommand(TyperCommand):
             for param in self.params:
                 extra = []
                 if param.name in choices:
-                    extra.append(f"One of: {', '.join(choices[param.name][1].values())}.")
+                    mark = choices[param.name][1]
+                    extra.append(f"{mark.label}: {', '.join(mark.values())}.")
                 if param.name in defaults:
                     extra.append(f"[default: {defaults[param.name][1].shown(param)}]")
                 param.help = " ".join([param.help or "", *map(escape, extra)]).strip()
@@ -165,7 +174,7 @@ def command(group: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., 
 def _check_choices(fn: Callable[..., Any], given: dict[str, Any]) -> None:
     for name, (flag, choices) in _marked(fn, Choices).items():
         value = given.get(name)
-        if value is not None and value not in (allowed := choices.values()):
+        if choices.strict and value is not None and value not in (allowed := choices.values()):
             raise unknown_choice(flag, value, allowed)
 
 
@@ -482,8 +491,8 @@ app.add_typer(study_app, name="study")
 
 @command(study_app, name="run")
 def study_run(
-    spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset: slice-selection, partial-annotation, "
-                                             "quick, demo.")],
+    spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset."),
+                    Choices("sparseslice.study.spec:PRESETS", strict=False, label="Presets")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Study folder (resumed if it holds this study).")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder; replaces the spec's dataset.path.")] = None,
     executor: Annotated[str, typer.Option(help="Where runs execute: local (worker processes) or ray."),
