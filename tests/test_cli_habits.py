@@ -211,3 +211,18 @@ def test_study_presets_are_listed_from_the_registry():
     from sparseslice.study.spec import PRESETS
 
     assert f"Presets: {', '.join(PRESETS)}." in help_text(["study", "run"])
+
+
+def test_info_json_reads_a_declared_ignore_label(tmp_path):
+    from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
+
+    data = write_ignore_dataset(tmp_path / "nn")
+    result = runner.invoke(app, ["info", str(data), "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["ignore_value"] == IGNORE and record["labels"].keys() == {"0", "1", "2"}
+    for case in record["cases"]:
+        lab = np.asarray(nib.load(data / "labelsTr" / f"{case['case']}.nii.gz").dataobj)
+        free = np.flatnonzero(~(lab == IGNORE).any(axis=(0, 1))).tolist()
+        assert case["annotated"] == free == list(ANNOTATED) and case["partial"] == [PARTIAL]
+        assert case["annotated_slices"] == len(free)
