@@ -347,7 +347,7 @@ def test_cli_plan_with_clicks_csv(phantoms: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--budget", "5", "--strategy", "smart"], "strategy is unknown, got 'smart'; use one of random, interval"),
+    (["--budget", "5", "--strategy", "smart"], "--strategy must be one of random, interval, ual, block, got 'smart'"),
     (["--budget", "5", "--rho", "2"], "rho must be a fraction"),
     (["--budget", "100000"], "budget is larger than the data"),
 ])

@@ -7,17 +7,44 @@ status 2; there is no traceback for them.
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
+import typing
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
+from typer.core import TyperCommand
+from typer.models import OptionInfo
 
 from sparseslice import __version__
-from sparseslice.errors import UserError
+from sparseslice.errors import UserError, unknown_choice
+
+#: Width of piped output (not a terminal): wide enough that nothing is wrapped or cut.
+PIPE_WIDTH = 4096
+
+
+class _Console(Console):
+    """A Console that does not wrap or cut at 80 columns when its output is not a terminal
+    (an inherited ``COLUMNS``, as test runners and CI export, does not count)."""
+
+    def __init__(self, *, width: int | None = None, **kwargs: Any) -> None:
+        super().__init__(width=width, **kwargs)
+        self._asked_width = width
+
+    def _get_size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self._asked_width is None and not self.is_terminal:
+            return ConsoleDimensions(PIPE_WIDTH, size.height)
+        return size
+
+    size = property(_get_size, Console.size.fset)
+
 
 app = typer.Typer(
     name="sparseslice",
@@ -25,14 +52,106 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console()
+console = _Console()
 err_console = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _resolve(ref: str) -> Any:
+    """The object named ``"module:NAME"``, imported now."""
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Marks a ``str`` option whose valid values are a registry beside the implementations.
+
+    ``registry`` is ``"module:NAME"`` (a tuple of names); it is imported only when help is
+    shown or a value is checked, so the CLI starts without importing torch. ``strict=False``
+    only lists the values (an argument that also takes a file, e.g. a preset or a spec).
+    """
+
+    registry: str
+    strict: bool = True
+    label: str = "One of"
+
+    def values(self) -> tuple[str, ...]:
+        return tuple(_resolve(self.registry))
+
+
+@dataclass(frozen=True)
+class DefaultFrom:
+    """Marks an option (``None``: not given) whose default is a dataclass field's, shown in help.
+
+    ``owner`` is ``"module:Class"``; ``field`` defaults to the parameter's name.
+    """
+
+    owner: str
+    field: str | None = None
+
+    def shown(self, param: Any) -> str:
+        """The default as help shows it: ``16,32`` for a tuple, the flag's name for a bool."""
+        import dataclasses
+
+        field = {f.name: f for f in dataclasses.fields(_resolve(self.owner))}[self.field or param.name]
+        value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if isinstance(value, bool) and getattr(param, "secondary_opts", None):
+            return (param.opts if value else param.secondary_opts)[0].lstrip("-")
+        return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
+
+
+#: Every long-running command takes ``--progress/--no-progress`` (declared here only).
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress",
+                                              help="Show progress bars (on stderr).")]
+
+
+def _marked(fn: Callable[..., Any], kind: type) -> dict[str, tuple[str, Any]]:
+    """``{parameter: (flag, mark)}`` for the options of ``fn`` annotated with a ``kind`` mark."""
+    found = {}
+    for name, hint in typing.get_type_hints(fn, include_extras=True).items():
+        meta = getattr(hint, "__metadata__", ())
+        marks = [m for m in meta if isinstance(m, kind)]
+        if marks:
+            decls = [d for m in meta if isinstance(m, OptionInfo)
+                     for d in (m.default, *(m.param_decls or ())) if isinstance(d, str) and d.startswith("--")]
+            found[name] = (decls[0] if decls else "--" + name.replace("_", "-"), marks[0])
+    return found
+
+
+class SparseCommand(TyperCommand):
+    """A command whose help shows text literally (``[default: 50]`` is not Rich markup), lists
+    the valid values of every choice option from its registry and shows config defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = escape(self.help) if self.help else self.help
+        for param in self.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+        self._help_completed = False
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if not self._help_completed and self.callback is not None:
+            fn = inspect.unwrap(self.callback)
+            choices, defaults = _marked(fn, Choices), _marked(fn, DefaultFrom)
+            for param in self.params:
+                extra = []
+                if param.name in choices:
+                    mark = choices[param.name][1]
+                    extra.append(f"{mark.label}: {', '.join(mark.values())}.")
+                if param.name in defaults:
+                    extra.append(f"[default: {defaults[param.name][1].shown(param)}]")
+                param.help = " ".join([param.help or "", *map(escape, extra)]).strip()
+            self._help_completed = True
+        super().format_help(ctx, formatter)
 
 
 def command(group: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a CLI command: a :class:`UserError` becomes one ``error:`` line and exit code 2,
-    a warning one ``warning:`` line on stderr (no file/line noise)."""
+    a warning one ``warning:`` line on stderr (no file/line noise). Options marked with
+    :class:`Choices` are checked against their registry before the command runs."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -40,15 +159,23 @@ def command(group: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., 
             with warnings.catch_warnings():
                 warnings.showwarning = _show_warning
                 try:
+                    _check_choices(fn, kw)
                     return fn(*args, **kw)
                 except UserError as exc:
                     err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
                     raise typer.Exit(2) from None
 
-        group.command(**kwargs)(wrapper)
+        group.command(cls=SparseCommand, **kwargs)(wrapper)
         return fn
 
     return decorate
+
+
+def _check_choices(fn: Callable[..., Any], given: dict[str, Any]) -> None:
+    for name, (flag, choices) in _marked(fn, Choices).items():
+        value = given.get(name)
+        if choices.strict and value is not None and value not in (allowed := choices.values()):
+            raise unknown_choice(flag, value, allowed)
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -76,11 +203,19 @@ def info(
     axis: Annotated[int | None, typer.Option(help="Slice axis (default: largest spacing).")] = None,
     require_labels: Annotated[bool, typer.Option(help="Fail if a case has no label.")] = False,
     rows: Annotated[int, typer.Option(help="Cases shown in the table (0: all).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON (every case) "
+                                                         "instead of tables.")] = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Describe a dataset: cases, shapes, spacing, labels, slice axis, structure slices."""
-    from sparseslice.describe import describe_dataset, render_description
+    from sparseslice.describe import describe_dataset, description_record, render_description
 
-    desc = describe_dataset(data, axis=axis, require_labels=require_labels)
+    desc = describe_dataset(data, axis=axis, require_labels=require_labels, progress=progress)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(description_record(desc), indent=2))
+        return
     render_description(desc, console, rows=rows)
 
 
@@ -111,14 +246,16 @@ def plan(
         help="Density: drawn / selectable slices per volume (the extent when known); sets the volume count.")] = None,
     volumes: Annotated[int | None, typer.Option(
         help="Volumes to annotate (rho follows). Default with neither: as many volumes as the budget allows.")] = None,
-    strategy: Annotated[str, typer.Option(help="random | interval | ual | block.")] = "random",
+    strategy: Annotated[str, typer.Option(help="Slice selection strategy."),
+                        Choices("sparseslice.select.strategies:STRATEGIES")] = "random",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     axis: Annotated[int | None, typer.Option(help="Slice axis (default: the dataset's, largest spacing).")] = None,
     cases: Annotated[str | None, typer.Option(help="Comma-separated candidate cases (default: all).")] = None,
     extents: Annotated[str | None, typer.Option(
         help="CSV case,first,last of the structure's slices (annotators' two clicks), or 'labels' to take "
              "them from the dataset's labels. Slices are then chosen inside them.")] = None,
-    volume_selection: Annotated[str, typer.Option(help="random | diverse (k-center over volumes).")] = "random",
+    volume_selection: Annotated[str, typer.Option(help="Volume selection (diverse: k-center over volumes)."),
+                                Choices("sparseslice.select.allocation:VOLUME_SELECTIONS")] = "random",
     block_fraction: Annotated[float | None, typer.Option(
         help="block only: each block is this fraction of the structure slices (instead of rho/volumes).")] = None,
     volume_minutes: Annotated[float, typer.Option(help="Cost model: minutes of overhead per volume.")] = 2.0,
@@ -130,6 +267,7 @@ def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file (plan.csv is written beside it).")] = Path(
         "plan.json"),
     rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
+    progress: ProgressOption = True,
 ) -> None:
     """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
     from sparseslice.datasets import discover_dataset
@@ -149,7 +287,7 @@ def plan(
                      consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
     result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
-                       block_fraction=block_fraction, cost=cost, progress=True)
+                       block_fraction=block_fraction, cost=cost, progress=progress)
     render_plan(result, console, rows=rows)
     path = write_plan(result, out)
     console.print(f"wrote {path} and {path.with_suffix('.csv')}")
@@ -161,12 +299,14 @@ def simulate(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json from sparseslice plan.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the sparse dataset.")],
     format: Annotated[str, typer.Option(
-        "--format", help="msd (ignore value 255) | nnunet (nnU-Net v2 raw; ignore = highest label + 1).")] = "msd",
+        "--format", help="Output layout: msd (ignore value 255) or nnunet (nnU-Net v2 raw; ignore = highest "
+                         "label + 1)."), Choices("sparseslice.simulate:FORMATS")] = "msd",
     border_slices: Annotated[bool, typer.Option(
         help="Mark slices outside the structure's extent as annotated background (free).")] = False,
     ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels (msd format).")] = 255,
     copy_images: Annotated[bool, typer.Option(
         help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    progress: ProgressOption = True,
 ) -> None:
     """Apply a plan to full labels: write the sparse labels an annotator would produce.
 
@@ -179,7 +319,7 @@ def simulate(
     ds = discover_dataset(data, require_labels=True)
     the_plan = read_plan(plan_file)
     run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
-                 copy_images=copy_images, progress=True)
+                 copy_images=copy_images, progress=progress)
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 
@@ -190,8 +330,9 @@ def simulate(
 def interpolate(
     sparse_dir: Annotated[Path, typer.Argument(help="Sparse dataset (e.g. written by sparseslice simulate).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (same layout, labels filled).")],
-    method: Annotated[str, typer.Option(help="none | nearest | sdf | mci (ITK, optional extra).")] = "sdf",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    method: Annotated[str, typer.Option(help="Interpolation method (mci needs the ITK extra)."),
+                      Choices("sparseslice.interpolate:METHODS")] = "sdf",
+    progress: ProgressOption = True,
 ) -> None:
     """Fill the slices between annotated slices; sidecars record which were interpolated."""
     from sparseslice.interpolate import interpolate_dataset
@@ -200,6 +341,10 @@ def interpolate(
     console.print(f"interpolated labels ({method}) written to {out}")
 
 # --- train (issue 5) ---
+
+
+#: Where ``train``'s option defaults live (the options are None: "not given, use the config").
+_TRAIN_CONFIG = "sparseslice.train.config:TrainConfig"
 
 
 def _int_tuple(value: str | None, name: str) -> list[int] | None:
@@ -218,32 +363,41 @@ def train(
                                                           "history.csv).")],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; options below override it.")]
     = None,
-    model: Annotated[str | None, typer.Option(help="2d or 3d [default: 2d].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs [default: 50].")] = None,
+    model: Annotated[str | None, typer.Option(help="Network dimension."), DefaultFrom(_TRAIN_CONFIG),
+                     Choices("sparseslice.train.config:MODELS")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs."), DefaultFrom(_TRAIN_CONFIG)] = None,
     batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 16 (2d), 2 (3d)].")] = None,
     patch_size: Annotated[str | None, typer.Option(help="Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate [default: 0.001].")] = None,
-    schedule: Annotated[str | None, typer.Option(help="one-step or two-step [default: one-step].")] = None,
-    arch: Annotated[str | None, typer.Option(help="unet or dynunet [default: unet].")] = None,
-    channels: Annotated[str | None, typer.Option(help="Channels per level [default: 16,32,64,128].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate."), DefaultFrom(_TRAIN_CONFIG)] = None,
+    schedule: Annotated[str | None, typer.Option(help="Learning-rate schedule."), DefaultFrom(_TRAIN_CONFIG),
+                        Choices("sparseslice.train.config:SCHEDULES")] = None,
+    arch: Annotated[str | None, typer.Option(help="Network architecture."), DefaultFrom(_TRAIN_CONFIG),
+                    Choices("sparseslice.model:ARCHITECTURES")] = None,
+    channels: Annotated[str | None, typer.Option(help="Channels per level."), DefaultFrom(_TRAIN_CONFIG)] = None,
     mask_channel: Annotated[bool | None, typer.Option("--mask-channel/--no-mask-channel",
-                                                      help="Give the annotated-slice mask as input.")] = None,
-    interpolated_weight: Annotated[float | None, typer.Option(help="Weight of interpolated slices [0.5].")] = None,
-    normalization: Annotated[str | None, typer.Option(help="auto, zscore, ct or none [default: auto].")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random augmentation.")] = None,
+                                                      help="Give the annotated-slice mask as input."),
+                            DefaultFrom(_TRAIN_CONFIG)] = None,
+    interpolated_weight: Annotated[float | None, typer.Option(help="Weight of interpolated slices."),
+                                   DefaultFrom(_TRAIN_CONFIG)] = None,
+    normalization: Annotated[str | None, typer.Option(help="Intensity normalization."), DefaultFrom(_TRAIN_CONFIG),
+                             Choices("sparseslice.train.config:NORMALIZATIONS")] = None,
+    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random augmentation."),
+                       DefaultFrom(_TRAIN_CONFIG)] = None,
     val_dir: Annotated[Path | None, typer.Option(help="Validation dataset (default: hold out val-fraction).")]
     = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction without --val-dir [0.1].")] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs [10].")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction without --val-dir."),
+                            DefaultFrom(_TRAIN_CONFIG)] = None,
+    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs."),
+                        DefaultFrom(_TRAIN_CONFIG)] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the run.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed."), DefaultFrom(_TRAIN_CONFIG)] = None,
     axis: Annotated[int | None, typer.Option(help="Slice axis [default: the sidecars', else the dataset's].")]
     = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: CUDA when present].")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (1 per process is best on a busy CPU).")]
     = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Train a 2D or 3D network on sparse labels (unknown slices are never background)."""
     from sparseslice.train import TrainConfig, load_config
@@ -285,6 +439,7 @@ def predict(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Windows or slices per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Predict label maps for a folder of images, in each image's own space."""
     from sparseslice.predict import predict_folder
@@ -297,7 +452,7 @@ def predict(
             raise UserError(f"--tta-axes must be comma-separated integers, got {tta_axes!r}; e.g. 0,1") from None
     written = predict_folder(run, images, out, cases=_case_list(cases), tta=tta, fill_holes=fill_holes,
                              largest_component=largest_component, device=device, tta_axes=axes,
-                             overlap=overlap, batch_size=batch_size)
+                             overlap=overlap, batch_size=batch_size, progress=progress)
     console.print(f"wrote {len(written)} label maps to {out}")
 
 
@@ -309,11 +464,12 @@ def evaluate(
     cases: Annotated[str | None, typer.Option(help="Comma-separated cases (default: all).")] = None,
     allow_missing: Annotated[bool, typer.Option(help="Succeed even if some cases have no prediction.")] = False,
     axis: Annotated[int | None, typer.Option(help="Slice axis for 2D ASSD (default: dataset's).")] = None,
+    progress: ProgressOption = True,
 ) -> None:
     """Score predictions: Dice, HD, HD95, ASSD, 2D slice ASSD, RVD per label and foreground."""
     from sparseslice.evaluate import evaluate_folder, render_summary, summarize, write_metrics
 
-    df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis)
+    df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis, progress=progress)
     if out is not None:
         write_metrics(df, out)
     render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
@@ -335,18 +491,20 @@ app.add_typer(study_app, name="study")
 
 @command(study_app, name="run")
 def study_run(
-    spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset: slice-selection, partial-annotation, "
-                                             "quick, demo.")],
+    spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset."),
+                    Choices("sparseslice.study.spec:PRESETS", strict=False, label="Presets")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Study folder (resumed if it holds this study).")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder; replaces the spec's dataset.path.")] = None,
-    executor: Annotated[str, typer.Option(help="local (worker processes) or ray.")] = "local",
+    executor: Annotated[str, typer.Option(help="Where runs execute: local (worker processes) or ray."),
+                        Choices("sparseslice.study.executors:EXECUTORS")] = "local",
     workers: Annotated[int, typer.Option(help="Local worker processes; torch threads are split among them.")] = 1,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (with --executor ray).")] = None,
     force: Annotated[bool, typer.Option(help="Use a folder that holds another study (unchanged runs are kept).")]
     = False,
-    results_format: Annotated[str, typer.Option("--format", help="Results table: csv or parquet.")] = "csv",
+    results_format: Annotated[str, typer.Option("--format", help="Format of the results table."),
+                              Choices("sparseslice.study.results:RESULTS_FORMATS")] = "csv",
     report: Annotated[bool, typer.Option(help="Write STUDY/report.html at the end.")] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Run every unfinished run of a study; finished runs are skipped, crashed runs recorded (exit 1)."""
     from sparseslice.study import load_spec, run_study
@@ -382,7 +540,7 @@ def demo(
     out: Annotated[Path, typer.Option("-o", "--out", help="Output folder (phantoms, study, report).")]
     = Path("demo-output"),
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: ProgressOption = True,
 ) -> None:
     """Offline demo: synthetic phantoms, a small study and its report (a few minutes on 2 cores)."""
     from sparseslice.study.demo import run_demo

@@ -6,6 +6,9 @@ traceback. Library callers can catch it like any ``ValueError``.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+
 
 class UserError(ValueError):
     """Bad input: the message names the argument, shows the value and says how to fix it."""
@@ -32,3 +35,19 @@ def fail(argument: str, value: object, fix: str, *, problem: str | None = None) 
     """
     shown = repr(value) if isinstance(value, str) else str(value)
     return UserError(f"{argument} {problem or 'is invalid'}, got {shown}; {fix}")
+
+
+def unknown_choice(argument: str, value: object, choices: Sequence[str]) -> UserError:
+    """Build the :class:`UserError` for a value outside a fixed set of choices.
+
+    The message names the argument, the value, every valid choice and, when one is close
+    (:func:`difflib.get_close_matches`), suggests it.
+
+    Examples
+    --------
+    >>> str(unknown_choice("--strategy", "randm", ("random", "interval")))
+    "--strategy must be one of random, interval, got 'randm'; did you mean 'random'?"
+    """
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    fix = f"did you mean {near[0]!r}?" if near else f"e.g. {argument} {choices[0]}"
+    return fail(argument, value, fix, problem=f"must be one of {', '.join(map(str, choices))}")

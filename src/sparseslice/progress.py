@@ -9,14 +9,22 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def track(items: Iterable[T], description: str, *, progress: bool) -> Iterator[T]:
+def _stderr_console() -> object:
+    """Progress goes to stderr, so that stdout stays the command's output (``info --json | jq``)."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def track(items: Iterable[T], description: str, *, progress: bool, total: float | None = None) -> Iterator[T]:
     """Iterate ``items``, showing a transient Rich progress bar when ``progress`` is on."""
     if not progress:
         yield from items
         return
     from rich.progress import track as rich_track
 
-    yield from rich_track(items, description=description, transient=True)
+    yield from rich_track(items, description=description, transient=True, total=total,
+                          console=_stderr_console())
 
 
 class NullProgress:
@@ -39,5 +47,5 @@ def training_progress(progress: bool) -> Iterator[object]:
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("loss {task.fields[loss]}  val dice {task.fields[dice]}"),
-                  TimeElapsedColumn()) as bar:
+                  TimeElapsedColumn(), console=_stderr_console()) as bar:
         yield bar

@@ -67,10 +67,14 @@ def run_table(store: StudyStore, spec: StudySpec) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+#: Formats of the tidy results table (``write_results``).
+RESULTS_FORMATS = ("csv", "parquet")
+
+
 def check_results_format(format: str) -> str:
     """``csv``, or ``parquet`` when pyarrow is installed."""
-    if format not in ("csv", "parquet"):
-        raise UserError(f"results format must be csv or parquet, got {format!r}")
+    if format not in RESULTS_FORMATS:
+        raise UserError(f"results format must be {' or '.join(RESULTS_FORMATS)}, got {format!r}")
     if format == "parquet":
         try:
             import pyarrow  # noqa: F401
