@@ -162,3 +162,12 @@ def test_recommendation_chooses_factor_by_factor_not_the_luckiest_cell():
     assert regimes.iloc[0]["strategy"] == "b"  # the best single cell
     best = recommended_regime(regimes, per_run)
     assert (best["strategy"], best["rho"]) == ("a", 0.5)  # strategy a and rho 0.5 are better on average
+
+
+def test_metrics_csv_label_is_an_integer_with_a_region_column(study):
+    run_dir = next(p for p in (study / "runs").iterdir() if (p / "done.json").is_file())
+    table = pd.read_csv(run_dir / "metrics.csv")  # plain pandas, no dtype hints
+    assert table["label"].dtype == np.int64 and list(table.columns) == ["case", "label", "region", "metric", "value"]
+    assert len(table[table.label == 1]) == 4 * 3 and set(table.loc[table.label == 1, "region"]) == {"label"}
+    assert set(table.loc[table.region == "foreground", "label"]) == {0}
+    assert pd.read_csv(study / "results.csv")["label"].dtype == np.int64

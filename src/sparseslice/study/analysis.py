@@ -13,18 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from sparseslice.metrics import REGION_FOREGROUND
 from sparseslice.study.results import FACTOR_COLUMNS
 
-MAIN_LABEL = "fg"
 REGIME_COLUMNS = [c for c in FACTOR_COLUMNS if c != "seed"]
 
 
 def main_label(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the main label (``fg``), or the mean over labels when there is no ``fg`` row."""
-    if (results["label"] == MAIN_LABEL).any():
-        return results[results["label"] == MAIN_LABEL]
-    keys = [c for c in results.columns if c not in ("label", "value")]
-    return results.groupby(keys, dropna=False, as_index=False)["value"].mean().assign(label=MAIN_LABEL)
+    """Rows of the foreground union, or the mean over labels when there is no foreground row."""
+    fg = results["region"] == REGION_FOREGROUND
+    if fg.any():
+        return results[fg]
+    keys = [c for c in results.columns if c not in ("label", "region", "value")]
+    return results.groupby(keys, dropna=False, as_index=False)["value"].mean().assign(label=0)
 
 
 def case_table(results: pd.DataFrame) -> pd.DataFrame:
