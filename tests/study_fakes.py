@@ -58,6 +58,18 @@ def per_label_run(run, config, run_dir: Path) -> RunOutput:
     return RunOutput(pd.DataFrame(rows, columns=["case", "label", "region", "metric", "value"]), info)
 
 
+def cut_short_run(run, config, run_dir: Path) -> RunOutput:
+    """Like per_label_run, with the training facts real runs record; the interval runs with seed 1
+    are cut short (fewer gradient steps than planned) and, for the test, score far better."""
+    output = per_label_run(run, config, run_dir)
+    short = run.strategy == "interval" and run.seed == 1
+    steps = 60 if short else 100
+    info = {**output.info, "gradient_steps": steps, "samples_seen": 4 * steps, "planned_steps": 100,
+            "cut_short": short, "cut_short_reason": "max_minutes 0.5 reached" if short else ""}
+    metrics = output.metrics.assign(value=output.metrics["value"] + (0.05 if short else 0.0))
+    return RunOutput(metrics, info)
+
+
 def crashing_run(run, config, run_dir: Path) -> RunOutput:
     """Like fake_run but the interval runs with seed 1 crash."""
     if run.strategy == "interval" and run.seed == 1:

@@ -236,3 +236,37 @@ def test_metrics_csv_label_is_an_integer_with_a_region_column(study):
     assert len(table[table.label == 1]) == 4 * 3 and set(table.loc[table.label == 1, "region"]) == {"label"}
     assert set(table.loc[table.region == "foreground", "label"]) == {0}
     assert pd.read_csv(study / "results.csv")["label"].dtype == np.int64
+
+
+def test_cut_short_runs_are_left_out_and_the_steps_sentence_is_computed(tmp_path):
+    from study_fakes import cut_short_run
+
+    run_study(parse_spec(SPEC), tmp_path / "s", run_fn=cut_short_run, progress=False)
+    text = _text(render_report(tmp_path / "s"))
+    runs = pd.read_csv(tmp_path / "s" / "runs.csv")
+    short = runs[runs.cut_short.astype(bool)]
+    assert len(short) == 4 and set(short.strategy) == {"interval"} and set(short.seed) == {1}
+    assert (f"4 of {len(runs)} finished runs were cut short (trained fewer gradient steps than planned: max_minutes "
+            "0.5 reached); they are left out of every comparison") in text
+    assert "every finished run took 100 gradient steps (fine-tuning included), 400 samples each" in text
+    assert short.run_id.iloc[0] in text and "cut short" in text
+    cases = analysis.case_table(collect_results(*load_study(tmp_path / "s")))
+    per_run = analysis.run_summary(cases, runs)
+    assert not per_run.run_id.isin(short.run_id).any() and len(per_run) == len(runs) - 4
+    regimes = analysis.regime_summary(per_run).set_index("regime")
+    assert regimes.loc["2D, budget 12, rho 0.1, interval", "n_seeds"] == 1
+    # the report's comparisons do not see the cut-short runs: seed 1 drops out of interval vs random
+    kept = analysis.paired(cases[~cases.run_id.isin(short.run_id)], "strategy", "interval", "random")
+    assert kept.n_pairs == 2 * 2 * 2 * 10 - 4 * 10 and kept.n == 10
+    page = render_report(tmp_path / "s")
+    assert f"<td>{kept.n} ({kept.n_pairs})</td>" in page
+
+
+def test_steps_sentence_says_when_training_differs():
+    from sparseslice.study.report import _steps_text
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "status": "done", "gradient_steps": [73, 88],
+                         "samples_seen": [292, 352], "cut_short": [False, False]})
+    assert _steps_text(runs) == ("gradient steps differ between runs: 73 to 88 (fine-tuning included), 292 to 352 "
+                                 "samples, so arms are compared at unequal training")
+    assert _steps_text(runs.drop(columns=["gradient_steps"])) == ""
