@@ -270,3 +270,18 @@ def test_steps_sentence_says_when_training_differs():
     assert _steps_text(runs) == ("gradient steps differ between runs: 73 to 88 (fine-tuning included), 292 to 352 "
                                  "samples, so arms are compared at unequal training")
     assert _steps_text(runs.drop(columns=["gradient_steps"])) == ""
+
+
+def test_spec_analysis_label_chooses_the_measure(tmp_path):
+    spec = parse_spec({**SPEC, "analysis": {"label": 2}})
+    assert spec.fingerprint() == parse_spec(SPEC).fingerprint()  # a report choice, not a new study
+    run_study(spec, tmp_path / "s", run_fn=per_label_run, progress=False)
+    text = _text(render_report(tmp_path / "s"))
+    assert "main measure: test-set Dice of label 2, ranked and recommended by it" in text
+    assert re.search(r"Expected test Dice of label 2 0\.3\d\d ± 0\.\d{3}", text)
+    with pytest.raises(Exception, match="analysis has an unknown key, got 'lable'"):
+        parse_spec({**SPEC, "analysis": {"lable": 2}})
+    run_study(parse_spec({**SPEC, "analysis": {"label": 5}}), tmp_path / "s", run_fn=per_label_run, progress=False)
+    result = CliRunner().invoke(app, ["study", "report", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "analysis.label is not a label of the results, got 5; use one of 1, 2" in result.output
