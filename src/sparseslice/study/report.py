@@ -154,11 +154,15 @@ def _plan_text(best: pd.Series, runs: pd.DataFrame, plans: dict[str, list[tuple[
     n = analysis.plan_volumes(budget, rho=best["rho"], volumes=best["volumes"], capacity=capacity,
                               seen=mine["n_volumes"] if "n_volumes" in mine else [])
     text = f"{n} volumes: {analysis.spread_text(analysis.integer_plan(budget, volumes=n, capacity=capacity))}"
+    text += f", slices chosen by {best['strategy']}"
+    notes = []
+    if capacity is not None and pd.notna(best["rho"]):
+        notes.append(f"rho {best['rho']:g} of a typical volume's {capacity} selectable slices")
     if seen:
-        text += " (the seeds' plans: " + "; ".join(
+        notes.append("the seeds' plans: " + "; ".join(
             f"seed {int(seed)} {len(e)} volumes {analysis.spread_text([c for c, _ in e])}"
-            for seed, e in sorted(seen.items())) + ")"
-    return text
+            for seed, e in sorted(seen.items())))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _label_check(best: pd.Series, reference: pd.Series | None) -> str:
@@ -197,7 +201,7 @@ def recommendation(regimes: pd.DataFrame, tests: list[analysis.Paired], dataset:
             how = (f"{best.get('n_volumes_mean', np.nan):.0f} volumes in blocks of {best['block_fraction']:g} of "
                    "the structure's slices")
         else:
-            how = f"{_plan_text(best, runs, plans or {})}, chosen by {best['strategy']}"
+            how = _plan_text(best, runs, plans or {})
         extras = [x for x, on in ((f"with {best['interpolation']} interpolation", best["interpolation"] != "none"),
                                   ("with border slices", bool(best["border_slices"])),
                                   ("with the annotated-slice mask as input", bool(best["mask_channel"])),
@@ -308,7 +312,8 @@ def _regime_table(regimes: pd.DataFrame, metrics: list[str]) -> str:
     rows = []
     for _, r in regimes.iterrows():
         cells = [r["regime"], f"{int(r['n_seeds'])} ({r['seeds']})",
-                 _pm(r.get("n_volumes_mean", np.nan), np.nan, 0),
+                 _pm(r.get("n_volumes_mean", np.nan), np.nan, 0 if float(r.get("n_volumes_mean", 0)).is_integer()
+                     else 1),
                  "all" if bool(r["baseline"]) else _pm(r.get("slices_per_volume_mean", np.nan), np.nan, 1)]
         for m in [*dice_cols, *others]:
             cells.append(_pm(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan), 3 if m.startswith("dice") else 2))
@@ -416,7 +421,7 @@ def render_report(root: str | os.PathLike[str]) -> str:
                          "factors are not independent samples). Wilcoxon signed-rank test (SciPy) on the per-case "
                          f"means (at least {analysis.MIN_CASES} cases); 95% percentile bootstrap interval over "
                          f"cases; Holm correction over the {len(tests)} comparisons of this report, which decides "
-                         f"the verdict (p < {analysis.ALPHA:g}).</p>"
+                         f"the verdict (p &lt; {analysis.ALPHA:g}).</p>"
                          + _table(["factor", "scope", "a", "b", "test cases (matched runs)", "mean Dice a − b",
                                    "95% CI", "a better in", "p", "Holm p", "verdict"],
                                   [[t.factor, t.scope, t.a, t.b, f"{t.n} ({t.n_pairs})", f"{t.mean_diff:+.4f}",
