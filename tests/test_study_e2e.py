@@ -58,7 +58,10 @@ def test_real_pipeline_runs_baseline_and_sparse_runs_and_reports(phantom_dataset
     assert runs.loc["2d_b4_rho0.25_random_interp-none_seed0", "n_volumes"] == len(plan["entries"])
     html = render_report(tmp_path / "s")
     assert html.count("<img ") == 5  # density, interpolation, strategy, regimes, example slices
-    assert re.search(r"annotate \d+ volumes at [\d.]+ slices each, chosen by random", html)
+    plan_text = re.search(r"annotate (\d+) volumes: ([\d+]+) = 4 slices, slices chosen by random", html)
+    assert plan_text, "the recommendation names whole slices per volume that spend the budget"
+    counts = [int(c) for c in plan_text.group(2).split("+")]
+    assert len(counts) == int(plan_text.group(1)) and sum(counts) == 4
 
 
 def test_preflight_refuses_more_volumes_than_the_training_split(phantom_dataset, tmp_path):
