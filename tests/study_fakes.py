@@ -34,6 +34,42 @@ def fake_run(run, config, run_dir: Path) -> RunOutput:
     return RunOutput(pd.DataFrame(rows, columns=["case", "label", "metric", "value"]), info)
 
 
+#: Test cases of :func:`per_label_run`: enough for a paired test over cases.
+MANY_CASES = tuple(f"case_{n:02d}" for n in range(10))
+
+
+def per_label_run(run, config, run_dir: Path) -> RunOutput:
+    """Ten test cases in the integer-label schema (``label``, ``region``): label 1 scores like
+    fake_run, lower density and more volumes better; label 2 stays near 0.3 in every sparse run
+    (0.85 with full labels), a failing label that the foreground union (label 1 + 0.05) hides."""
+    rng = np.random.default_rng(zlib.crc32(run.run_id.encode()))
+    density = run.rho if run.rho is not None else (1 / run.volumes if run.volumes else 0.5)
+    level = 0.9 if run.baseline else 0.85 - 0.3 * density - (0.03 if run.strategy == "ual" else 0.0) + (
+        0.02 if run.interpolation != "none" else 0.0)
+    rows = []
+    for n, case in enumerate(MANY_CASES):
+        one = float(np.clip(level + 0.01 * n + rng.normal(0, 0.005), 0, 1))
+        two = float(np.clip((0.85 if run.baseline else 0.3) + 0.01 * n + rng.normal(0, 0.005), 0, 1))
+        for label, region, dice in ((1, "label", one), (2, "label", two), (0, "foreground", min(one + 0.05, 1.0))):
+            rows += [(case, label, region, "dice", dice), (case, label, region, "hd95", 10 * (1 - dice)),
+                     (case, label, region, "assd2d", 3 * (1 - dice))]
+    volumes = 10 if run.baseline else run.volumes or int(round(1 / (run.rho or 0.5)))
+    info = {"n_volumes": volumes, "slices_per_volume": 12 if run.baseline else 12 / volumes}
+    return RunOutput(pd.DataFrame(rows, columns=["case", "label", "region", "metric", "value"]), info)
+
+
+def cut_short_run(run, config, run_dir: Path) -> RunOutput:
+    """Like per_label_run, with the training facts real runs record; the interval runs with seed 1
+    are cut short (fewer gradient steps than planned) and, for the test, score far better."""
+    output = per_label_run(run, config, run_dir)
+    short = run.strategy == "interval" and run.seed == 1
+    steps = 60 if short else 100
+    info = {**output.info, "gradient_steps": steps, "samples_seen": 4 * steps, "planned_steps": 100,
+            "cut_short": short, "cut_short_reason": "max_minutes 0.5 reached" if short else ""}
+    metrics = output.metrics.assign(value=output.metrics["value"] + (0.05 if short else 0.0))
+    return RunOutput(metrics, info)
+
+
 def crashing_run(run, config, run_dir: Path) -> RunOutput:
     """Like fake_run but the interval runs with seed 1 crash."""
     if run.strategy == "interval" and run.seed == 1:

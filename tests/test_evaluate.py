@@ -33,9 +33,10 @@ def copy_labels(phantom_dataset: Path, out: Path, *, skip: tuple[str, ...] = ())
 def test_identical_predictions_score_perfectly(phantom_dataset, tmp_path):
     pred = copy_labels(phantom_dataset, tmp_path / "pred")
     df = evaluate_folder(pred, phantom_dataset, progress=False)
-    assert list(df.columns) == ["case", "label", "metric", "value", "note"]
+    assert list(df.columns) == ["case", "label", "region", "metric", "value", "note"]
     assert sorted(df["case"].unique()) == CASES
-    assert set(df["label"]) == {"1", "2", "fg"} and set(df["metric"]) == set(METRICS)
+    assert set(zip(df["label"], df["region"], strict=True)) == {(1, "label"), (2, "label"), (0, "foreground")}
+    assert set(df["metric"]) == set(METRICS)
     assert len(df) == 4 * 3 * len(METRICS)
     assert np.all(df.loc[df.metric == "dice", "value"] == 1.0)
     assert np.all(df.loc[df.metric.isin(["hd", "hd95", "assd", "assd2d", "rvd"]), "value"] == 0.0)
@@ -50,11 +51,11 @@ def test_values_equal_direct_metric_calls(phantom_dataset, tmp_path):
     write_volume(ref.like(arr), pred / "phantom_001.nii.gz")
     df = evaluate_folder(pred, phantom_dataset, cases=["phantom_001"], progress=False)
     got = df.set_index(["label", "metric"])["value"]
-    assert got[("1", "dice")] == pytest.approx(dice(arr == 1, ref.array == 1))
+    assert got[(1, "dice")] == pytest.approx(dice(arr == 1, ref.array == 1))
     sd = surface_distances(arr == 1, ref.array == 1, spacing=ref.spacing)
-    assert got[("1", "hd95")] == pytest.approx(sd.hausdorff(95))
-    assert got[("1", "assd")] == pytest.approx(sd.assd())
-    assert got[("1", "hd")] > 0 and got[("1", "rvd")] > 0
+    assert got[(1, "hd95")] == pytest.approx(sd.hausdorff(95))
+    assert got[(1, "assd")] == pytest.approx(sd.assd())
+    assert got[(1, "hd")] > 0 and got[(1, "rvd")] > 0
 
 
 def test_missing_case_raises_or_is_listed(phantom_dataset, tmp_path):
@@ -88,8 +89,8 @@ def test_sparse_reference_scores_annotated_slices_only(phantom_dataset, tmp_path
     write_volume(full.like(pred_arr), tmp_path / "pred" / "phantom_000.nii.gz")
     df = evaluate_folder(tmp_path / "pred", ref_dir, progress=False)
     got = df.set_index(["label", "metric"])
-    assert got.loc[("fg", "dice"), "value"] == 1.0 and got.loc[("1", "assd2d"), "value"] == 0.0
-    assert math.isnan(got.loc[("fg", "hd"), "value"]) and got.loc[("fg", "hd"), "note"] == "sparse ref"
+    assert got.loc[(0, "dice"), "value"] == 1.0 and got.loc[(1, "assd2d"), "value"] == 0.0
+    assert math.isnan(got.loc[(0, "hd"), "value"]) and got.loc[(0, "hd"), "note"] == "sparse ref"
     # without a sidecar, the ignore value marks unknown voxels (decoded along the slice axis)
     (ref_dir / "phantom_000.sparse.json").unlink()
     df2 = evaluate_folder(tmp_path / "pred", ref_dir, axis=2, progress=False)
@@ -97,7 +98,7 @@ def test_sparse_reference_scores_annotated_slices_only(phantom_dataset, tmp_path
 
 
 def test_summarize_statistics_exclude_nan():
-    df = pd.DataFrame({"case": list("abcd"), "label": "1", "metric": "hd",
+    df = pd.DataFrame({"case": list("abcd"), "label": 1, "region": "label", "metric": "hd",
                        "value": [1.0, 2.0, 3.0, math.nan], "note": ["", "", "", "empty pred"]})
     row = summarize(df).iloc[0]
     assert (row.n, row.nan) == (3, 1)
@@ -111,8 +112,10 @@ def test_cli_evaluate_writes_tidy_csv_and_table(phantom_dataset, tmp_path):
     result = CliRunner().invoke(app, ["evaluate", str(pred), str(phantom_dataset / "labelsTr"), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "dice" in result.output and "hd95" in result.output and "median" in result.output
-    df = pd.read_csv(out, dtype={"label": str})
-    assert set(df["case"]) == set(CASES) and set(df["label"]) == {"1", "2", "fg"}
+    df = pd.read_csv(out)  # no dtype needed: label is an integer column, region names the union
+    assert df["label"].dtype == np.int64 and set(df["case"]) == set(CASES)
+    assert set(df.loc[df.label == 1, "region"]) == {"label"} and len(df[df.label == 1]) == len(CASES) * len(METRICS)
+    assert set(df.loc[df.region == "foreground", "label"]) == {0} and set(df["label"]) == {0, 1, 2}
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["missing"] == [] and summary["summary"][0]["metric"] == "dice"
 
@@ -137,8 +140,8 @@ def test_real_hippocampus_case_against_itself_shifted(hippocampus, tmp_path):
     write_volume(ref.like(np.roll(ref.array, 1, axis=1)), tmp_path / "pred" / "hippocampus_001.nii.gz")
     df = evaluate_folder(tmp_path / "pred", hippocampus, cases=["hippocampus_001"], progress=False)
     got = df.set_index(["label", "metric"])["value"]
-    assert got[("fg", "hd")] == pytest.approx(1.0)  # 1 mm isotropic, one-voxel shift
-    assert 0.5 < got[("fg", "dice")] < 1.0 and df.attrs["axis"] == 0
+    assert got[(0, "hd")] == pytest.approx(1.0)  # 1 mm isotropic, one-voxel shift
+    assert 0.5 < got[(0, "dice")] < 1.0 and df.attrs["axis"] == 0
 
 
 def test_nnunet_ignore_label_voxels_are_not_scored(tmp_path):
@@ -162,6 +165,7 @@ def test_nnunet_ignore_label_voxels_are_not_scored(tmp_path):
     df = evaluate_folder(tmp_path / "pred", data, axis=2, progress=False)
     known = np.zeros(truth.shape, bool)
     known[..., list(ANNOTATED)] = True
-    expected = [dice(pred == v, truth == v, mask=known) for v in (1, 2)] + [dice(pred > 0, truth > 0, mask=known)]
-    np.testing.assert_allclose(df[df.metric == "dice"].value.to_numpy(), expected)
-    assert max(expected) < 1
+    expected = {v: dice(pred == v, truth == v, mask=known) for v in (1, 2)} | {0: dice(pred > 0, truth > 0, mask=known)}
+    got = df[df.metric == "dice"].set_index("label")["value"]
+    np.testing.assert_allclose([got[k] for k in expected], list(expected.values()))
+    assert max(expected.values()) < 1

@@ -189,10 +189,11 @@ def test_label_metrics_rows_per_label_and_foreground():
     pred[pred == 2] = 1  # label 2 predicted as 1: per-label scores drop, fg stays perfect
     rows = label_metrics(pred, ref, spacing=(1, 1, 2), axis=2, labels=[1, 2])
     got = {(r["label"], r["metric"]): r["value"] for r in rows}
-    assert set(got) == {(lab, m) for lab in ("1", "2", "fg") for m in ("dice", "hd", "hd95", "assd", "assd2d", "rvd")}
-    assert got[("fg", "dice")] == 1.0 and got[("fg", "hd")] == 0.0
-    assert got[("2", "dice")] == 0.0 and math.isnan(got[("2", "hd")])
-    assert got[("1", "dice")] == pytest.approx(2 * 27 / (54 + 27))
+    assert set(got) == {(lab, m) for lab in (1, 2, 0) for m in ("dice", "hd", "hd95", "assd", "assd2d", "rvd")}
+    assert {(r["label"], r["region"]) for r in rows} == {(1, "label"), (2, "label"), (0, "foreground")}
+    assert got[(0, "dice")] == 1.0 and got[(0, "hd")] == 0.0
+    assert got[(2, "dice")] == 0.0 and math.isnan(got[(2, "hd")])
+    assert got[(1, "dice")] == pytest.approx(2 * 27 / (54 + 27))
 
 
 def test_bounding_box_and_bad_input():

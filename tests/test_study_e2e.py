@@ -49,7 +49,7 @@ def test_real_pipeline_runs_baseline_and_sparse_runs_and_reports(phantom_dataset
     assert any(json.loads(p.read_text()).get("interpolated") for p in
                (interp / "interpolated" / "labelsTr").glob("*.sparse.json"))
     table = read_results(tmp_path / "s")
-    assert set(table.case) == split_test and set(table.label) >= {"1", "2", "fg"}
+    assert set(table.case) == split_test and set(table.label) >= {0, 1, 2}
     dice = table[table.metric == "dice"].value
     assert dice.between(0, 1).all() and len(dice) == 5 * len(split_test) * 3
     trained = json.loads((tmp_path / "s" / "runs" / "3d_full_seed0" / "model" / "config.json").read_text())
@@ -59,7 +59,10 @@ def test_real_pipeline_runs_baseline_and_sparse_runs_and_reports(phantom_dataset
     html = render_report(tmp_path / "s")
     # density, interpolation, strategy, regimes, learning curves, hours vs Dice, per-label, example slices
     assert html.count("<img ") == 8
-    assert re.search(r"annotate \d+ volumes at [\d.]+ slices each, chosen by random", html)
+    plan_text = re.search(r"annotate (\d+) volumes: ([\d+]+) = 4 slices, slices chosen by random", html)
+    assert plan_text, "the recommendation names whole slices per volume that spend the budget"
+    counts = [int(c) for c in plan_text.group(2).split("+")]
+    assert len(counts) == int(plan_text.group(1)) and sum(counts) == 4
 
 
 def test_preflight_refuses_more_volumes_than_the_training_split(phantom_dataset, tmp_path):

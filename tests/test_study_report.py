@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from sparseslice.study.engine import run_study
 from sparseslice.study.report import render_report, write_report
 from sparseslice.study.results import collect_results, load_study
 from sparseslice.study.spec import parse_spec
-from study_fakes import crashing_run, fake_run
+from study_fakes import crashing_run, per_label_run
 
 SPEC = {
     "name": "report-test",
@@ -40,20 +41,61 @@ def study(tmp_path_factory) -> Path:
 
 
 def _text(html: str) -> str:
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"base64,[^\"']+", "", html)))
+    return unescape(re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", re.sub(r"base64,[^\"']+", "", html))))
 
 
-def test_report_states_the_density_finding_with_numbers_and_recommends(study):
+def test_report_does_not_decide_on_four_test_cases_and_lists_crashes(study):
     text = _text((study / "report.html").read_text())
-    # the fake makes lower density better: the report must say so, with the Dice values
-    assert "2D, budget 12: yes: lower density with more volumes won" in text
-    assert re.search(r"rho=0\.1 \(10 volumes x 1\.2 slices\) reached Dice 0\.\d{3} ± 0\.\d{3}", text)
-    assert "For data and a budget of 12 slices (2D model): annotate 10 volumes at 1.2 slices each" in text
-    assert "interpolation: sdf helps" in text  # the fake adds +0.02 with interpolation
-    assert "ual" in text and "Wilcoxon" in text
+    # 4 test cases: a Wilcoxon test over cases cannot reach p < 0.05, so nothing is called a win
+    assert "2D, budget 12: not decided: too few test cases to test (4; a test needs 6)" in text
+    assert "won" not in text and "4 test cases (the unit of every test)" in text
+    assert re.search(r"rho=0\.1 \(10\.0 volumes x 1\.2 slices on average\) reached Dice 0\.\d{3} ± 0\.\d{3}", text)
+    assert "For data and a budget of 12 slices (2D model): annotate 10 volumes: 2+2+1+1+1+1+1+1+1+1 = 12 slices" in text
+    assert "interpolation: sdf is not decided, too few test cases" in text
     # crashed runs are listed and flagged
     assert "runs crashed" in text and "simulated crash in training" in text
     assert "Example slices: no predictions available." in text
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    """Ten test cases, per-label rows; label 2 fails in every sparse run."""
+    out = tmp_path_factory.mktemp("labelled") / "s"
+    run_study(parse_spec(SPEC), out, run_fn=per_label_run, progress=False)
+    write_report(out)
+    return out
+
+
+def test_findings_follow_the_corrected_test_over_cases(labelled):
+    text = _text((labelled / "report.html").read_text())
+    tests = analysis.paired_comparisons(_cases(labelled))
+    density = next(t for t in tests if t.factor == "rho")
+    assert density.n == 10 and density.p_adjusted < 0.05 and density.scope == "2D, budget 12"
+    assert "2D, budget 12: yes: lower density with more volumes won" in text
+    assert re.search(r"per test case \(mean over seeds and other factors\): \+0\.\d{3} Dice \[95% CI \+0\.\d{3}, "
+                     r"\+0\.\d{3}\], 10/10 test cases better, Wilcoxon p=0\.002, Holm-corrected p=0\.0\d+", text)
+    assert "interpolation: sdf helps" in text and "10 test cases (the unit of every test)" in text
+    # random and interval score alike: no verdict beside a non-significant p
+    random_interval = next(t for t in tests if {t.a, t.b} == {"interval", "random"})
+    assert random_interval.p_adjusted >= 0.05 and random_interval.verdict == "no significant difference"
+    assert "random vs ual" in text and "Holm" in text
+
+
+def test_ranking_uses_per_label_dice_and_names_the_failing_label(labelled):
+    text = _text((labelled / "report.html").read_text())
+    cases = _cases(labelled)
+    row = cases.iloc[0]
+    assert row["dice"] == pytest.approx((row["dice_label_1"] + row["dice_label_2"]) / 2)
+    assert row["dice_fg"] == pytest.approx(min(row["dice_label_1"] + 0.05, 1.0))
+    assert "main measure: test-set Dice (mean over labels 1, 2, each scored on its own)" in text
+    assert re.search(r"Per label: label 1 0\.\d\d \(full labels 0\.9\d\), label 2 0\.3\d \(full labels 0\.\d\d\); "
+                     r"foreground \(all labels together\) 0\.\d\d\. Failing: label 2 \(Dice 0\.3\d < 0\.5\)", text)
+    page = (labelled / "report.html").read_text()
+    for head in ("Dice (mean of labels)", "Dice label 1", "Dice label 2", "Dice foreground", "HD95 (mm)",
+                 "2D ASSD (mm)"):
+        assert f"<th>{head}</th>" in page
+    one = analysis.case_table(collect_results(*load_study(labelled)), label=1)
+    assert one["dice"].equals(one["dice_label_1"])
 
 
 def test_regime_table_shows_seed_spread(study):
@@ -69,22 +111,44 @@ def test_regime_table_shows_seed_spread(study):
     assert crashed["n_seeds"] == 1 and np.isnan(crashed["dice_std"])  # the seed-1 run crashed
 
 
-def test_paired_comparison_matches_scipy(study):
-    store, spec = load_study(study)
-    cases = analysis.case_table(collect_results(store, spec))
-    result = analysis.paired(cases, "strategy", "random", "ual")
-    a = cases[cases.strategy == "random"].set_index(["rho", "interpolation", "seed", "case"])["dice"]
-    b = cases[cases.strategy == "ual"].set_index(["rho", "interpolation", "seed", "case"])["dice"]
-    diff = (a - b.reindex(a.index)).dropna()
-    assert result.n == len(diff) == 2 * 2 * 2 * 4
-    assert result.mean_diff == pytest.approx(diff.mean())
-    assert result.p_value == pytest.approx(wilcoxon(diff).pvalue)
-    assert result.verdict == "random better"
+def _cases(root: Path) -> pd.DataFrame:
+    store, spec = load_study(root)
+    return analysis.case_table(collect_results(store, spec))
+
+
+def test_paired_comparison_is_over_test_cases_and_matches_scipy(study, labelled):
+    from scipy.stats import bootstrap
+
+    for root, n_cases in ((study, 4), (labelled, 10)):
+        cases = _cases(root)
+        result = analysis.paired(cases, "strategy", "random", "ual")
+        a = cases[cases.strategy == "random"].set_index(["rho", "interpolation", "seed", "case"])["dice"]
+        b = cases[cases.strategy == "ual"].set_index(["rho", "interpolation", "seed", "case"])["dice"]
+        diff = (a - b.reindex(a.index)).dropna()
+        per_case = diff.groupby(level="case").mean()  # seeds and other factors are not independent samples
+        assert result.n == len(per_case) == n_cases and result.n_pairs == len(diff) == 2 * 2 * 2 * n_cases
+        assert result.mean_diff == pytest.approx(per_case.mean())
+        ci = bootstrap((per_case.to_numpy(),), np.mean, method="percentile", n_resamples=9999,
+                       rng=np.random.default_rng(0)).confidence_interval
+        assert (result.ci_low, result.ci_high) == pytest.approx((ci.low, ci.high))
+        assert result.ci_low < result.mean_diff < result.ci_high
+    assert result.p_value == pytest.approx(wilcoxon(per_case).pvalue) and result.verdict == "random better"
+    few = analysis.paired(_cases(study), "strategy", "random", "ual")
+    assert np.isnan(few.p_value) and few.verdict == "too few test cases to test (4; a test needs 6)"
+
+
+def test_holm_correction_known_answer_and_applied_to_the_report_family(labelled):
+    assert analysis.holm([0.01, 0.04, 0.03, 0.005]).tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert np.isnan(analysis.holm([np.nan, 0.02])[0]) and analysis.holm([np.nan, 0.02])[1] == 0.02
+    tests = analysis.paired_comparisons(_cases(labelled))
+    raw = [t.p_value for t in tests]
+    assert [t.p_adjusted for t in tests] == pytest.approx(analysis.holm(raw).tolist(), nan_ok=True)
+    assert len(tests) == 5  # 3 strategy pairs, density, interpolation
 
 
 def test_report_copes_with_one_seed_no_baseline_and_nothing_finished(tmp_path):
     one = parse_spec({**SPEC, "seeds": [3], "baseline": False})
-    run_study(one, tmp_path / "one", run_fn=fake_run, progress=False)
+    run_study(one, tmp_path / "one", run_fn=per_label_run, progress=False)
     text = _text(render_report(tmp_path / "one"))
     assert "Only one seed" in text and "No full-label baseline" in text and "absolute" in text
     assert "lower density with more volumes won" in text
@@ -135,15 +199,16 @@ def test_report_renders_in_headless_chromium_with_every_figure(study, tmp_path):
     title = re.search(r"<title>IMAGES (\d+) (\d+)</title>", result.stdout)
     assert title, result.stderr[-2000:]
     assert int(title.group(1)) == n_images and int(title.group(2)) == n_images
-    assert "lower density with more volumes won" in result.stdout
+    assert "not decided: too few test cases" in result.stdout
 
 
 def test_volume_count_grids_get_the_density_finding_too(tmp_path):
     spec = parse_spec({**SPEC, "grid": [{"budget": [12], "volumes": [2, 6], "strategy": ["random"], "model": ["3d"]}]})
-    run_study(spec, tmp_path / "s", run_fn=fake_run, progress=False)
+    run_study(spec, tmp_path / "s", run_fn=per_label_run, progress=False)
     text = _text(render_report(tmp_path / "s"))
-    assert ("3D, budget 12: yes: lower density with more volumes won. Lowest density s=6 (6 volumes x 2.0 slices)"
+    assert ("3D, budget 12: yes: lower density with more volumes won. Lowest density s=6 (6.0 volumes x 2.0 slices"
             in text)
+    assert "annotate 6 volumes: 2+2+2+2+2+2 = 12 slices" in text
 
 
 def test_recommendation_chooses_factor_by_factor_not_the_luckiest_cell():
@@ -162,3 +227,61 @@ def test_recommendation_chooses_factor_by_factor_not_the_luckiest_cell():
     assert regimes.iloc[0]["strategy"] == "b"  # the best single cell
     best = recommended_regime(regimes, per_run)
     assert (best["strategy"], best["rho"]) == ("a", 0.5)  # strategy a and rho 0.5 are better on average
+
+
+def test_metrics_csv_label_is_an_integer_with_a_region_column(study):
+    run_dir = next(p for p in (study / "runs").iterdir() if (p / "done.json").is_file())
+    table = pd.read_csv(run_dir / "metrics.csv")  # plain pandas, no dtype hints
+    assert table["label"].dtype == np.int64 and list(table.columns) == ["case", "label", "region", "metric", "value"]
+    assert len(table[table.label == 1]) == 4 * 3 and set(table.loc[table.label == 1, "region"]) == {"label"}
+    assert set(table.loc[table.region == "foreground", "label"]) == {0}
+    assert pd.read_csv(study / "results.csv")["label"].dtype == np.int64
+
+
+def test_cut_short_runs_are_left_out_and_the_steps_sentence_is_computed(tmp_path):
+    from study_fakes import cut_short_run
+
+    run_study(parse_spec(SPEC), tmp_path / "s", run_fn=cut_short_run, progress=False)
+    text = _text(render_report(tmp_path / "s"))
+    runs = pd.read_csv(tmp_path / "s" / "runs.csv")
+    short = runs[runs.cut_short.astype(bool)]
+    assert len(short) == 4 and set(short.strategy) == {"interval"} and set(short.seed) == {1}
+    assert (f"4 of {len(runs)} finished runs were cut short (trained fewer gradient steps than planned: max_minutes "
+            "0.5 reached); they are left out of every comparison") in text
+    assert "every finished run took 100 gradient steps (fine-tuning included), 400 samples each" in text
+    assert short.run_id.iloc[0] in text and "cut short" in text
+    cases = analysis.case_table(collect_results(*load_study(tmp_path / "s")))
+    per_run = analysis.run_summary(cases, runs)
+    assert not per_run.run_id.isin(short.run_id).any() and len(per_run) == len(runs) - 4
+    regimes = analysis.regime_summary(per_run).set_index("regime")
+    assert regimes.loc["2D, budget 12, rho 0.1, interval", "n_seeds"] == 1
+    # the report's comparisons do not see the cut-short runs: seed 1 drops out of interval vs random
+    kept = analysis.paired(cases[~cases.run_id.isin(short.run_id)], "strategy", "interval", "random")
+    assert kept.n_pairs == 2 * 2 * 2 * 10 - 4 * 10 and kept.n == 10
+    page = render_report(tmp_path / "s")
+    assert f"<td>{kept.n} ({kept.n_pairs})</td>" in page
+
+
+def test_steps_sentence_says_when_training_differs():
+    from sparseslice.study.report import _steps_text
+
+    runs = pd.DataFrame({"run_id": ["a", "b"], "status": "done", "gradient_steps": [73, 88],
+                         "samples_seen": [292, 352], "cut_short": [False, False]})
+    assert _steps_text(runs) == ("gradient steps differ between runs: 73 to 88 (fine-tuning included), 292 to 352 "
+                                 "samples, so arms are compared at unequal training")
+    assert _steps_text(runs.drop(columns=["gradient_steps"])) == ""
+
+
+def test_spec_analysis_label_chooses_the_measure(tmp_path):
+    spec = parse_spec({**SPEC, "analysis": {"label": 2}})
+    assert spec.fingerprint() == parse_spec(SPEC).fingerprint()  # a report choice, not a new study
+    run_study(spec, tmp_path / "s", run_fn=per_label_run, progress=False)
+    text = _text(render_report(tmp_path / "s"))
+    assert "main measure: test-set Dice of label 2, ranked and recommended by it" in text
+    assert re.search(r"Expected test Dice of label 2 0\.3\d\d ± 0\.\d{3}", text)
+    with pytest.raises(Exception, match="analysis has an unknown key, got 'lable'"):
+        parse_spec({**SPEC, "analysis": {"lable": 2}})
+    run_study(parse_spec({**SPEC, "analysis": {"label": 5}}), tmp_path / "s", run_fn=per_label_run, progress=False)
+    result = CliRunner().invoke(app, ["study", "report", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "analysis.label is not a label of the results, got 5; use one of 1, 2" in result.output

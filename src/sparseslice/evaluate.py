@@ -1,7 +1,7 @@
 """Evaluate a folder of predicted label maps against references: tidy per-case metrics.
 
 ``evaluate_folder`` returns one row per case, label and metric (columns ``case, label,
-metric, value, note``); ``summarize`` turns that into the per-label table the CLI prints.
+region, metric, value, note``); ``summarize`` turns that into the per-label table the CLI prints.
 References may be sparse: a label file with a ``.sparse.json`` sidecar, or one holding the
 ignore value (the one nnU-Net's ``dataset.json`` declares as ``"ignore"``, else 255), is
 scored on its annotated slices only (see :func:`sparseslice.metrics.mask_metrics` for what
@@ -22,11 +22,11 @@ import pandas as pd
 from sparseslice.datasets import discover_dataset, slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_axis, read_label, strip_suffix, volume_suffix
-from sparseslice.metrics import METRICS, label_metrics
+from sparseslice.metrics import METRICS, REGION_FOREGROUND, label_metrics
 from sparseslice.progress import track
 from sparseslice.sparse import ignore_axis, read_label_file
 
-COLUMNS = ("case", "label", "metric", "value", "note")
+COLUMNS = ("case", "label", "region", "metric", "value", "note")
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:
@@ -128,8 +128,9 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
     Returns
     -------
     pandas.DataFrame
-        Columns ``case, label, metric, value, note``; ``label`` is ``"1"``, ``"2"``... or
-        ``"fg"`` (union of foreground); ``metric`` one of :data:`sparseslice.metrics.METRICS`;
+        Columns ``case, label, region, metric, value, note``; ``label`` is an integer:
+        ``1``, ``2``... with ``region`` ``"label"``, and ``0`` with ``region`` ``"foreground"``
+        for the union of every foreground label; ``metric`` one of :data:`sparseslice.metrics.METRICS`;
         ``note`` explains NaN values (``"empty pred"``, ``"sparse ref"``...). Labels scored
         are those of the reference's ``dataset.json`` if any, else those present in the case.
     """
@@ -173,20 +174,20 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """
     order = {m: i for i, m in enumerate(METRICS)}
     out = []
-    for (label, metric), group in df.groupby(["label", "metric"], sort=False):
+    for (label, region, metric), group in df.groupby(["label", "region", "metric"], sort=False):
         v = group["value"].to_numpy(dtype=float)
         ok = v[np.isfinite(v)]
-        stats = {"label": label, "metric": metric, "n": int(ok.size), "nan": int(v.size - ok.size)}
+        stats = {"label": label, "region": region, "metric": metric, "n": int(ok.size), "nan": int(v.size - ok.size)}
         if ok.size:
             stats.update(mean=float(ok.mean()), std=float(ok.std(ddof=1)) if ok.size > 1 else 0.0,
                          median=float(np.median(ok)), p5=float(np.percentile(ok, 5)))
         else:
             stats.update(mean=math.nan, std=math.nan, median=math.nan, p5=math.nan)
         out.append(stats)
-    table = pd.DataFrame(out, columns=["label", "metric", "n", "nan", "mean", "std", "median", "p5"])
+    table = pd.DataFrame(out, columns=["label", "region", "metric", "n", "nan", "mean", "std", "median", "p5"])
     if table.empty:
         return table
-    table["_l"] = table["label"].map(lambda s: (1, 0) if s == "fg" else (0, int(s)) if s.isdigit() else (2, 0))
+    table["_l"] = list(zip(table["region"] == REGION_FOREGROUND, table["label"], strict=True))
     table["_m"] = table["metric"].map(lambda m: order.get(m, len(order)))
     return table.sort_values(["_l", "_m"]).drop(columns=["_l", "_m"]).reset_index(drop=True)
 
@@ -213,7 +214,8 @@ def render_summary(summary: pd.DataFrame, console: object, *, title: str = "metr
     for name in ("label", "metric", "n", "nan", "mean", "std", "median", "p5"):
         table.add_column(name, justify="left" if name in ("label", "metric") else "right")
     for row in summary.itertuples(index=False):
-        table.add_row(str(row.label), str(row.metric), str(row.n), str(row.nan),
+        name = "foreground" if row.region == REGION_FOREGROUND else str(row.label)
+        table.add_row(name, str(row.metric), str(row.n), str(row.nan),
                       *(_fmt(getattr(row, k)) for k in ("mean", "std", "median", "p5")))
     console.print(table)  # type: ignore[attr-defined]
 

@@ -44,6 +44,9 @@ from sparseslice.errors import UserError
 from sparseslice.io import check_spacing
 
 METRICS = ("dice", "hd", "hd95", "assd", "assd2d", "rvd")
+#: ``region`` of a tidy row: one label's voxels, or the union of every foreground label (``label`` 0).
+REGION_LABEL = "label"
+REGION_FOREGROUND = "foreground"
 DISTANCE_METRICS = ("hd", "hd95", "assd", "assd2d")
 
 
@@ -324,16 +327,18 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float],
 
 def label_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], axis: int,
                   labels: Sequence[int], annotated: np.ndarray | None = None) -> list[dict[str, object]]:
-    """Tidy rows ``{label, metric, value, note}`` for each label and the foreground union "fg".
+    """Tidy rows ``{label, region, metric, value, note}`` for each label and the foreground union.
 
     ``pred`` and ``ref`` are integer label maps; ``labels`` the foreground values to score.
+    ``label`` is always an integer: a label's rows have ``region`` :data:`REGION_LABEL`; the
+    union of every foreground label has ``region`` :data:`REGION_FOREGROUND` and ``label`` 0.
     """
     pred = np.asarray(pred)
     ref = np.asarray(ref)
     rows: list[dict[str, object]] = []
-    targets = [(str(int(v)), pred == v, ref == v) for v in labels]
-    targets.append(("fg", pred > 0, ref > 0))
-    for name, p, r in targets:
+    targets = [(int(v), REGION_LABEL, pred == v, ref == v) for v in labels]
+    targets.append((0, REGION_FOREGROUND, pred > 0, ref > 0))
+    for label, region, p, r in targets:
         for metric, (value, note) in mask_metrics(p, r, spacing=spacing, axis=axis, annotated=annotated).items():
-            rows.append({"label": name, "metric": metric, "value": float(value), "note": note})
+            rows.append({"label": label, "region": region, "metric": metric, "value": float(value), "note": note})
     return rows

@@ -21,9 +21,6 @@ from sparseslice.study import analysis, curves, figures
 from sparseslice.study.results import collect_results, load_study, run_table
 from sparseslice.study.store import StudyStore
 
-#: Dice differences smaller than this are not called a win.
-MARGIN = 0.01
-
 
 @dataclass
 class Findings:
@@ -50,45 +47,52 @@ def _p_is(p: float) -> str:
     return f"p{text}" if text.startswith("<") else f"p={text}"
 
 
-def density_finding(per_run: pd.DataFrame, cases: pd.DataFrame, budget: int, model: str) -> str | None:
+def _ci(t: analysis.Paired) -> str:
+    return "" if np.isnan(t.ci_low) else f" [95% CI {t.ci_low:+.3f}, {t.ci_high:+.3f}]"
+
+
+def test_text(t: analysis.Paired) -> str:
+    """``+0.021 Dice [95% CI ...], 5/8 test cases better, Wilcoxon p=..., Holm p=...``."""
+    holm = "" if np.isnan(t.p_adjusted) else f", Holm-corrected {_p_is(t.p_adjusted)}"
+    test = f", Wilcoxon {_p_is(t.p_value)}{holm}" if t.testable else ", no test"
+    return f"{t.mean_diff:+.3f} Dice{_ci(t)}, {t.wins}/{t.n} test cases better{test}"
+
+
+def density_finding(per_run: pd.DataFrame, tests: list[analysis.Paired], budget: int, model: str) -> str | None:
     """Did lower density with more volumes win at this budget and model? With the numbers.
 
-    Uses the density ``rho`` when the grid sets it, else the volume count ``s`` (at a fixed
-    budget, more volumes means fewer slices per volume).
+    The verdict is the Holm-corrected paired test over test cases (density extremes, see
+    :func:`sparseslice.study.analysis.density_test`); the per-arm means are shown beside it.
     """
-    runs = per_run[(per_run["budget"] == budget) & (per_run["model"] == model) & per_run["block_fraction"].isna()]
+    scope = f"{model.upper()}, budget {int(budget)}"
+    test = next((t for t in tests if t.factor in ("rho", "volumes") and t.scope == scope), None)
+    if test is None:
+        return None
+    factor = test.factor
+    runs = per_run[(per_run["budget"] == budget) & (per_run["model"] == model) & per_run["block_fraction"].isna()
+                   & ~per_run["baseline"].astype(bool)]
     if (runs["interpolation"] == "none").any():
         runs = runs[runs["interpolation"] == "none"]
-    factor = "rho" if runs["rho"].nunique() >= 2 else "volumes"
     runs = runs[runs[factor].notna()]
-    if runs[factor].nunique() < 2:
-        return None
     by = runs.groupby(factor).agg(dice=("dice", "mean"), sd=("dice", "std"), s=("n_volumes", "mean"),
-                                  k=("slices_per_volume", "mean"), n=("run_id", "count"))
-    # the sparsest arm: lowest rho, or most volumes
-    sparse, dense = (by.index.min(), by.index.max()) if factor == "rho" else (by.index.max(), by.index.min())
+                                  k=("slices_per_volume", "mean"))
     name = "rho" if factor == "rho" else "s"
-    best = by["dice"].idxmax()
+    sparse, dense = float(test.a), float(test.b)
     lo, hi = by.loc[sparse], by.loc[dense]
-    diff = lo["dice"] - hi["dice"]
-    sub = cases[(cases["budget"] == budget) & (cases["model"] == model)
-                & cases["interpolation"].isin(runs["interpolation"].unique())]
-    test = analysis.paired(sub, factor, sparse, dense)
-    test_text = (f"; paired per case: {test.mean_diff:+.3f}, {test.wins}/{test.n} cases better, "
-                 f"Wilcoxon {_p_is(test.p_value)}") if test else ""
-    if diff > MARGIN:
+    if not test.testable:
+        verdict = f"not decided: {test.verdict}"
+    elif not test.significant:
+        verdict = "no significant difference between lower and higher density"
+    elif test.mean_diff > 0:
         verdict = "yes: lower density with more volumes won"
-    elif diff < -MARGIN:
-        verdict = "no: higher density with fewer volumes won"
     else:
-        verdict = f"no clear winner (difference under {MARGIN})"
-    curve = ", ".join(f"{name} {r:g} ({row.s:.0f} vol x {row.k:.1f} sl): {_pm(row.dice, row.sd)}"
+        verdict = "no: higher density with fewer volumes won"
+    curve = ", ".join(f"{name} {r:g} ({row.s:.1f} vol x {row.k:.1f} sl): {_pm(row.dice, row.sd)}"
                       for r, row in by.iterrows())
-    return (f"{model.upper()}, budget {budget}: {verdict}. Lowest density {name}={sparse:g} "
-            f"({lo.s:.0f} volumes x {lo.k:.1f} slices) reached Dice {_pm(lo.dice, lo.sd)} vs "
-            f"{_pm(hi.dice, hi.sd)} at {name}={dense:g} ({hi.s:.0f} volumes x {hi.k:.1f} slices), "
-            f"difference {diff:+.3f}{test_text}. Best: {name}={best:g}. Mean over strategies and seeds: "
-            f"{curve}.")
+    return (f"{scope}: {verdict}. Lowest density {name}={sparse:g} "
+            f"({lo.s:.1f} volumes x {lo.k:.1f} slices on average) reached Dice {_pm(lo.dice, lo.sd)} vs "
+            f"{_pm(hi.dice, hi.sd)} at {name}={dense:g} ({hi.s:.1f} volumes x {hi.k:.1f} slices); per test case "
+            f"(mean over seeds and other factors): {test_text(test)}. Mean ± std over seeds: {curve}.")
 
 
 def _interpolation_verdict(tests: list[analysis.Paired]) -> str:
@@ -97,16 +101,13 @@ def _interpolation_verdict(tests: list[analysis.Paired]) -> str:
         return "not tested"
     parts = []
     for t in interp:
-        if t.n < 6 or np.isnan(t.p_value):
-            look = "better" if t.mean_diff > MARGIN else "worse" if t.mean_diff < -MARGIN else "no different"
-            word = f"looks {look} but there are too few pairs to test;"
-        elif t.mean_diff > MARGIN and t.p_value < 0.05:
-            word = "helps"
-        elif t.mean_diff < -MARGIN and t.p_value < 0.05:
-            word = "hurts"
+        if not t.testable:
+            word = f"is not decided, {t.verdict}"
+        elif not t.significant:
+            word = "makes no significant difference"
         else:
-            word = "does not help"
-        parts.append(f"{t.a} {word} ({t.mean_diff:+.3f} Dice, {_p_is(t.p_value)}, {t.n} pairs)")
+            word = "helps" if t.mean_diff > 0 else "hurts"
+        parts.append(f"{t.a} {word} ({test_text(t)})")
     return "; ".join(parts)
 
 
@@ -133,36 +134,106 @@ def recommended_regime(regimes: pd.DataFrame, per_run: pd.DataFrame) -> pd.Serie
     return ranked.iloc[0]
 
 
+def measure_name(cases: pd.DataFrame, label: int | None = None) -> str:
+    """What ``dice`` means in this report: one label, the mean over labels, or the foreground."""
+    labels = [c.rsplit("_", 1)[1] for c in analysis.label_columns(cases)]
+    if label is not None:
+        return f"Dice of label {label}"
+    if labels:
+        return f"Dice (mean over labels {', '.join(labels)}, each scored on its own)"
+    return "foreground Dice"
+
+
+def _plan_text(best: pd.Series, runs: pd.DataFrame, plans: dict[str, list[tuple[int, int]]]) -> str:
+    """``4 volumes: 3+3+3+3 = 12 slices`` by the project's allocation, and what the seeds' plans did."""
+    budget = int(best["budget"])
+    mine = runs[runs.apply(analysis.regime_label, axis=1) == best["regime"]]
+    seen = {r.seed: plans[r.run_id] for r in mine.itertuples() if r.run_id in plans}
+    caps = [cap for entries in seen.values() for _, cap in entries]
+    capacity = int(np.median(caps)) if caps else None
+    n = analysis.plan_volumes(budget, rho=best["rho"], volumes=best["volumes"], capacity=capacity,
+                              seen=mine["n_volumes"] if "n_volumes" in mine else [])
+    text = f"{n} volumes: {analysis.spread_text(analysis.integer_plan(budget, volumes=n, capacity=capacity))}"
+    text += f", slices chosen by {best['strategy']}"
+    notes = []
+    if capacity is not None and pd.notna(best["rho"]):
+        notes.append(f"rho {best['rho']:g} of a typical volume's {capacity} selectable slices")
+    if seen:
+        notes.append("the seeds' plans: " + "; ".join(
+            f"seed {int(seed)} {len(e)} volumes {analysis.spread_text([c for c, _ in e])}"
+            for seed, e in sorted(seen.items())))
+    return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _label_check(best: pd.Series, reference: pd.Series | None) -> str:
+    cols = [c[: -len("_mean")] for c in best.index if c.startswith("dice_label_") and c.endswith("_mean")]
+    if not cols:
+        return ""
+    per = ", ".join(f"label {c.rsplit('_', 1)[1]} {best[c + '_mean']:.2f}" + (
+        f" (full labels {reference[c + '_mean']:.2f})" if reference is not None
+        and pd.notna(reference.get(c + "_mean", np.nan)) else "") for c in cols)
+    fg = best.get("dice_fg_mean", np.nan)
+    text = f" Per label: {per}" + (f"; foreground (all labels together) {fg:.2f}" if pd.notna(fg) else "") + "."
+    failing = analysis.failing_labels(best, reference)
+    return text + (f" Failing: {', '.join(failing)}." if failing else
+                   f" No label fails (each has Dice ≥ {analysis.FAIL_DICE:g} and ≥ "
+                   f"{analysis.FAIL_RELATIVE:.0%} of its full-label Dice).")
+
+
 def recommendation(regimes: pd.DataFrame, tests: list[analysis.Paired], dataset: str,
-                   per_run: pd.DataFrame) -> list[str]:
-    """One sentence per budget (and model): the recommended regime in plain words."""
+                   per_run: pd.DataFrame, *, plans: dict[str, list[tuple[int, int]]] | None = None,
+                   n_cases: int | None = None, measure: str = "Dice") -> list[str]:
+    """One sentence per budget (and model): the recommended regime in plain words.
+
+    ``plans`` maps run ids to their plan's ``(slices, selectable slices)`` per volume; the
+    volume count and the slices per volume follow the project's allocation, so they add up
+    to the budget.
+    """
     out = []
     grid = regimes[~regimes["baseline"].astype(bool)]
     runs = per_run[~per_run["baseline"].astype(bool)]
     interp = _interpolation_verdict(tests)
     for (budget, model), rows in grid.groupby(["budget", "model"]):
         best = recommended_regime(rows, runs[(runs["budget"] == budget) & (runs["model"] == model)])
-        n, k = best.get("n_volumes_mean", np.nan), best.get("slices_per_volume_mean", np.nan)
-        how = (f"blocks of {best['block_fraction']:g} of the structure's slices" if pd.notna(best["block_fraction"])
-               else f"{k:.1f} slices each" if pd.notna(k) else "")
-        chosen = "" if pd.notna(best["block_fraction"]) else f", chosen by {best['strategy']}"
+        base = regimes[regimes["baseline"].astype(bool) & (regimes["model"] == model)]
+        reference = base.iloc[0] if len(base) else None
+        if pd.notna(best["block_fraction"]):
+            how = (f"{best.get('n_volumes_mean', np.nan):.0f} volumes in blocks of {best['block_fraction']:g} of "
+                   "the structure's slices")
+        else:
+            how = _plan_text(best, runs, plans or {})
         extras = [x for x, on in ((f"with {best['interpolation']} interpolation", best["interpolation"] != "none"),
                                   ("with border slices", bool(best["border_slices"])),
                                   ("with the annotated-slice mask as input", bool(best["mask_channel"])),
                                   (f"{best['schedule']} training", best["schedule"] != "one-step")) if on]
         rel = best.get("rel_dice_mean", np.nan)
         rel_text = f", {rel:.0%} of the full-label Dice" if pd.notna(rel) else ""
+        cases_text = f" and {n_cases} test cases" if n_cases else ""
         out.append(
             f"For {dataset} and a budget of {int(budget)} slices ({model.upper()} model): annotate "
-            f"{n:.0f} volumes at {how}{chosen}{(' ' + ', '.join(extras)) if extras else ''}; "
-            f"interpolation: {interp}. Expected test Dice {_pm(best['dice_mean'], best['dice_std'])}"
-            f" over {int(best['n_seeds'])} seed(s){rel_text}. (Each factor is chosen by its mean Dice over "
-            "all the other factors; the single best cell of the table may differ by chance.)")
+            f"{how}{(' ' + ', '.join(extras)) if extras else ''}; "
+            f"interpolation: {interp}. Expected test {measure} {_pm(best['dice_mean'], best['dice_std'])}"
+            f" over {int(best['n_seeds'])} seed(s){cases_text}{rel_text}.{_label_check(best, reference)} "
+            "(Each factor is chosen by its mean Dice over all the other factors; the single best cell of the "
+            "table may differ by chance.)")
+    return out
+
+
+def _plans(store: StudyStore, run_ids: list[str]) -> dict[str, list[tuple[int, int]]]:
+    """``{run: [(slices, selectable slices) per volume]}`` from the runs' ``plan.json``."""
+    out = {}
+    for run_id in run_ids:
+        path = store.run_dir(run_id) / "plan.json"
+        if not path.is_file():
+            continue
+        entries = json.loads(path.read_text()).get("entries", [])
+        out[run_id] = [(len(e["slices"]), (e["extent"][1] - e["extent"][0] + 1) if e.get("extent")
+                        else int(e["n_slices"])) for e in entries]
     return out
 
 
 def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.DataFrame, cases: pd.DataFrame,
-                   regimes: pd.DataFrame, tests: list[analysis.Paired]) -> Findings:
+                   regimes: pd.DataFrame, tests: list[analysis.Paired], *, label: int | None = None) -> Findings:
     f = Findings()
     dataset = Path(str(spec.dataset.path)).name if spec.dataset.path else "this dataset"
     failed = runs[runs["status"] == "failed"]
@@ -173,6 +244,12 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     if not unfinished.empty:
         f.warnings.append(f"{len(unfinished)} of {len(runs)} runs have not finished (study interrupted or still "
                           "running); numbers use the finished runs only.")
+    short = analysis.cut_short(runs)
+    if not short.empty:
+        reasons = sorted({str(r) for r in short.get("cut_short_reason", pd.Series(dtype=str)).dropna() if str(r)})
+        f.warnings.append(f"{len(short)} of {int((runs['status'] == 'done').sum())} finished runs were cut short "
+                          "(trained fewer gradient steps than planned" + (f": {'; '.join(reasons)}" if reasons else "")
+                          + "); they are left out of every comparison and number below (listed at the end).")
     if per_run.empty:
         f.warnings.append("No run has finished: there is nothing to report yet.")
         return f
@@ -187,10 +264,12 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     if spec.name == "demo" or "phantom" in dataset:
         f.warnings.append("Synthetic phantoms with very short training: this shows the pipeline, not evidence "
                           "about real data.")
-    f.recommendation = recommendation(regimes, tests, dataset, per_run)
+    n_cases = int(cases["case"].nunique())
+    f.recommendation = recommendation(regimes, tests, dataset, per_run, plans=_plans(store, list(per_run["run_id"])),
+                                      n_cases=n_cases, measure=measure_name(cases, label))
     for budget in sorted(per_run["budget"].dropna().unique()):
         for model in sorted(per_run["model"].unique()):
-            text = density_finding(per_run, cases, int(budget), model)
+            text = density_finding(per_run, tests, int(budget), model)
             if text:
                 f.findings.append(text)
     strategy_tests = [t for t in tests if t.factor == "strategy"]
@@ -198,15 +277,14 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
         means = per_run[~per_run["baseline"].astype(bool)].groupby("strategy")["dice"].mean().sort_values()
         f.findings.append("Strategies (mean test Dice over every other factor): "
                           + ", ".join(f"{s} {v:.3f}" for s, v in means[::-1].items()) + ". Paired: "
-                          + "; ".join(f"{t.a} vs {t.b} {t.mean_diff:+.3f} ({_p_is(t.p_value)}, {t.verdict})"
+                          + "; ".join(f"{t.a} vs {t.b} {test_text(t)}: {t.verdict}"
                                       for t in strategy_tests) + ".")
     interp = _interpolation_verdict(tests)
     if interp != "not tested":
         f.findings.append(f"Interpolation: {interp}.")
     for t in tests:
         if t.factor in ("arm", "border_slices", "schedule", "mask_channel", "model"):
-            f.findings.append(f"{t.factor}: {t.a} vs {t.b}: {t.mean_diff:+.3f} Dice over {t.n} paired cases "
-                              f"({_p_is(t.p_value)}, {t.verdict}).")
+            f.findings.append(f"{t.factor}: {t.a} vs {t.b}: {test_text(t)}: {t.verdict}.")
     return f
 
 
@@ -217,16 +295,28 @@ def _img(png: bytes | None, alt: str) -> str:
            f"<figcaption>{html.escape(alt)}</figcaption></figure>"
 
 
+#: Column names of the metrics in the tables; distances are in millimetres.
+METRIC_NAMES = {"dice": "Dice", "hd95": "HD95 (mm)", "assd2d": "2D ASSD (mm)", "assd": "ASSD (mm)",
+                "hd": "HD (mm)", "rvd": "RVD"}
+
+
 def _regime_table(regimes: pd.DataFrame, metrics: list[str]) -> str:
-    head = ["regime", "n seeds", "volumes", "slices / volume", *[m.upper() if m != "assd2d" else "2D ASSD"
-                                                                for m in metrics], "relative Dice"]
+    labels = analysis.label_columns(regimes.rename(columns=lambda c: c[: -len("_mean")] if c.endswith("_mean") else c))
+    dice_cols = (["dice", *labels, "dice_fg"] if labels else ["dice"]) if "dice" in metrics else []
+    dice_cols = [c for c in dice_cols if c == "dice" or f"{c}_mean" in regimes.columns]
+    names = {"dice": "Dice (mean of labels)" if labels else "Dice", "dice_fg": "Dice foreground",
+             **{c: f"Dice label {c.rsplit('_', 1)[1]}" for c in labels}}
+    others = [m for m in metrics if m != "dice"]
+    head = ["regime", "n seeds", "volumes", "slices / volume", *[names[c] for c in dice_cols],
+            *[METRIC_NAMES.get(m, m) for m in others], "relative Dice"]
     rows = []
     for _, r in regimes.iterrows():
         cells = [r["regime"], f"{int(r['n_seeds'])} ({r['seeds']})",
-                 _pm(r.get("n_volumes_mean", np.nan), np.nan, 0),
+                 _pm(r.get("n_volumes_mean", np.nan), np.nan, 0 if float(r.get("n_volumes_mean", 0)).is_integer()
+                     else 1),
                  "all" if bool(r["baseline"]) else _pm(r.get("slices_per_volume_mean", np.nan), np.nan, 1)]
-        for m in metrics:
-            cells.append(_pm(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan), 3 if m == "dice" else 2))
+        for m in [*dice_cols, *others]:
+            cells.append(_pm(r.get(f"{m}_mean", np.nan), r.get(f"{m}_std", np.nan), 3 if m.startswith("dice") else 2))
         cells.append(_pm(r.get("rel_dice_mean", np.nan), r.get("rel_dice_std", np.nan)))
         rows.append(cells)
     return _table(head, rows)
@@ -281,21 +371,25 @@ def render_report(root: str | os.PathLike[str]) -> str:
     runs = run_table(store, spec)
     results = collect_results(store, spec)
     metrics = [m for m in ("dice", "hd95", "assd2d", "assd", "hd", "rvd") if m in spec.metrics]
+    label = analysis_label(spec)
     if results.empty:
         cases = per_run = regimes = pd.DataFrame()
         tests: list[analysis.Paired] = []
     else:
-        cases = analysis.case_table(results)
+        cases = analysis.case_table(results, label=label)
+        cases = cases[~cases["run_id"].isin(analysis.cut_short(runs)["run_id"])]
         per_run = analysis.run_summary(cases, runs)
         regimes = analysis.regime_summary(per_run)
         tests = analysis.paired_comparisons(cases)
-    f = build_findings(store, spec, runs, per_run, cases, regimes, tests)
+    f = build_findings(store, spec, runs, per_run, cases, regimes, tests, label=label)
+    n_cases = int(cases["case"].nunique()) if not cases.empty else 0
     parts = [f"<h1>Study report: {html.escape(spec.name)}</h1>",
              f"<p>{html.escape(spec.description)}</p>" if spec.description else "",
              f"<p>Dataset <code>{html.escape(str(spec.dataset.path))}</code>; split seed {spec.dataset.split_seed} "
              f"(val {spec.dataset.val:g}, test {spec.dataset.test:g}); {len(runs)} runs "
              f"({(runs['status'] == 'done').sum()} finished); seeds {', '.join(map(str, spec.seeds))}; "
-             f"main measure: test-set Dice of the foreground (all labels together).</p>",
+             f"main measure: test-set {html.escape(measure_name(cases, label) if not cases.empty else 'Dice')}, "
+             f"ranked and recommended by it; {n_cases} test cases (the unit of every test).</p>",
              f"<p>Training: {html.escape(_training_text(store, spec, runs))}.</p>"]
     if f.warnings:
         parts.append("<div class='warn'><b>Read with care</b><ul>"
@@ -321,23 +415,40 @@ def render_report(root: str | os.PathLike[str]) -> str:
         parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
                                    "legend) of the best and worst test case of the best run") if example else
                      "<p>Example slices: no predictions available.</p>")
-        parts.append("<h2>Mean ± std per regime</h2><p>Std is over seeds (of each run's mean over test cases); "
-                     "a regime with one seed shows no std.</p>" + _regime_table(regimes, metrics))
+        parts.append(f"<h2>Mean ± std per regime</h2><p>Each run's mean over {n_cases} test cases; mean ± std over "
+                     "seeds (a regime with one seed shows no std). Per-label Dice scores each label on its own; "
+                     "distances in millimetres.</p>" + _regime_table(regimes, metrics))
         if tests:
-            parts.append("<h2>Paired comparisons</h2><p>Per test case, same seed and other factors; "
-                         "Wilcoxon signed-rank test (SciPy) on the Dice differences.</p>"
-                         + _table(["factor", "a", "b", "pairs", "mean Dice a − b", "a better in", "p", "verdict"],
-                                  [[t.factor, t.a, t.b, t.n, f"{t.mean_diff:+.4f}", f"{t.wins}/{t.n}",
-                                    _p(t.p_value), t.verdict] for t in tests]))
-    problems = runs[runs["status"] != "done"]
+            parts.append("<h2>Paired comparisons</h2><p>Differences a − b are matched on seed and every other "
+                         "factor, then averaged per test case, so each test case counts once (seeds and other "
+                         "factors are not independent samples). Wilcoxon signed-rank test (SciPy) on the per-case "
+                         f"means (at least {analysis.MIN_CASES} cases); 95% percentile bootstrap interval over "
+                         f"cases; Holm correction over the {len(tests)} comparisons of this report, which decides "
+                         f"the verdict (p &lt; {analysis.ALPHA:g}).</p>"
+                         + _table(["factor", "scope", "a", "b", "test cases (matched runs)", "mean Dice a − b",
+                                   "95% CI", "a better in", "p", "Holm p", "verdict"],
+                                  [[t.factor, t.scope, t.a, t.b, f"{t.n} ({t.n_pairs})", f"{t.mean_diff:+.4f}",
+                                    "n/a" if np.isnan(t.ci_low) else f"{t.ci_low:+.4f} to {t.ci_high:+.4f}",
+                                    f"{t.wins}/{t.n}", _p(t.p_value), _p(t.p_adjusted), t.verdict] for t in tests]))
+    problems = runs[runs["status"] != "done"][["run_id", "status", "error"]]
+    short = analysis.cut_short(runs)
+    if not short.empty:
+        reason = short["cut_short_reason"] if "cut_short_reason" in short else ""
+        problems = pd.concat([problems, short.assign(status="cut short", error=reason)[["run_id", "status", "error"]]])
     if not problems.empty:
-        parts.append("<h2>Runs that did not finish</h2>"
-                     + _table(["run", "status", "error"], problems[["run_id", "status", "error"]].values.tolist()))
+        parts.append("<h2>Runs that did not finish or were cut short</h2>"
+                     + _table(["run", "status", "error"], problems.fillna("").values.tolist()))
     parts.append(f"<h2>Reproduce</h2><p>Every number comes from <code>results.csv</code> and the runs' "
                  f"<code>config.json</code>. Spec:</p><pre>{html.escape(_yaml(spec.to_dict()))}</pre>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>sparseslice study {html.escape(spec.name)}</title><style>{CSS}</style></head><body>"
             + "\n".join(p for p in parts if p) + "</body></html>")
+
+
+def analysis_label(spec) -> int | None:
+    """The label the spec's ``analysis.label`` chooses as the main measure, or None (mean of labels)."""
+    value = (getattr(spec, "analysis", None) or {}).get("label")
+    return None if value is None else int(value)
 
 
 def _training_text(store: StudyStore, spec, runs: pd.DataFrame) -> str:
@@ -351,15 +462,34 @@ def _training_text(store: StudyStore, spec, runs: pd.DataFrame) -> str:
     shown = {k: v for k, v in options.items() if k not in ("model", "schedule", "mask_channel", "seed", "preset")}
     text = f"preset {options.get('preset', spec.training.get('preset', 'quick'))}" + (
         " (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")" if shown else " (TrainConfig defaults)")
+    steps = _steps_text(runs)
+    if steps:
+        return f"{text}; {steps}"
     if "epochs" in runs and "epochs" in options:
         short = runs[(runs["status"] == "done") & (runs["epochs"] < int(options["epochs"]))]
         if len(short):
             text += (f"; {len(short)} of {int((runs['status'] == 'done').sum())} runs stopped before "
                      f"{options['epochs']} epochs (time cap or early stopping), so they are compared at unequal "
                      "training")
-        elif "samples_per_epoch" in options:
-            text += "; every run took the same number of gradient steps"
     return text
+
+
+def _steps_text(runs: pd.DataFrame) -> str:
+    """What the finished runs' ``gradient_steps`` (fine-tuning included) say about equal training."""
+    if "gradient_steps" not in runs:
+        return ""
+    done = runs[(runs["status"] == "done") & runs["gradient_steps"].notna()
+                & ~runs["run_id"].isin(analysis.cut_short(runs)["run_id"])]  # compared runs only
+    if done.empty:
+        return ""
+    steps = done["gradient_steps"].astype(int)
+    samples = done["samples_seen"].dropna().astype(int) if "samples_seen" in done else pd.Series(dtype=int)
+    seen = "" if samples.empty else (f", {samples.iloc[0]} samples each" if samples.nunique() == 1 else
+                                     f", {samples.min()} to {samples.max()} samples")
+    if steps.nunique() == 1:
+        return f"every finished run took {steps.iloc[0]} gradient steps (fine-tuning included){seen}"
+    return (f"gradient steps differ between runs: {steps.min()} to {steps.max()} (fine-tuning included){seen}, "
+            "so arms are compared at unequal training")
 
 
 def _yaml(data: dict) -> str:

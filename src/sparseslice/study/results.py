@@ -2,7 +2,8 @@
 
 ``results.csv`` (or ``.parquet``) is tidy: columns ``run_id``, the run's factors (``model,
 budget, rho, volumes, strategy, block_fraction, interpolation, border_slices, schedule,
-mask_channel, seed, baseline``), then ``case, label, metric, value``. ``runs.csv`` has one
+mask_channel, seed, baseline``), then ``case, label, region, metric, value`` (``label`` an integer; ``region``
+``label`` or ``foreground``, the union of labels, with ``label`` 0). ``runs.csv`` has one
 row per run of the spec with its status (``done, failed, interrupted, pending``), its error
 line and the facts the run recorded (volumes annotated, slices per volume, training time).
 """
@@ -105,5 +106,5 @@ def read_results(root: str | os.PathLike[str]) -> pd.DataFrame:
     if (root / "results.parquet").is_file():
         return pd.read_parquet(root / "results.parquet")
     if (root / "results.csv").is_file():
-        return pd.read_csv(root / "results.csv", dtype={"case": str, "label": str})
+        return pd.read_csv(root / "results.csv", dtype={"case": str, "label": "int64"})
     raise UserError(f"study {str(root)!r} has no results table; run sparseslice study run first")

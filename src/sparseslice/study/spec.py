@@ -58,7 +58,9 @@ TRAINING_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 _TOP_KEYS = ("name", "description", "dataset", "grid", "seeds", "baseline", "training",
-             "evaluation", "metrics", "resources")
+             "evaluation", "metrics", "resources", "analysis")
+#: ``analysis.label``: the label the report ranks and recommends by (default: the mean over labels).
+_ANALYSIS_KEYS = ("label",)
 _DATASET_KEYS = ("path", "split", "max_cases", "axis")
 _SPLIT_KEYS = ("seed", "val", "test")
 _FACTORS = ("budget", "rho", "volumes", "strategy", "block_fraction", "interpolation",
@@ -179,6 +181,7 @@ class StudySpec:
     metrics: tuple[str, ...] = ("dice", "hd95", "assd2d")
     resources: dict[str, float] = field(default_factory=lambda: {"cpus": 1, "gpus": 0})
     description: str = ""
+    analysis: dict[str, Any] = field(default_factory=dict)
 
     def runs(self) -> list[RunSpec]:
         """Every run of the grid (baselines first), each id once, in a stable order."""
@@ -209,13 +212,14 @@ class StudySpec:
         return {"name": self.name, "description": self.description, "dataset": self.dataset.to_dict(),
                 "grid": [{k: list(v) for k, v in b.items()} for b in self.grid], "seeds": list(self.seeds),
                 "baseline": self.baseline, "training": dict(self.training), "evaluation": dict(self.evaluation),
-                "metrics": list(self.metrics), "resources": dict(self.resources)}
+                "metrics": list(self.metrics), "resources": dict(self.resources),
+                **({"analysis": dict(self.analysis)} if self.analysis else {})}
 
     def fingerprint(self) -> str:
-        """Hash of everything that changes results (not the name, description or resources)."""
+        """Hash of everything that changes results (not the name, description, resources or analysis)."""
         d = self.to_dict()
-        for k in ("name", "description", "resources"):
-            d.pop(k)
+        for k in ("name", "description", "resources", "analysis"):
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def with_dataset(self, path: str | os.PathLike[str]) -> StudySpec:
@@ -289,9 +293,13 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
     for k, v in res.items():
         if not isinstance(v, int | float) or v < 0 or (k == "cpus" and v < 1):
             raise UserError(f"resources.{k} must be a number >= {1 if k == 'cpus' else 0}, got {v!r}")
+    analysis = check_keys(top.get("analysis"), _ANALYSIS_KEYS, where="analysis")
+    if "label" in analysis and analysis["label"] is not None:
+        analysis["label"] = _integer(analysis["label"], "analysis.label", minimum=1)
     return StudySpec(name=name, dataset=dataset, grid=grid, seeds=seeds, baseline=baseline, training=training,
                      evaluation=evaluation, metrics=metrics, resources=res,
-                     description=str(top.get("description") or ""))
+                     description=str(top.get("description") or ""),
+                     analysis={k: v for k, v in analysis.items() if v is not None})
 
 
 def _parse_block(block: Any, where: str) -> dict[str, tuple[Any, ...]]:

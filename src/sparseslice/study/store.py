@@ -5,7 +5,7 @@ Layout::
     STUDY/study.json               the resolved spec and its fingerprint
     STUDY/runs/<run_id>/config.json    the run's resolved configuration
     STUDY/runs/<run_id>/...            what the run wrote (plan, sparse labels, checkpoint, predictions)
-    STUDY/runs/<run_id>/metrics.csv    tidy table: case, label, metric, value
+    STUDY/runs/<run_id>/metrics.csv    tidy table: case, label, region, metric, value
     STUDY/runs/<run_id>/result.json    facts about the run (volumes, slices, training time...)
     STUDY/runs/<run_id>/error.json     only for a run that crashed: the error and its traceback
     STUDY/runs/<run_id>/done.json      written last: the run is finished
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from sparseslice.atomic import write_json, write_text
@@ -39,7 +40,23 @@ ERROR_FILE = "error.json"
 METRICS_FILE = "metrics.csv"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
-METRIC_COLUMNS = ["case", "label", "metric", "value"]
+METRIC_COLUMNS = ["case", "label", "region", "metric", "value"]
+
+
+def tidy_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """``label`` as integers and a ``region`` column (see :func:`sparseslice.metrics.label_metrics`).
+
+    Tables written before the ``region`` column (labels ``"1"``, ``"2"``... and ``"fg"`` for the
+    union of foreground) are converted: ``"fg"`` becomes label 0, region ``foreground``.
+    """
+    from sparseslice.metrics import REGION_FOREGROUND, REGION_LABEL
+
+    if "region" in table.columns:
+        return table.astype({"label": "int64"})
+    fg = table["label"].astype(str) == "fg"
+    out = table.assign(region=np.where(fg, REGION_FOREGROUND, REGION_LABEL),
+                       label=np.where(fg, "0", table["label"].astype(str)))
+    return out.astype({"label": "int64"})
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -122,7 +139,7 @@ class StudyStore:
     def finish(self, run_id: str, config: dict[str, Any], output: RunOutput, *, seconds: float) -> None:
         """Write the run's metrics and facts, then the ``done`` marker (last)."""
         folder = self.run_dir(run_id)
-        table = output.metrics
+        table = tidy_labels(output.metrics) if "label" in output.metrics.columns else output.metrics
         missing = [c for c in METRIC_COLUMNS if c not in table.columns]
         if missing:
             raise ValueError(f"run function returned metrics without columns {missing}")
@@ -152,7 +169,7 @@ class StudyStore:
         return json.loads(path.read_text())["error"] if path.is_file() else None
 
     def metrics(self, run_id: str) -> pd.DataFrame:
-        return pd.read_csv(self.run_dir(run_id) / METRICS_FILE, dtype={"case": str, "label": str})
+        return tidy_labels(pd.read_csv(self.run_dir(run_id) / METRICS_FILE, dtype={"case": str, "label": str}))
 
     def result(self, run_id: str) -> dict[str, Any]:
         path = self.run_dir(run_id) / RESULT_FILE
