@@ -348,14 +348,16 @@ def _training_text(store: StudyStore, spec, runs: pd.DataFrame) -> str:
     shown = {k: v for k, v in options.items() if k not in ("model", "schedule", "mask_channel", "seed", "preset")}
     text = f"preset {options.get('preset', spec.training.get('preset', 'quick'))}" + (
         " (" + ", ".join(f"{k} {v}" for k, v in shown.items()) + ")" if shown else " (TrainConfig defaults)")
-    if "epochs" in runs and "epochs" in options:
-        short = runs[(runs["status"] == "done") & (runs["epochs"] < int(options["epochs"]))]
+    done = runs[runs["status"] == "done"]
+    if "gradient_steps" in done and len(done) and done["gradient_steps"].notna().all():
+        short = done[done["cut_short"].astype(bool)]
+        steps = done.groupby("model")["gradient_steps"].unique()
         if len(short):
-            text += (f"; {len(short)} of {int((runs['status'] == 'done').sum())} runs stopped before "
-                     f"{options['epochs']} epochs (time cap or early stopping), so they are compared at unequal "
-                     "training")
-        elif "samples_per_epoch" in options:
-            text += "; every run took the same number of gradient steps"
+            text += (f"; {len(short)} of {len(done)} runs stopped short of their planned gradient steps "
+                     f"({', '.join(sorted(set(short['cut_short_reason'])))}): they are marked cut_short in runs.csv")
+        elif all(len(v) == 1 for v in steps):
+            text += "; every run of a model took the same number of gradient steps, fine-tuning included (" + \
+                ", ".join(f"{m}: {int(v[0])}" for m, v in steps.items()) + ")"
     return text
 
 
