@@ -248,7 +248,8 @@ def test_cut_short_runs_are_left_out_and_the_steps_sentence_is_computed(tmp_path
     assert len(short) == 4 and set(short.strategy) == {"interval"} and set(short.seed) == {1}
     assert (f"4 of {len(runs)} finished runs were cut short (trained fewer gradient steps than planned: max_minutes "
             "0.5 reached); they are left out of every comparison") in text
-    assert "every finished run took 100 gradient steps (fine-tuning included), 400 samples each" in text
+    assert ("every finished run of a model took the same number of gradient steps, fine-tuning included "
+            "(2d: 100, 400 samples each)") in text
     assert short.run_id.iloc[0] in text and "cut short" in text
     cases = analysis.case_table(collect_results(*load_study(tmp_path / "s")))
     per_run = analysis.run_summary(cases, runs)
@@ -267,8 +268,8 @@ def test_steps_sentence_says_when_training_differs():
 
     runs = pd.DataFrame({"run_id": ["a", "b"], "status": "done", "gradient_steps": [73, 88],
                          "samples_seen": [292, 352], "cut_short": [False, False]})
-    assert _steps_text(runs) == ("gradient steps differ between runs: 73 to 88 (fine-tuning included), 292 to 352 "
-                                 "samples, so arms are compared at unequal training")
+    assert _steps_text(runs) == ("gradient steps differ between runs of a model (fine-tuning included; 73 to 88, "
+                                 "292 to 352 samples), so arms are compared at unequal training")
     assert _steps_text(runs.drop(columns=["gradient_steps"])) == ""
 
 

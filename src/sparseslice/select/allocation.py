@@ -7,7 +7,10 @@ all its slices otherwise. The density ``rho`` is drawn slices / selectable slice
 Rules (documented once here, reported in every plan):
 
 - ``volumes=s``: the first ``s`` volumes of the selection order receive the budget.
-- ``rho``: the fewest volumes (in selection order) whose ``sum(rho * S_i)`` reaches the
+- ``rho=1`` (full annotation): the leading volumes (in selection order) that fit whole in the
+  budget, each with every selectable slice; the budget left over is not spent and the plan
+  says so (``full_volumes``, ``unspent``), so a "full" arm never annotates part of a volume.
+- ``rho`` below 1: the fewest volumes (in selection order) whose ``sum(rho * S_i)`` reaches the
   budget; ``rho`` times the selectable slices of every candidate volume must be at least 1.
 - neither: every candidate volume (at most ``budget`` of them), following the slice-selection
   study's finding that spreading a budget over more volumes almost always wins.
@@ -82,6 +85,27 @@ def volumes_for_rho(rho: float, capacities: Sequence[int], budget: int) -> int:
         raise UserError(f"budget exceeds what rho={rho} can use on {caps.size} volumes, got {budget} "
                         f"(at most {int(np.floor(cumulative[-1] + 1e-9))}); raise rho or lower the budget")
     return int(np.searchsorted(cumulative, budget - 1e-9) + 1)
+
+
+def whole_volumes(budget: int, capacities: Sequence[int]) -> int:
+    """How many leading volumes fit whole (every selectable slice) in ``budget``.
+
+    Examples
+    --------
+    >>> whole_volumes(150, [37, 33, 34, 38, 37])
+    4
+    >>> whole_volumes(20, [37, 33])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    sparseslice.errors.UserError: budget is smaller than one whole volume, got 20 for rho=1 ...
+    """
+    cumulative = np.cumsum(np.asarray(capacities, dtype=np.int64))
+    s = int(np.searchsorted(cumulative, budget, side="right"))
+    if s == 0:
+        first = int(cumulative[0]) if cumulative.size else 0
+        raise UserError(f"budget is smaller than one whole volume, got {budget} for rho=1 (full annotation; "
+                        f"the first volume has {first} slices); raise the budget to at least {first} or lower rho")
+    return s
 
 
 def order_volumes(case_ids: Sequence[str], *, selection: str, seed: int,

@@ -24,6 +24,7 @@ from sparseslice.select.allocation import (
     default_volume_encoder,
     order_volumes,
     volumes_for_rho,
+    whole_volumes,
 )
 from sparseslice.select.cost import CostModel
 from sparseslice.select.strategies import SliceEncoder, check_strategy, default_slice_encoder, select_slices
@@ -84,6 +85,8 @@ class Plan:
     ``budget`` is the number of drawn slices (always ``sum(len(e.slices))``); ``rho`` is the
     requested density, or the derived one ``budget / selectable slices of the chosen volumes``
     when ``volumes`` was given; ``volumes`` is the number of volumes annotated.
+    ``full_volumes`` marks a full-annotation plan (``rho=1``: whole volumes only), and
+    ``unspent`` is the part of the requested budget it leaves (no whole volume fits in it).
     """
 
     entries: list[PlanEntry]
@@ -102,6 +105,8 @@ class Plan:
     budget_hours: float | None = None
     cost: CostModel = field(default_factory=CostModel)
     dataset: str | None = None
+    full_volumes: bool = False
+    unspent: int = 0
 
     @property
     def hours(self) -> float | None:
@@ -125,6 +130,7 @@ class Plan:
             "rho_of": self.rho_of, "allocation": self.allocation, "minutes": self.minutes,
             "hours": None if self.minutes is None else round(self.minutes / 60, 4),
             "budget_hours": self.budget_hours, "cost": self.cost.to_dict(), "dataset": self.dataset,
+            "full_volumes": self.full_volumes, "unspent": self.unspent,
             "entries": [e.to_dict() for e in self.entries],
         }
 
@@ -147,6 +153,7 @@ class Plan:
             rho_of=str(d.get("rho_of", "volume")), allocation=str(d.get("allocation", "")),
             minutes=d.get("minutes"), budget_hours=d.get("budget_hours"),
             cost=CostModel.from_dict(d.get("cost") or {}), dataset=d.get("dataset"),
+            full_volumes=bool(d.get("full_volumes", False)), unspent=int(d.get("unspent") or 0),
         )
 
 
@@ -232,6 +239,11 @@ def _allocate(budget: int, order: list[str], pool: _Pool, *, rho: float | None, 
             raise UserError(f"budget is larger than {s} volumes can hold, got {budget} (they have "
                             f"{sum(caps[:s])} selectable slices); raise volumes or lower the budget")
         how = f"{s} volumes requested"
+    elif rho == 1:
+        s = whole_volumes(budget, caps)
+        note = (f"rho=1 (full annotation): the {s} leading volumes that fit whole, every selectable slice; "
+                f"{budget - sum(caps[:s])} of the {budget} budgeted slices unspent (no whole volume fits in them)")
+        return order[:s], caps[:s], note
     elif rho is not None:
         s = volumes_for_rho(rho, caps, budget)
         how = f"rho={rho:g} needs {s} volumes"
@@ -383,15 +395,17 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
                 raise UserError(f"case {cid!r}: {exc}") from None
             entries.append(PlanEntry(cid, axis, slices, n_slices[cid], pool.extents.get(cid)))
         selectable = sum(pool.capacity(c) for c in chosen)
+        drawn = sum(counts)
         has_ext = [c in pool.extents for c in chosen]
         minutes = cost.plan_cost([(e.slices, x) for e, x in zip(entries, has_ext, strict=True)])
-        return Plan(entries=entries, strategy=strategy, seed=int(seed), budget=b,
-                    rho=rho if rho is not None else round(b / selectable, 6), volumes=len(entries),
+        return Plan(entries=entries, strategy=strategy, seed=int(seed), budget=drawn,
+                    rho=rho if rho is not None else round(drawn / selectable, 6), volumes=len(entries),
                     volume_selection=volume_selection, axis=axis, block_fraction=block_fraction,
-                    rho_effective=round(b / selectable, 6),
+                    rho_effective=round(drawn / selectable, 6),
                     rho_of="extent" if all(has_ext) else ("volume" if not any(has_ext) else "extent where known"),
                     allocation=note, minutes=minutes, budget_hours=budget_hours, cost=cost,
-                    dataset=str(dataset.root))
+                    dataset=str(dataset.root), full_volumes=rho == 1,
+                    unspent=b - drawn)
 
     if budget is not None:
         return build(int(budget))

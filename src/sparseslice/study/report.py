@@ -482,14 +482,21 @@ def _steps_text(runs: pd.DataFrame) -> str:
                 & ~runs["run_id"].isin(analysis.cut_short(runs)["run_id"])]  # compared runs only
     if done.empty:
         return ""
-    steps = done["gradient_steps"].astype(int)
-    samples = done["samples_seen"].dropna().astype(int) if "samples_seen" in done else pd.Series(dtype=int)
-    seen = "" if samples.empty else (f", {samples.iloc[0]} samples each" if samples.nunique() == 1 else
-                                     f", {samples.min()} to {samples.max()} samples")
-    if steps.nunique() == 1:
-        return f"every finished run took {steps.iloc[0]} gradient steps (fine-tuning included){seen}"
-    return (f"gradient steps differ between runs: {steps.min()} to {steps.max()} (fine-tuning included){seen}, "
-            "so arms are compared at unequal training")
+    parts, equal = [], True
+    for model, group in done.groupby("model") if "model" in done else [("all", done)]:
+        steps = group["gradient_steps"].astype(int)
+        samples = group["samples_seen"].dropna().astype(int) if "samples_seen" in group else pd.Series(dtype=int)
+        seen = "" if samples.empty else (f", {samples.iloc[0]} samples each" if samples.nunique() == 1 else
+                                         f", {samples.min()} to {samples.max()} samples")
+        equal &= steps.nunique() == 1
+        name = "" if model == "all" else f"{model}: "
+        parts.append(f"{name}{steps.iloc[0]}{seen}" if steps.nunique() == 1 else
+                     f"{name}{steps.min()} to {steps.max()}{seen}")
+    if equal:
+        return ("every finished run of a model took the same number of gradient steps, fine-tuning included ("
+                + "; ".join(parts) + ")")
+    return ("gradient steps differ between runs of a model (fine-tuning included; " + "; ".join(parts)
+            + "), so arms are compared at unequal training")
 
 
 def _yaml(data: dict) -> str:

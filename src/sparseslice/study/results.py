@@ -5,7 +5,11 @@ budget, rho, volumes, strategy, block_fraction, interpolation, border_slices, sc
 mask_channel, seed, baseline``), then ``case, label, region, metric, value`` (``label`` an integer; ``region``
 ``label`` or ``foreground``, the union of labels, with ``label`` 0). ``runs.csv`` has one
 row per run of the spec with its status (``done, failed, interrupted, pending``), its error
-line and the facts the run recorded (volumes annotated, slices per volume, training time).
+line and the facts the run recorded (volumes annotated, slices per volume, training time), among
+them :data:`~sparseslice.study.store.TRAINING_FACTS`: ``gradient_steps``, ``samples_seen``,
+``planned_steps``, ``cut_short`` and ``cut_short_reason``. A run that stopped short of its planned
+steps (a ``max_minutes`` cap, early stopping), or did not finish (``interrupted``, ``failed``:
+the reason is its status), has ``cut_short`` true and is not to be compared with the others.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pandas as pd
 from sparseslice.atomic import atomic_path, write_text
 from sparseslice.errors import UserError
 from sparseslice.study.spec import RunSpec, StudySpec, parse_spec
-from sparseslice.study.store import METRIC_COLUMNS, StudyStore
+from sparseslice.study.store import METRIC_COLUMNS, TRAINING_FACTS, StudyStore
 
 FACTOR_COLUMNS = ["model", "budget", "rho", "volumes", "strategy", "block_fraction", "interpolation",
                   "border_slices", "schedule", "mask_channel", "seed", "baseline"]
@@ -63,9 +67,17 @@ def run_table(store: StudyStore, spec: StudySpec) -> pd.DataFrame:
         status = store.status(run)
         info = store.result(run.run_id) if status == "done" else {}
         info = {k: v for k, v in info.items() if not isinstance(v, dict | list)}
+        if status in ("interrupted", "failed"):
+            info.update(cut_short=True, cut_short_reason=status)
+        elif status == "pending":
+            info.update(cut_short=False, cut_short_reason="")
         rows.append({"run_id": run.run_id, **_factors(run), "status": status,
                      "error": store.error(run.run_id) or "", **info})
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    for column in TRAINING_FACTS:  # always there, so a reader can filter on cut_short
+        if column not in table:
+            table[column] = pd.NA
+    return table
 
 
 #: Formats of the tidy results table (``write_results``).

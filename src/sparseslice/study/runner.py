@@ -160,7 +160,7 @@ def run_pipeline(run: RunSpec, config: dict[str, Any], run_dir: Path) -> RunOutp
         cfg = TrainConfig.from_dict({**cfg.to_dict(), "axis": axis})
     result = train(train_dir, run_dir / "model", config=cfg, val_dir=val_dir, progress=False)
     info.update(best_val_dice=round(float(result.best_val_dice), 4), epochs=int(result.epochs),
-                train_seconds=round(float(result.seconds), 1))
+                train_seconds=round(float(result.seconds), 1), **training_facts(result))
     evaluation = config["evaluation"]
     predict_folder(run_dir / "model", dataset.root, run_dir / "pred", cases=list(split.test),
                    tta=evaluation["tta"], fill_holes=evaluation["fill_holes"],
@@ -168,6 +168,13 @@ def run_pipeline(run: RunSpec, config: dict[str, Any], run_dir: Path) -> RunOutp
     table = evaluate_folder(run_dir / "pred", dataset.root, cases=list(split.test), axis=axis, progress=False)
     table = table[table["metric"].isin(config["metrics"])]
     return RunOutput(table[METRIC_COLUMNS].reset_index(drop=True), info)
+
+
+def training_facts(result: Any) -> dict[str, Any]:
+    """What a run's training took against what it planned (:data:`~sparseslice.study.store.TRAINING_FACTS`)."""
+    return {"gradient_steps": int(result.gradient_steps), "samples_seen": int(result.samples_seen),
+            "planned_steps": int(result.planned_steps), "cut_short": bool(result.cut_short),
+            "cut_short_reason": str(result.cut_short_reason)}
 
 
 def _sparse_training_data(dataset: Dataset, split: Split, run: RunSpec, run_dir: Path, *,
@@ -182,7 +189,8 @@ def _sparse_training_data(dataset: Dataset, split: Split, run: RunSpec, run_dir:
     per_volume = [len(e.slices) for e in plan.entries]
     info = {"n_volumes": plan.volumes, "slices": int(sum(per_volume)),
             "slices_per_volume": round(float(np.mean(per_volume)), 2),
-            "rho_effective": plan.rho_effective, "axis": plan.axis}
+            "rho_effective": plan.rho_effective, "axis": plan.axis, "full_volumes": plan.full_volumes,
+            "unspent": plan.unspent}
     if run.interpolation == "none":
         return sparse_dir, info
     from sparseslice.interpolate import interpolate_dataset

@@ -47,14 +47,17 @@ METRICS = ("dice", "hd", "hd95", "assd", "assd2d", "rvd")
 PRESETS = ("slice-selection", "partial-annotation", "quick", "demo")
 
 #: Named training presets; a spec's ``training`` mapping is laid over the one it names.
+#: In a study, ``epochs`` counts every epoch of a run, fine-tuning included (a two-step run
+#: takes ``epochs - finetune_epochs``, then ``finetune_epochs``), and ``samples_per_epoch`` is
+#: fixed (never the arm's annotated-slice count), so every run of one model takes the same
+#: number of gradient steps, whatever the arm or the machine's load. Presets set no wall-clock
+#: cap (``max_minutes``): a run it cuts short is marked ``cut_short`` and left out of comparisons.
 TRAINING_PRESETS: dict[str, dict[str, Any]] = {
-    # short CPU runs for demos and quick looks. Every run of a preset takes the same number of
-    # gradient steps (fixed epochs x samples), so arms are compared at equal training, whatever
-    # the machine's load; max_minutes is only a safety cap.
-    "demo": {"epochs": 15, "samples_per_epoch": 64, "max_minutes": 0.5},
-    "quick": {"epochs": 16, "samples_per_epoch": 512, "lr": 0.002, "max_minutes": 4.0},
+    # short CPU runs for demos and quick looks
+    "demo": {"epochs": 15, "samples_per_epoch": 64},
+    "quick": {"epochs": 16, "samples_per_epoch": 512, "lr": 0.002},
     # the papers' budgets; meant for a GPU
-    "paper": {},
+    "paper": {"epochs": 50, "samples_per_epoch": 400},
 }
 
 _TOP_KEYS = ("name", "description", "dataset", "grid", "seeds", "baseline", "training",
@@ -166,6 +169,13 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
+def _train_default(name: str) -> Any:
+    """A :class:`~sparseslice.train.TrainConfig` default (declared there once; imports torch)."""
+    from sparseslice.train.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """A validated study: dataset, grid blocks, seeds, training preset, metrics."""
@@ -202,11 +212,30 @@ class StudySpec:
         return list(out.values())
 
     def training_config(self, run: RunSpec) -> dict[str, Any]:
-        """Training options of a run: the named preset, the spec's overrides, the run's factors."""
+        """Training options of a run: the named preset, the spec's overrides, the run's factors.
+
+        The study's ``epochs`` is the run's total: a two-step run's first step gets
+        ``epochs - finetune_epochs``. ``patience`` defaults to ``epochs``, so early stopping
+        never ends one arm sooner than another (the best-validation checkpoint is kept).
+        """
         options = dict(self.training)
         preset = options.pop("preset", "quick")
-        return {**TRAINING_PRESETS[preset], **options, "model": run.model, "schedule": run.schedule,
-                "mask_channel": run.mask_channel, "seed": run.seed}
+        options = {**TRAINING_PRESETS[preset], **options}
+        total = options.get("epochs")
+        if total is None:
+            total = options["epochs"] = _train_default("epochs")
+        options.setdefault("patience", total)
+        if run.schedule == "two-step":
+            finetune = options.get("finetune_epochs")
+            if finetune is None:
+                finetune = options["finetune_epochs"] = _train_default("finetune_epochs")
+            if not isinstance(total, int) or not isinstance(finetune, int) or total - finetune < 1:
+                raise UserError(f"training.epochs must exceed finetune_epochs for two-step runs (epochs counts "
+                                f"both steps), got epochs {total!r} and finetune_epochs {finetune!r}; raise epochs "
+                                "or lower finetune_epochs")
+            options["epochs"] = total - finetune
+        return {**options, "model": run.model, "schedule": run.schedule, "mask_channel": run.mask_channel,
+                "seed": run.seed}
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "dataset": self.dataset.to_dict(),
@@ -277,6 +306,9 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
         if factor in training:
             raise UserError(f"training.{factor} is set by the grid, got {training[factor]!r}; "
                             f"put {factor} in a grid block (seed: in seeds)")
+    if "samples_per_epoch" in training and training["samples_per_epoch"] is None:
+        raise UserError("training.samples_per_epoch must be a number in a study, got null; every arm then takes "
+                        "the same number of gradient steps (e.g. samples_per_epoch: 512)")
 
     evaluation = check_keys(top.get("evaluation"), _EVALUATION_KEYS, where="evaluation")
     evaluation = {"tta": False, "fill_holes": True, "largest_component": True, **evaluation}
@@ -296,10 +328,13 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
     analysis = check_keys(top.get("analysis"), _ANALYSIS_KEYS, where="analysis")
     if "label" in analysis and analysis["label"] is not None:
         analysis["label"] = _integer(analysis["label"], "analysis.label", minimum=1)
-    return StudySpec(name=name, dataset=dataset, grid=grid, seeds=seeds, baseline=baseline, training=training,
+    spec = StudySpec(name=name, dataset=dataset, grid=grid, seeds=seeds, baseline=baseline, training=training,
                      evaluation=evaluation, metrics=metrics, resources=res,
                      description=str(top.get("description") or ""),
                      analysis={k: v for k, v in analysis.items() if v is not None})
+    if any("two-step" in block["schedule"] for block in grid):  # epochs must leave a first step
+        spec.training_config(next(r for r in spec.runs() if r.schedule == "two-step"))
+    return spec
 
 
 def _parse_block(block: Any, where: str) -> dict[str, tuple[Any, ...]]:

@@ -6,7 +6,8 @@ Layout::
     STUDY/runs/<run_id>/config.json    the run's resolved configuration
     STUDY/runs/<run_id>/...            what the run wrote (plan, sparse labels, checkpoint, predictions)
     STUDY/runs/<run_id>/metrics.csv    tidy table: case, label, region, metric, value
-    STUDY/runs/<run_id>/result.json    facts about the run (volumes, slices, training time...)
+    STUDY/runs/<run_id>/result.json    facts about the run (volumes, slices, training time, gradient steps,
+                                       cut_short...)
     STUDY/runs/<run_id>/error.json     only for a run that crashed: the error and its traceback
     STUDY/runs/<run_id>/done.json      written last: the run is finished
 
@@ -41,6 +42,9 @@ METRICS_FILE = "metrics.csv"
 RESULT_FILE = "result.json"
 CONFIG_FILE = "config.json"
 METRIC_COLUMNS = ["case", "label", "region", "metric", "value"]
+#: Facts every finished run records about its training (``result.json``, ``done.json``, ``runs.csv``):
+#: steps taken and planned, samples drawn, and whether (and why) it stopped short of its plan.
+TRAINING_FACTS = ("gradient_steps", "samples_seen", "planned_steps", "cut_short", "cut_short_reason")
 
 
 def tidy_labels(table: pd.DataFrame) -> pd.DataFrame:
@@ -145,8 +149,9 @@ class StudyStore:
             raise ValueError(f"run function returned metrics without columns {missing}")
         write_text(folder / METRICS_FILE, table[METRIC_COLUMNS].to_csv(index=False))
         write_json(folder / RESULT_FILE, {**output.info, "seconds": round(seconds, 2)})
+        facts = {k: output.info[k] for k in TRAINING_FACTS if k in output.info}
         write_json(folder / DONE_FILE, {"config_hash": config_hash(config), "finished": time.time(),
-                                        "seconds": round(seconds, 2)})
+                                        "seconds": round(seconds, 2), **facts})
 
     def record_error(self, run_id: str, exc: BaseException) -> str:
         """Keep a crashed run's error beside it; returns the one-line message."""

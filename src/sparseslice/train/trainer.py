@@ -45,13 +45,24 @@ from sparseslice.train.schedule import make_optimizer, make_scheduler, step_sche
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Outcome of :func:`train`."""
+    """Outcome of :func:`train`.
+
+    ``planned_steps`` is what the configuration asks for (every epoch of both steps, each of
+    ``ceil(samples_per_epoch / batch_size)`` batches); ``gradient_steps`` and ``samples_seen``
+    are what the run took. A run that took fewer steps is ``cut_short``, and
+    ``cut_short_reason`` says why (``max_minutes``, ``early_stop``, or both).
+    """
 
     run_dir: Path
     checkpoint: Path
     best_val_dice: float
     epochs: int
     seconds: float
+    gradient_steps: int = 0
+    samples_seen: int = 0
+    planned_steps: int = 0
+    cut_short: bool = False
+    cut_short_reason: str = ""
 
 
 def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, val_dir: str | Path | None = None,
@@ -146,7 +157,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     scheduler = make_scheduler(optimizer, resolved, phase=1)
     gen = torch.Generator().manual_seed(config.seed)
     state: dict[str, Any] = {"epoch": 0, "phase": 1, "phase_start": 0, "best_dice": -1.0, "best_epoch": 0,
-                             "bad_epochs": 0, "elapsed": 0.0, "history": []}
+                             "bad_epochs": 0, "elapsed": 0.0, "history": [], "steps": 0, "samples_seen": 0,
+                             "cut_short": []}
     if resume and last_path.exists():
         # on the CPU: the RNG states must stay CPU tensors; weights and optimiser state are copied to the
         # model's device by load_state_dict
@@ -162,7 +174,9 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
             scheduler = make_scheduler(optimizer, resolved, phase=2)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        state = saved["state"]
+        done = saved["state"]["history"]  # a last.pt written before steps were counted: count them from history
+        state = {"steps": sum(-(-int(h["samples"]) // batch_size) for h in done),
+                 "samples_seen": sum(int(h["samples"]) for h in done), "cut_short": [], **saved["state"]}
         torch.set_rng_state(saved["rng"]["torch"])
         rng.bit_generator.state = saved["rng"]["numpy"]
         random.setstate(saved["rng"]["python"])
@@ -185,6 +199,7 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     phase1_budget = budget * 0.7 if resolved.schedule == "two-step" and resolved.finetune_epochs else budget
     t_start = time.perf_counter() - state["elapsed"]
     total = resolved.epochs + (resolved.finetune_epochs if resolved.schedule == "two-step" else 0)
+    planned_steps = total * steps
     fg_names = [str(v) for v in labels[1:]]
     threads = torch.get_num_threads()
 
@@ -207,7 +222,12 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
             in_phase = state["epoch"] - state["phase_start"]
             limit = resolved.epochs if state["phase"] == 1 else resolved.finetune_epochs
             phase_budget = phase1_budget if state["phase"] == 1 else budget
-            if in_phase >= limit or state["bad_epochs"] >= resolved.patience or elapsed >= phase_budget:
+            # a time cap ends a phase only after its first epoch, so there is always a checkpoint
+            over_time = elapsed >= phase_budget and in_phase > 0
+            if in_phase >= limit or state["bad_epochs"] >= resolved.patience or over_time:
+                if in_phase < limit:  # the phase ends before its epochs: say why
+                    why = "early_stop" if state["bad_epochs"] >= resolved.patience else "max_minutes"
+                    state["cut_short"] = list(dict.fromkeys([*state["cut_short"], why]))
                 if (state["phase"] == 1 and resolved.schedule == "two-step" and resolved.finetune_epochs
                         and elapsed < budget and (run_dir / "best.pt").exists()):
                     best = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
@@ -245,8 +265,10 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
                     # (H100, 2D hippocampus: end-to-end / bare step 0.85 with it, 0.78 without)
                     losses.append(float(loss.detach()))
                     seen += x.shape[0]
+                    state["steps"] += 1
                     bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
                     if time.perf_counter() - t_start >= phase_budget:
+                        state["cut_short"] = list(dict.fromkeys([*state["cut_short"], "max_minutes"]))
                         break
             finally:
                 if hasattr(batches, "close"):  # stops the prefetch thread, also when a step fails
@@ -267,6 +289,7 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
             else:
                 state["bad_epochs"] += 1
             state["elapsed"] = time.perf_counter() - t_start
+            state["samples_seen"] += seen
             state["history"].append({
                 "epoch": state["epoch"], "phase": state["phase"], "lr": lr, "loss": float(np.mean(losses)),
                 "val_dice": dice, **{f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)},
@@ -278,8 +301,12 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     if not (run_dir / "best.pt").exists():
         raise UserError(f"training stopped before the first epoch ended, got max_minutes={resolved.max_minutes}; "
                         "raise max_minutes")
+    cut_short = int(state["steps"]) < planned_steps
     return TrainResult(run_dir=run_dir, checkpoint=run_dir / "best.pt", best_val_dice=float(state["best_dice"]),
-                       epochs=int(state["epoch"]), seconds=time.perf_counter() - t0)
+                       epochs=int(state["epoch"]), seconds=time.perf_counter() - t0,
+                       gradient_steps=int(state["steps"]), samples_seen=int(state["samples_seen"]),
+                       planned_steps=planned_steps, cut_short=cut_short,
+                       cut_short_reason=", ".join(state["cut_short"]) if cut_short else "")
 
 
 def _prefetches(device: torch.device) -> bool:
