@@ -71,11 +71,11 @@ def test_ci_over_cases_averages_seeds_first_known_answer():
     assert out["mean"] == pytest.approx(0.7) and out["n_cases"] == 3
     assert (out["lo"], out["hi"]) == pytest.approx((0.7, 0.7))  # the cases agree: no width from seeds
     assert cases["dice"].std() > 0.1  # the std of the rows would have given a wide bar
-    # non-degenerate: scipy's seeded BCa bootstrap of the per-case means
+    # non-degenerate: scipy's seeded percentile bootstrap of the per-case means
     cases.loc[cases["case"] == "z", "dice"] = [0.95, 0.85]
     out = curves.case_ci(cases, by=["arm"], n_resamples=999, seed=3).iloc[0]
     ref = bootstrap((np.array([0.7, 0.7, 0.9]),), np.mean, confidence_level=0.95, n_resamples=999,
-                    method="BCa", random_state=np.random.default_rng(3)).confidence_interval
+                    method="percentile", rng=np.random.default_rng(3)).confidence_interval
     assert out["mean"] == pytest.approx(0.7 + 0.2 / 3)
     assert (out["lo"], out["hi"]) == pytest.approx((ref.low, ref.high))
     # repeating every case under more seeds (pseudo-replication) does not narrow the interval

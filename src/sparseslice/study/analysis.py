@@ -208,13 +208,17 @@ class Paired:
 
 def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, seed: int = BOOTSTRAP_SEED,
                  resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (SciPy, seeded); NaN below 2 values."""
+    """Percentile bootstrap interval of the mean of ``values`` (SciPy, seeded); NaN below 2 finite values.
+
+    The one interval of the study report: paired differences and the figures' error bars.
+    """
     from scipy.stats import bootstrap
 
     x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
     if x.size < 2:
         return np.nan, np.nan
-    if np.ptp(x) == 0:
+    if np.ptp(x) <= 1e-12:
         return float(x[0]), float(x[0])
     res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
                     rng=np.random.default_rng(seed))

@@ -8,19 +8,17 @@ repeated cases are not counted as independent samples (:func:`case_ci`).
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from sparseslice.study.analysis import BOOTSTRAP_RESAMPLES as N_RESAMPLES
+from sparseslice.study.analysis import BOOTSTRAP_SEED, bootstrap_ci
 from sparseslice.study.figures import _png, _pyplot
 
 #: Confidence level of every interval in the report's figures.
 CONFIDENCE = 0.95
-#: Bootstrap resamples and seed (fixed: the same study gives the same figure).
-N_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 #: Label value -> colour on example slices (value 1 takes the first colour; cycles beyond ten).
 LABEL_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33", "#a65628", "#f781bf",
                 "#00ced1", "#999999")
@@ -32,27 +30,6 @@ def label_color(value: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ numbers
-def bootstrap_ci(values: np.ndarray, *, confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
-                 seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """BCa bootstrap interval of the mean of ``values`` (SciPy), seeded.
-
-    One value has no interval (NaN, NaN); identical values have a zero-width one.
-    """
-    from scipy.stats import bootstrap
-
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size < 2:
-        return np.nan, np.nan
-    if np.ptp(values) <= 1e-12:
-        return float(values[0]), float(values[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = bootstrap((values,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
-                        method="BCa", random_state=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
 def case_ci(cases: pd.DataFrame, *, by: list[str], value: str = "dice", confidence: float = CONFIDENCE,
             n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
     """Mean and bootstrap CI over test cases of ``value`` per group ``by``.
@@ -74,7 +51,7 @@ def case_ci(cases: pd.DataFrame, *, by: list[str], value: str = "dice", confiden
     out = []
     for key, grp in per_case.groupby(by, dropna=False):
         v = grp[value].to_numpy(float)
-        lo, hi = bootstrap_ci(v, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        lo, hi = bootstrap_ci(v, confidence=confidence, resamples=n_resamples, seed=seed)
         key = key if isinstance(key, tuple) else (key,)
         out.append([*key, float(v.mean()), lo, hi, int(v.size)])
     return pd.DataFrame(out, columns=columns)
