@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -286,3 +287,23 @@ def test_spec_analysis_label_chooses_the_measure(tmp_path):
     result = CliRunner().invoke(app, ["study", "report", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert "analysis.label is not a label of the results, got 5; use one of 1, 2" in result.output
+
+
+def test_recommendation_takes_interpolation_only_when_a_corrected_test_says_it_helps():
+    from sparseslice.study.report import recommended_regime
+    from sparseslice.study.spec import RunSpec
+
+    rows = []
+    for interpolation, value in (("none", 0.70), ("sdf", 0.72)):  # sdf higher on average, by chance
+        run = RunSpec(budget=10, rho=0.5, volumes=None, strategy="random", block_fraction=None,
+                      interpolation=interpolation, border_slices=False, model="2d", schedule="one-step",
+                      mask_channel=False, seed=0)
+        rows.append({"run_id": run.run_id, **run.to_dict(), "baseline": False, "dice": value})
+    per_run = pd.DataFrame(rows)
+    regimes = analysis.regime_summary(per_run)
+    noise = analysis.Paired("interpolation", "sdf", "none", n=10, mean_diff=0.02, wins=6, p_value=0.3,
+                            p_adjusted=0.6)
+    assert not noise.significant
+    assert recommended_regime(regimes, per_run, tests=[noise])["interpolation"] == "none"
+    helps = dataclasses.replace(noise, p_value=0.002, p_adjusted=0.004)
+    assert recommended_regime(regimes, per_run, tests=[helps])["interpolation"] == "sdf"

@@ -10,7 +10,7 @@ from sparseslice.study.report import write_report
 from sparseslice.study.spec import load_spec
 from sparseslice.synthetic import write_phantom_dataset
 
-DEMO_CASES = 12
+DEMO_CASES = 20
 DEMO_SHAPE = (32, 32, 12)
 
 

@@ -10,6 +10,7 @@ import base64
 import html
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,21 +115,37 @@ def _interpolation_verdict(tests: list[analysis.Paired]) -> str:
 #: Factors chosen one by one for the recommendation, each by its mean Dice over every other factor.
 CHOICE_FACTORS = ("strategy", "rho", "volumes", "block_fraction", "interpolation", "border_slices",
                   "mask_channel", "schedule")
+#: Options that add work (an interpolation step, extra clicks, a second training phase): the
+#: recommendation takes them only when a corrected test says they help, else the plain level.
+PLAIN_LEVELS = {"interpolation": "none", "border_slices": False, "mask_channel": False, "schedule": "one-step"}
 
 
-def recommended_regime(regimes: pd.DataFrame, per_run: pd.DataFrame) -> pd.Series:
+def _supported(factor: str, level, tests: Sequence[analysis.Paired]) -> bool:
+    """Whether a significant (corrected) comparison of ``factor`` has ``level`` as the better arm."""
+    return any(t.factor == factor and t.testable and t.significant
+               and str(t.a if t.mean_diff > 0 else t.b) == str(level) for t in tests)
+
+
+def recommended_regime(regimes: pd.DataFrame, per_run: pd.DataFrame, *,
+                       tests: Sequence[analysis.Paired] = ()) -> pd.Series:
     """The regime to recommend, chosen factor by factor rather than as the single best cell.
 
     Each factor's level is the one with the highest mean Dice over all runs of the group
     (pooled over the other factors), which is less exposed to the luck of one cell than
-    the maximum over many cells. The regime matching most of the chosen levels wins; ties
-    go to the higher Dice.
+    the maximum over many cells. An option that adds work (:data:`PLAIN_LEVELS`) is taken
+    only when one of ``tests`` finds it significantly better. The regime matching most of the
+    chosen levels wins; ties go to the higher Dice.
     """
     chosen = {}
     for factor in CHOICE_FACTORS:
         values = per_run[per_run[factor].notna()]
         if values[factor].nunique() > 1:
-            chosen[factor] = values.groupby(factor)["dice"].mean().idxmax()
+            level = values.groupby(factor)["dice"].mean().idxmax()
+            plain = PLAIN_LEVELS.get(factor)
+            if (plain is not None and level != plain and (values[factor] == plain).any()
+                    and not _supported(factor, level, tests)):
+                level = plain
+            chosen[factor] = level
     score = sum((regimes[f] == v).astype(int) for f, v in chosen.items()) if chosen else 0
     ranked = regimes.assign(_match=score).sort_values(["_match", "dice_mean"], ascending=False)
     return ranked.iloc[0]
@@ -194,7 +211,8 @@ def recommendation(regimes: pd.DataFrame, tests: list[analysis.Paired], dataset:
     runs = per_run[~per_run["baseline"].astype(bool)]
     interp = _interpolation_verdict(tests)
     for (budget, model), rows in grid.groupby(["budget", "model"]):
-        best = recommended_regime(rows, runs[(runs["budget"] == budget) & (runs["model"] == model)])
+        best = recommended_regime(rows, runs[(runs["budget"] == budget) & (runs["model"] == model)],
+                                  tests=tests)
         base = regimes[regimes["baseline"].astype(bool) & (regimes["model"] == model)]
         reference = base.iloc[0] if len(base) else None
         if pd.notna(best["block_fraction"]):
@@ -214,8 +232,8 @@ def recommendation(regimes: pd.DataFrame, tests: list[analysis.Paired], dataset:
             f"{how}{(' ' + ', '.join(extras)) if extras else ''}; "
             f"interpolation: {interp}. Expected test {measure} {_pm(best['dice_mean'], best['dice_std'])}"
             f" over {int(best['n_seeds'])} seed(s){cases_text}{rel_text}.{_label_check(best, reference)} "
-            "(Each factor is chosen by its mean Dice over all the other factors; the single best cell of the "
-            "table may differ by chance.)")
+            "(Each factor is chosen by its mean Dice over all the other factors, and an option that adds work "
+            "only when a corrected test finds it better; the single best cell of the table may differ by chance.)")
     return out
 
 
