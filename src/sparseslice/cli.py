@@ -306,6 +306,9 @@ def simulate(
     ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels (msd format).")] = 255,
     copy_images: Annotated[bool, typer.Option(
         help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    modality: Annotated[list[str] | None, typer.Option(
+        help="Channel modality (MSD modality, nnU-Net channel_names; CT gets CT normalisation): once for all "
+             "channels or once per channel. Default: the source dataset.json's, else unknown.")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Apply a plan to full labels: write the sparse labels an annotator would produce.
@@ -319,7 +322,7 @@ def simulate(
     ds = discover_dataset(data, require_labels=True)
     the_plan = read_plan(plan_file)
     run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
-                 copy_images=copy_images, progress=progress)
+                 copy_images=copy_images, modality=modality, progress=progress)
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 
