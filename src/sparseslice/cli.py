@@ -291,7 +291,7 @@ def plan(
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
                        block_fraction=block_fraction, cost=cost, progress=progress)
     render_plan(result, console, rows=rows)
-    advice = extent_advice(result, ds, progress=True)
+    advice = extent_advice(result, ds, progress=progress)
     path = write_plan(result, out)
     if advice:
         console.print(advice, markup=False, highlight=False)
