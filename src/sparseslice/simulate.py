@@ -322,8 +322,8 @@ def channel_names(dataset: Dataset, cases: Sequence[str], *, modality: Sequence[
                   ) -> dict[str, str]:
     """Channel index -> modality name for an export (MSD ``modality``, nnU-Net ``channel_names``).
 
-    ``modality`` (one name for every channel, or one per channel) wins; else the source
-    ``dataset.json``'s ``channel_names`` / ``modality``; else :data:`UNKNOWN_MODALITY`.
+    ``modality`` wins; else the source ``dataset.json``'s ``channel_names`` / ``modality``;
+    else :data:`UNKNOWN_MODALITY`. One name stands for every channel; otherwise one per channel.
     """
     counts = sorted({n_channels(dataset.case(cid)) for cid in cases})
     if len(counts) > 1:
@@ -331,19 +331,16 @@ def channel_names(dataset: Dataset, cases: Sequence[str], *, modality: Sequence[
                         "plan cases of one kind")
     n = counts[0]
     if modality:
-        names = [str(m) for m in modality]
-        if len(names) not in (1, n):
-            raise UserError(f"modality must name one modality or one per channel ({n}), got {names}; "
-                            "repeat --modality once per channel, e.g. --modality T2 --modality ADC")
-        return {str(c): names[0] if len(names) == 1 else names[c] for c in range(n)}
-    source = _source_json(dataset)
-    given = source.get("channel_names") or source.get("modality") or {}
-    if not given:
-        return {str(c): UNKNOWN_MODALITY for c in range(n)}
-    if len(given) != n:
-        raise UserError(f"modality must match the {n} image channel(s), got {dict(given)} from the source "
-                        "dataset.json; pass --modality once per channel")
-    return {str(k): str(v) for k, v in sorted(given.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))}
+        names, origin = [str(m) for m in modality], "--modality"
+    else:
+        source = _source_json(dataset)
+        given = source.get("channel_names") or source.get("modality") or {"0": UNKNOWN_MODALITY}
+        names = [str(v) for _, v in sorted(given.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))]
+        origin = "the source dataset.json"
+    if len(names) not in (1, n):
+        raise UserError(f"modality must name one modality or one per channel ({n}), got {names} from {origin}; "
+                        "repeat --modality once per channel, e.g. --modality T2 --modality ADC")
+    return {str(c): names[0] if len(names) == 1 else names[c] for c in range(n)}
 
 
 def _source_json(dataset: Dataset) -> dict[str, Any]:
