@@ -271,7 +271,8 @@ def plan(
 ) -> None:
     """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
     from sparseslice.datasets import discover_dataset
-    from sparseslice.select import CostModel, make_plan, read_extents, render_plan, write_plan
+    from sparseslice.select import CostModel, extent_advice, make_plan, read_extents, render_plan, write_plan
+    from sparseslice.select.worklist import check_plan_out
 
     ds = discover_dataset(data)
     ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
@@ -282,6 +283,7 @@ def plan(
 
         ext = extents_from_labels(ds, axis=plan_axis(ds, axis=axis, cases=ids), cases=ids)
     elif extents is not None:
+        check_plan_out(out, keep=extents)
         ext = read_extents(extents)
     cost = CostModel(volume_minutes=volume_minutes, slice_minutes=slice_minutes,
                      consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
@@ -289,7 +291,10 @@ def plan(
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
                        block_fraction=block_fraction, cost=cost, progress=progress)
     render_plan(result, console, rows=rows)
+    advice = extent_advice(result, ds, progress=progress)
     path = write_plan(result, out)
+    if advice:
+        console.print(advice, markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.csv')}")
 
 
@@ -306,6 +311,9 @@ def simulate(
     ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels (msd format).")] = 255,
     copy_images: Annotated[bool, typer.Option(
         help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    modality: Annotated[list[str] | None, typer.Option(
+        help="Channel modality (MSD modality, nnU-Net channel_names; CT gets CT normalisation): once for all "
+             "channels or once per channel. Default: the source dataset.json's, else unknown.")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Apply a plan to full labels: write the sparse labels an annotator would produce.
@@ -319,7 +327,7 @@ def simulate(
     ds = discover_dataset(data, require_labels=True)
     the_plan = read_plan(plan_file)
     run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
-                 copy_images=copy_images, progress=progress)
+                 copy_images=copy_images, modality=modality, progress=progress)
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 

@@ -2,7 +2,8 @@
 
 The output is a *sparse dataset* that :func:`~sparseslice.datasets.discover_dataset` reads::
 
-    out/imagesTr/<case>.nii.gz         (nnU-Net: <case>_0000.nii.gz, one file per channel)
+    out/imagesTr/<case>.nii.gz         one 4D file when the case has channels (MSD's convention, as
+                                       BraTS); nnU-Net: <case>_0000.nii.gz, one file per channel
     out/labelsTr/<case>.nii.gz         ignore-encoded label (planned slices true, the rest ignored)
     out/labelsTr/<case>.sparse.json    sidecar: axis, annotated/border/drawn slices, extent
     out/dataset.json                   written last: its presence means the folder is complete
@@ -36,6 +37,7 @@ from sparseslice.select.worklist import write_plan
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SparseLabel, extent_of, write_sparse
 
 FORMATS = ("msd", "nnunet")
+UNKNOWN_MODALITY = "unknown"  # channel name when neither --modality nor the source's dataset.json gives one
 
 
 def check_plan(plan: Plan, dataset: Dataset) -> None:
@@ -84,7 +86,7 @@ def nnunet_ignore_value(values: Sequence[int]) -> int:
 
 def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", border_slices: bool = False,
              ignore_value: int = DEFAULT_IGNORE_VALUE, copy_images: bool = False,
-             progress: bool = False) -> Path:
+             modality: Sequence[str] | None = None, progress: bool = False) -> Path:
     """Write the sparse dataset produced by annotating ``plan`` on ``dataset``'s full labels.
 
     Parameters
@@ -97,7 +99,10 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         Output folder; only planned cases are written.
     format : {"msd", "nnunet"}
         ``msd``: MSD layout, ``dataset.json`` with ``"labels": {"0": "background", ...}`` and
-        the ignore value under ``"sparse"``. ``nnunet``: nnU-Net v2 raw dataset (images
+        the ignore value under ``"sparse"``; a case with several channel files gets one 4D
+        image (channels last, as MSD's BraTS and Prostate; ``"tensorImageSize": "4D"``), which
+        MONAI's ``load_decathlon_datalist`` + ``LoadImaged`` read as one multi-channel image.
+        ``nnunet``: nnU-Net v2 raw dataset (images
         ``<case>_0000.nii.gz``, ``channel_names``, ``labels`` name -> value with ``"ignore"``).
     border_slices : bool
         Also mark the slices outside the structure's extent as annotated background (free of
@@ -110,6 +115,11 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         the default is replaced by it and any other value is refused.
     copy_images : bool
         Copy images instead of linking them (absolute symbolic links by default).
+    modality : sequence of str, optional
+        Channel names, one for all channels or one per channel (MSD ``modality``, nnU-Net
+        ``channel_names``: nnU-Net normalises ``CT`` by intensity percentiles and any other
+        name by z-score). Default: the source ``dataset.json``'s, else ``"unknown"`` (with a
+        warning for ``nnunet``; z-score, as nnU-Net does for MRI).
     progress : bool
         Show a progress bar.
 
@@ -128,6 +138,7 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         if dataset.case(cid).label is None:
             raise UserError(f"case {cid!r} has no label; simulate needs fully labelled cases")
     values = label_values(dataset, cases)
+    channels = channel_names(dataset, cases, modality=modality)
     if format == "nnunet":
         needed = nnunet_ignore_value(values)
         if ignore_value not in (DEFAULT_IGNORE_VALUE, needed):
@@ -186,7 +197,10 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
                       f"slices would have given for free (e.g. {wasted[0]}); plan with --extents so the "
                       "budget goes inside the structure", UserWarning, stacklevel=2)
     write_plan(plan, out / "plan.json")
-    write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, format=format,
+    if format == "nnunet" and UNKNOWN_MODALITY in channels.values():
+        warnings.warn("modality is not known (the source dataset.json names none): nnU-Net z-score normalises "
+                      "every channel; pass --modality CT for CT", UserWarning, stacklevel=2)
+    write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, channels, format=format,
                                                    ignore_value=ignore_value, border_slices=border_slices))
     return out
 
@@ -255,6 +269,10 @@ def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool,
     """
     folder.mkdir(parents=True, exist_ok=True)
     sources = list(case.images)
+    if not nnunet and len(sources) > 1:  # MSD: one 4D image per case, channels last (BraTS, Prostate)
+        target = folder / f"{case.case_id}.nii.gz"
+        write_volume(load_image(case), target)
+        return [target]
     if nnunet and len(sources) == 1:
         head = read_header(sources[0])
         if len(head.shape) == 4 and head.shape[3] > 1:  # one 4D file: split channels for nnU-Net
@@ -292,15 +310,50 @@ def _link_or_copy(src: Path, target: Path, *, copy: bool) -> None:
             shutil.copyfile(src, tmp)
 
 
-def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: list[dict], *, format: str,
-                  ignore_value: int, border_slices: bool) -> dict[str, Any]:
+def n_channels(case: Case) -> int:
+    """Image channels of a case: its channel files, or the fourth axis of its one file (headers only)."""
+    if len(case.images) > 1:
+        return len(case.images)
+    shape = read_header(case.images[0]).shape
+    return int(shape[3]) if len(shape) == 4 else 1
+
+
+def channel_names(dataset: Dataset, cases: Sequence[str], *, modality: Sequence[str] | None = None
+                  ) -> dict[str, str]:
+    """Channel index -> modality name for an export (MSD ``modality``, nnU-Net ``channel_names``).
+
+    ``modality`` wins; else the source ``dataset.json``'s ``channel_names`` / ``modality``;
+    else :data:`UNKNOWN_MODALITY`. One name stands for every channel; otherwise one per channel.
+    """
+    counts = sorted({n_channels(dataset.case(cid)) for cid in cases})
+    if len(counts) > 1:
+        raise UserError(f"cases must have the same number of image channels for one export, got {counts}; "
+                        "plan cases of one kind")
+    n = counts[0]
+    if modality:
+        names, origin = [str(m) for m in modality], "--modality"
+    else:
+        source = _source_json(dataset)
+        given = source.get("channel_names") or source.get("modality") or {"0": UNKNOWN_MODALITY}
+        names = [str(v) for _, v in sorted(given.items(), key=lambda kv: (len(str(kv[0])), str(kv[0])))]
+        origin = "the source dataset.json"
+    if len(names) not in (1, n):
+        raise UserError(f"modality must name one modality or one per channel ({n}), got {names} from {origin}; "
+                        "repeat --modality once per channel, e.g. --modality T2 --modality ADC")
+    return {str(c): names[0] if len(names) == 1 else names[c] for c in range(n)}
+
+
+def _source_json(dataset: Dataset) -> dict[str, Any]:
     import json
 
-    source: dict[str, Any] = {}
     meta_path = Path(dataset.root) / "dataset.json"
-    if meta_path.is_file():
-        source = json.loads(meta_path.read_text())
-    channels = source.get("channel_names") or source.get("modality") or {"0": dataset.modality}
+    return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+
+
+def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: list[dict],
+                  channels: dict[str, str], *, format: str, ignore_value: int,
+                  border_slices: bool) -> dict[str, Any]:
+    source = _source_json(dataset)
     names = {v: dataset.label_names.get(v, "background" if v == 0 else f"label{v}") for v in values}
     names[0] = "background"
     sparse = {"ignore_value": ignore_value, "axis": plan.axis, "strategy": plan.strategy, "seed": plan.seed,
@@ -320,6 +373,6 @@ def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: lis
                 "description": "sparse slice labels written by sparseslice simulate; 'ignore' marks unknown voxels",
                 "sparse": sparse}
     return {"name": name, "description": "sparse slice labels written by sparseslice simulate; unknown voxels "
-            f"hold {ignore_value}", "tensorImageSize": "3D", "modality": channels,
+            f"hold {ignore_value}", "tensorImageSize": "3D" if len(channels) == 1 else "4D", "modality": channels,
             "labels": {str(v): names[v] for v in values}, "numTraining": len(training), "numTest": 0,
             "training": training, "test": [], "sparse": sparse}

@@ -19,11 +19,11 @@ from sparseslice.select.strategies import (
     select_slices,
     ual_slices,
 )
-from sparseslice.select.worklist import plan_csv, read_extents, read_plan, render_plan, write_plan
+from sparseslice.select.worklist import extent_advice, plan_csv, read_extents, read_plan, render_plan, write_plan
 
 __all__ = [
     "STRATEGIES", "VOLUME_SELECTIONS", "CostModel", "Plan", "PlanEntry", "apportion", "block_slices",
-    "default_slice_encoder", "default_volume_encoder", "extents_from_labels", "interval_slices",
+    "default_slice_encoder", "default_volume_encoder", "extent_advice", "extents_from_labels", "interval_slices",
     "k_center_order", "make_plan", "plan_axis", "plan_csv", "random_slices", "read_extents", "read_plan", "render_plan",
     "select_slices", "ual_slices", "write_plan",
 ]

@@ -3,6 +3,13 @@
 ``plan.csv`` has one row per volume (case, axis, slice count, extent, slice indices 0-based
 and 1-based as ITK-SNAP shows them), so an annotator can work through it in 3D Slicer or
 ITK-SNAP; ``plan.json`` is the complete record :func:`read_plan` reads back.
+
+Without extents a plan spreads its slices over whole volumes, and many land outside the
+structure (on MSD hippocampus about 4 in 10). The extent step comes first then: annotators
+click the first and last structure slice of each volume into ``plan.csv``'s empty
+``first``/``last`` columns, and ``plan --extents plan.csv`` (another ``--out``) re-plans the
+slices inside them; :func:`extent_advice` says so, or, when the dataset has labels (a
+simulation), how many drawn slices ``--extents labels`` would move inside.
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparseslice.atomic import write_json, write_text
 from sparseslice.errors import UserError
 from sparseslice.select.plan import Plan
+
+if TYPE_CHECKING:
+    from sparseslice.datasets import Dataset
 
 
 def _plan_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -36,6 +46,14 @@ def plan_csv(plan: Plan) -> str:
         w.writerow([e.case_id, e.axis, e.n_slices, first, last, len(e.slices),
                     " ".join(map(str, e.slices)), " ".join(str(s + 1) for s in e.slices)])
     return buf.getvalue()
+
+
+def check_plan_out(path: str | os.PathLike[str], *, keep: str | os.PathLike[str] | None) -> None:
+    """Refuse a plan output whose ``plan.csv`` would overwrite ``keep`` (the annotators' extents file)."""
+    csv_path = _plan_paths(path)[1]
+    if keep is not None and csv_path.resolve() == Path(keep).resolve():
+        raise UserError(f"out {str(path)!r} would overwrite the extents file {str(keep)!r} (its plan.csv); "
+                        "pass another --out, e.g. plan2.json")
 
 
 def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
@@ -65,6 +83,8 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
 def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     """Read the annotators' clicks: a CSV with columns ``case,first,last`` (0-based slices).
 
+    Other columns are ignored, so a ``plan.csv`` whose ``first``/``last`` the annotators
+    filled in is an extents file; rows with both left empty (not clicked yet) are skipped.
     Checked here for shape (integers, ``0 <= first <= last``, one row per case); checked
     against each volume's slice count by :func:`make_plan`.
     """
@@ -78,6 +98,8 @@ def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
     out: dict[str, tuple[int, int]] = {}
     for n, row in enumerate(rows, start=2):
         case = (row["case"] or "").strip()
+        if not (row["first"] or "").strip() and not (row["last"] or "").strip():
+            continue  # not clicked yet: the volume keeps its whole range
         try:
             first, last = int(row["first"]), int(row["last"])
         except (TypeError, ValueError):
@@ -118,3 +140,32 @@ def render_plan(plan: Plan, console: Any, *, rows: int = 20) -> None:
                       f"{plan.cost.slice_minutes:g} min/slice, {plan.cost.consecutive_discount:.0%} off "
                       "consecutive slices)")
     console.print(f"allocation: {plan.allocation}")
+
+
+def extent_advice(plan: Plan, dataset: Dataset, *, progress: bool = False) -> str | None:
+    """What to do about a plan's volumes without an extent; None when every volume has one.
+
+    When those volumes have labels (a simulation), counts the drawn slices outside each
+    label's extent (reads those labels) and offers ``--extents labels``; otherwise gives
+    the annotators' extent step.
+    """
+    from sparseslice.io import read_label
+    from sparseslice.progress import track
+    from sparseslice.sparse import extent_of
+
+    missing = [e for e in plan.entries if e.extent is None]
+    if not missing:
+        return None
+    labelled = [e for e in missing if dataset.case(e.case_id).label is not None]
+    if len(labelled) == len(missing):
+        outside = 0
+        for e in track(labelled, "checking extents", progress=progress):
+            ext = extent_of(read_label(dataset.case(e.case_id).label).array, axis=e.axis)
+            outside += sum(1 for s in e.slices if ext is None or not ext[0] <= s <= ext[1])
+        return (f"the dataset has labels: {outside} of {plan.budget} drawn slices lie outside the structure "
+                f"(labels' extent) in {len(missing)} volumes without an extent; plan with --extents labels "
+                "to choose them inside it (a simulation)")
+    return (f"{len(missing)} volumes have no extent, so their slices are spread over the whole volume. "
+            "Extent step first: annotators click the first and last slice holding the structure of each "
+            "volume into plan.csv's first,last columns (0-based: ITK-SNAP's slice number - 1), then plan "
+            "again with --extents plan.csv and another --out to choose the slices inside them")
