@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sparseslice.errors import UserError
-from sparseslice.io import Volume, affine_from_spacing
+from sparseslice.io import Volume, affine_from_spacing, read_label
 from sparseslice.sparse import (
     SparseLabel,
     decode,
@@ -173,3 +173,17 @@ def test_declared_ignore_value_with_partly_labelled_slices(tmp_path):
     # border slices become whole: their partial voxels are dropped
     part = SparseLabel(lab, np.eye(8, dtype=bool)[2], 2, partial_known=raw != 3).with_border_slices((2, 3))
     assert part.partial_known is None and part.annotated_indices == [0, 1, 2, 4, 5, 6, 7]
+
+
+def test_extent_ignores_nnunet_ignore_voxels(tmp_path):
+    # an nnU-Net sparse label: every unknown voxel is 3, so "any value > 0" would span every slice
+    from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select.plan import extents_from_labels
+
+    data = write_ignore_dataset(tmp_path / "nn", cases=1)
+    label = read_label(data / "labelsTr" / "case_000.nii.gz").array
+    assert extent_of(label, axis=2) == (0, label.shape[2] - 1)  # the ignore value read as foreground
+    known = [s for s in (*ANNOTATED, PARTIAL) if np.isin(label[..., s], (1, 2)).any()]
+    assert extent_of(label, axis=2, ignore_value=IGNORE) == (min(known), max(known))
+    assert extents_from_labels(discover_dataset(data), axis=2) == {"case_000": (min(known), max(known))}

@@ -178,11 +178,15 @@ def check_extent(extent: tuple[int, int] | None, n_slices: int) -> tuple[int, in
     return first, last
 
 
-def extent_of(label: np.ndarray, *, axis: int) -> tuple[int, int] | None:
-    """First and last slice along ``axis`` containing any foreground, or None if empty."""
+def extent_of(label: np.ndarray, *, axis: int, ignore_value: int | None = None) -> tuple[int, int] | None:
+    """First and last slice along ``axis`` containing any foreground, or None if empty.
+
+    Voxels equal to ``ignore_value`` (nnU-Net's declared ignore label) are unknown, not foreground.
+    """
     axis = check_axis(axis, label.ndim)
     other = tuple(a for a in range(label.ndim) if a != axis)
-    present = np.flatnonzero(np.any(label > 0, axis=other))
+    foreground = label > 0 if ignore_value is None else (label > 0) & (label != ignore_value)
+    present = np.flatnonzero(np.any(foreground, axis=other))
     if present.size == 0:
         return None
     return int(present[0]), int(present[-1])

@@ -169,7 +169,7 @@ def extents_from_labels(dataset: Dataset, *, axis: int, cases: Sequence[str] | N
         if case.label is None:
             raise UserError(f"case {cid!r} has no label to take its extent from; pass extents "
                             "(a CSV case,first,last) instead")
-        ext = extent_of(read_label(case.label).array, axis=axis)
+        ext = extent_of(read_label(case.label).array, axis=axis, ignore_value=dataset.ignore_value)
         if ext is not None:
             out[cid] = ext
     return out

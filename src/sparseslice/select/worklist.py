@@ -160,7 +160,8 @@ def extent_advice(plan: Plan, dataset: Dataset, *, progress: bool = False) -> st
     if len(labelled) == len(missing):
         outside = 0
         for e in track(labelled, "checking extents", progress=progress):
-            ext = extent_of(read_label(dataset.case(e.case_id).label).array, axis=e.axis)
+            ext = extent_of(read_label(dataset.case(e.case_id).label).array, axis=e.axis,
+                            ignore_value=dataset.ignore_value)
             outside += sum(1 for s in e.slices if ext is None or not ext[0] <= s <= ext[1])
         return (f"the dataset has labels: {outside} of {plan.budget} drawn slices lie outside the structure "
                 f"(labels' extent) in {len(missing)} volumes without an extent; plan with --extents labels "
