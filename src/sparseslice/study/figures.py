@@ -147,8 +147,9 @@ def strategy_figure(cases: pd.DataFrame) -> bytes | None:
     return _png(fig)
 
 
-def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame) -> bytes | None:
-    """Every regime's Dice, seeds as points: the overview when the design is not a density sweep."""
+def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame, *, measure: str = "Dice") -> bytes | None:
+    """Every regime's ``dice`` (the report's main ``measure``), seeds as points: the overview when the
+    design is not a density sweep."""
     if regimes.empty:
         return None
     order = regimes["regime"].tolist()[::-1]
@@ -163,7 +164,7 @@ def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame) -> bytes | None:
         ax.barh(y, rows["dice"].mean(), color="#1b6ca8" if "full labels" not in name else "#888", alpha=0.6)
         ax.scatter(rows["dice"], np.full(len(rows), y), color="black", s=10, zorder=3)
     ax.set_yticks(range(len(order)), order, fontsize=8)
-    ax.set_xlabel("test Dice (foreground), bar: mean over seeds, points: seeds")
+    ax.set_xlabel(f"test {measure}\nbar: mean over seeds, points: seeds", fontsize=8)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, axis="x")
     return _png(fig)

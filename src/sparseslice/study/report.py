@@ -427,7 +427,8 @@ def render_report(root: str | os.PathLike[str]) -> str:
         parts.append(_img(figures.interpolation_figure(per_run, cases),
                           "With vs without interpolation (bars: 95 % bootstrap CI over test cases)"))
         parts.append(_img(figures.strategy_figure(cases), "Distribution of relative performance per strategy"))
-        parts.append(_img(figures.regime_figure(per_run, regimes), "Every regime (seeds as points)"))
+        parts.append(_img(figures.regime_figure(per_run, regimes, measure=measure_name(cases, label)),
+                          "Every regime (seeds as points)"))
         parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
         example = _examples(store, spec, per_run, cases)
         parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
