@@ -48,7 +48,8 @@ class Holder:
 
     @classmethod
     def me(cls) -> Holder:
-        return cls(os.getpid(), socket.gethostname(), time.time(), " ".join(sys.argv)[:300])
+        command = " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else ""
+        return cls(os.getpid(), socket.gethostname(), time.time(), command[:300])
 
     def running(self) -> bool | None:
         """Whether the holder's process still exists; ``None`` when it runs on another host."""
