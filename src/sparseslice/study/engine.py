@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseslice.errors import UserError
+from sparseslice.locking import holds
 from sparseslice.study.executors import (
     EXECUTORS,
     Outcome,
@@ -50,6 +51,7 @@ def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) ->
     }
 
 
+@holds("out", what="study folder")
 def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFunction | None = None,
               executor: str = "local", workers: int = 1, address: str | None = None, force: bool = False,
               results_format: str = "csv", progress: bool = True) -> StudySummary:
@@ -61,7 +63,9 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         The study (see :func:`~sparseslice.study.spec.load_spec`).
     out : path
         Study folder. Finished runs found there are skipped; interrupted or failed runs are
-        redone. A folder holding another study is refused unless ``force``.
+        redone. A folder holding another study is refused unless ``force``. The folder is
+        locked while the study runs (:mod:`sparseslice.locking`): a second process is refused,
+        naming the holder; the lock a killed process left is taken over.
     run_fn : callable, optional
         ``run_fn(run, config, run_dir) -> RunOutput``; defaults to the full pipeline
         (:func:`~sparseslice.study.runner.run_pipeline`), after checking the spec against the

@@ -8,6 +8,12 @@ on a file system every node sees.
 Both call :func:`execute` for each run: it empties the run folder, calls the run function,
 writes the results and the ``done`` marker, or records the error of a run that crashed so
 that the grid goes on.
+
+Locks: the process running the study holds the study folder's lock (see
+:func:`~sparseslice.study.engine.run_study`); each worker also holds the lock of the run it
+writes (``STUDY/runs/.<run_id>.lock``) while it empties and fills that run's folder only. A
+worker left running by a study process that was killed thus keeps its run: a new study
+process skips it (reported as failed, its folder untouched) instead of emptying it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sparseslice.errors import UserError
+from sparseslice.locking import hold
 from sparseslice.study.spec import RunSpec
 from sparseslice.study.store import RunOutput, StudyStore
 
@@ -55,6 +62,16 @@ def execute(task: Task, run_fn: RunFunction) -> Outcome:
     ``done`` marker and is redone next time.
     """
     store = StudyStore(task.root)
+    run_id = task.run.run_id
+    try:
+        with hold(store.root / "runs", what=f"run {run_id} in", name=f".{run_id}.lock",
+                  fix="another process still writes this run; rerun the study once it is gone"):
+            return _execute(task, run_fn, store)
+    except UserError as exc:  # the run belongs to another process: leave its folder alone
+        return Outcome(run_id, "failed", str(exc))
+
+
+def _execute(task: Task, run_fn: RunFunction, store: StudyStore) -> Outcome:
     run_id = task.run.run_id
     start = time.perf_counter()
     try:

@@ -33,6 +33,7 @@ import pandas as pd
 
 from sparseslice.atomic import write_json, write_text
 from sparseslice.errors import UserError
+from sparseslice.locking import LOCK_FILE
 from sparseslice.study.spec import RunSpec, StudySpec
 
 STUDY_FILE = "study.json"
@@ -104,7 +105,7 @@ class StudyStore:
                 raise UserError(f"output {str(store.root)!r} holds a different study "
                                 f"({old.get('spec', {}).get('name', '?')!r}, fingerprint {old.get('fingerprint')}); "
                                 "pass another -o folder, or --force to replace its spec (unchanged runs are kept)")
-        elif store.root.is_dir() and any(store.root.iterdir()):
+        elif store.root.is_dir() and any(p.name != LOCK_FILE for p in store.root.iterdir()):
             if not force:
                 raise UserError(f"output {str(store.root)!r} is not empty and holds no study.json; "
                                 "pass an empty or new folder, or --force to use it anyway")

@@ -24,6 +24,7 @@ import torch
 from sparseslice.atomic import atomic_path, write_json, write_text
 from sparseslice.datasets import discover_dataset
 from sparseslice.errors import UserError
+from sparseslice.locking import holds
 from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, pick_device, save_checkpoint
 from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
@@ -65,6 +66,7 @@ class TrainResult:
     cut_short_reason: str = ""
 
 
+@holds("run_dir", what="run folder")
 def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, val_dir: str | Path | None = None,
           progress: bool = True, resume: bool = False) -> TrainResult:
     """Train a 2D or 3D network on a (sparse) dataset.
@@ -76,7 +78,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         ``.sparse.json`` sidecar are sparse; labels without one are fully annotated, unless
         they hold the ignore value 255 (then slices free of it are annotated).
     run_dir : path
-        Output folder (``config.json``, ``split.json``, ``history.csv``, ``best.pt``, ``last.pt``).
+        Output folder (``config.json``, ``split.json``, ``history.csv``, ``best.pt``, ``last.pt``),
+        locked while training (:mod:`sparseslice.locking`): a second process is refused.
     config : TrainConfig
         The run's settings; unset sizes are resolved from the data.
     val_dir : path, optional
