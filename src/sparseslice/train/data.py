@@ -124,10 +124,11 @@ def read_case_label(case_label: object, *, axis: int, ignore_value: int | None =
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
-               progress: bool = False) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               progress: bool = False, nonfinite: str = "error") -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
-    ``labels`` defaults to the dataset's label names plus every value found in known voxels.
+    ``labels`` defaults to the dataset's label names plus every value found in known voxels;
+    ``nonfinite`` is :func:`~sparseslice.datasets.load_image`'s.
     """
     raw = []
     found: set[int] = set()
@@ -137,7 +138,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         case = dataset.case(cid)
         if case.label is None:
             raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
-        image = load_image(case)
+        image = load_image(case, nonfinite=nonfinite)
         arr = image.array if image.array.ndim == 4 else image.array[..., None]
         label, annotated, interpolated, label_volume, partial = read_case_label(
             case.label, axis=axis, ignore_value=dataset.ignore_value)
