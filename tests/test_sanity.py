@@ -160,3 +160,16 @@ def test_study_training_block_of_the_wrong_type_is_refused(key, value, message):
     with pytest.raises(UserError, match=f"train config key '{key}' " + re.escape(message)):
         parse_spec(spec)
 
+
+
+# --- empty labels ---------------------------------------------------------------------------
+
+def test_training_on_background_only_labels_is_refused(phantoms, tmp_path):
+    from test_train import make_sparse
+
+    sparse = make_sparse(phantoms, tmp_path / "edge", lambda n: [0])  # first slice: background only
+    with pytest.raises(UserError, match=r"must hold a foreground voxel in an annotated slice, got none in the 2 "):
+        train(sparse, tmp_path / "run", config=TrainConfig.from_dict(TINY), progress=False)
+    assert not (tmp_path / "run" / "best.pt").exists()
+    res = CliRunner().invoke(app, ["train", str(sparse), "-o", str(tmp_path / "r2"), "--no-progress"])
+    one_line_refusal(res, "foreground voxel")

@@ -166,12 +166,20 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
 
 
 def warn_missing_classes(cases: list[CaseArrays], labels: tuple[int, ...], names: dict[int, str]) -> list[int]:
-    """Warn (naming them) about classes with no annotated voxel; returns their values."""
+    """Warn (naming them) about classes with no annotated voxel; returns their values.
+
+    Refuses (:class:`UserError`) when no foreground class has one: a model of background only
+    predicts empty maps.
+    """
     seen = np.zeros(len(labels), bool)
     for c in cases:
         idx = c.known_slices
         if idx.size:
             seen[np.unique(np.take(c.label, idx, axis=c.axis))] = True
+    if not seen[1:].any():
+        raise UserError(f"training labels must hold a foreground voxel in an annotated slice, got none in the "
+                        f"{len(cases)} training case(s); check the label files (all background?) and which "
+                        "slices the .sparse.json sidecars mark annotated")
     missing = [labels[i] for i in np.flatnonzero(~seen)]
     for value in missing:
         name = f" ({names[value]!r})" if value in names else ""
