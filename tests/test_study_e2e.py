@@ -78,10 +78,10 @@ def test_preflight_refuses_more_volumes_than_the_training_split(phantom_dataset,
     assert not (tmp_path / "out").exists()  # nothing started
 
 
-def test_preflight_refuses_unknown_training_keys(phantom_dataset):
-    spec = parse_spec(tiny_spec(phantom_dataset, training={**TINY, "epoch": 3}))
+def test_spec_refuses_unknown_training_keys(phantom_dataset):
+    # refused when the spec is read (it used to wait for preflight)
     with pytest.raises(UserError, match="did you mean 'epochs'"):
-        preflight(spec)
+        parse_spec(tiny_spec(phantom_dataset, training={**TINY, "epoch": 3}))
 
 
 def test_cli_refuses_a_folder_with_another_study_and_exits_nonzero_on_crashes(phantom_dataset, tmp_path,

@@ -145,13 +145,15 @@ def test_augmentation_identity_and_label_values():
 
 
 def test_missing_class_warns_naming_it(phantoms, tmp_path):
-    sparse = make_sparse(phantoms, tmp_path / "edge", lambda n: [0])  # first slice: background only
-    with pytest.warns(UserWarning) as record:
-        train(sparse, tmp_path / "run", config=TrainConfig(epochs=1, samples_per_epoch=4, batch_size=4, **TINY),
+    data = write_phantom_dataset(tmp_path / "one", cases=2, seed=0, shape=(24, 24, 12), n_labels=1)
+    meta = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**meta, "labels": {**meta["labels"], "2": "part2"}}))
+    with pytest.warns(UserWarning) as record:  # class 2 is declared but never drawn
+        train(data, tmp_path / "run", config=TrainConfig(epochs=1, samples_per_epoch=4, batch_size=4, **TINY),
               progress=False)
     messages = [str(w.message) for w in record]
-    assert any("class 1 ('part1') has no annotated voxel" in m for m in messages)
     assert any("class 2 ('part2') has no annotated voxel" in m for m in messages)
+    assert not any("class 1 " in m for m in messages)
 
 
 # --- training -------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from sparseslice.io import (
     volume_suffix,
 )
 
+#: What :func:`load_image` does with NaN or infinite voxels: refuse the case, or read them as 0.
+NONFINITE = ("error", "zero")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _LABEL_TAGS = ("_label", "_labels", "_seg", "_mask", "_gt", ".seg")
 _IMAGE_DIRS = ("imagesTr", "images", "imgs", "image")
@@ -335,15 +337,36 @@ def _resolve(base: Path, value: str) -> Path:
     return p if p.is_absolute() else base / p
 
 
-def load_image(case: Case) -> Volume:
-    """Read a case's image as a volume; several channels are stacked on a last axis."""
-    vols = [read_volume(p) for p in case.images]
+def load_image(case: Case, *, nonfinite: str = "error") -> Volume:
+    """Read a case's image as a volume; several channels are stacked on a last axis.
+
+    NaN or infinite voxels make every loss NaN and every prediction empty, so they are
+    refused (``nonfinite="error"``, naming the case and the count) or read as 0
+    (``nonfinite="zero"``).
+    """
+    if nonfinite not in NONFINITE:
+        raise UserError(f"nonfinite must be one of {', '.join(NONFINITE)}, got {nonfinite!r}; e.g. nonfinite: error")
+    vols = [_finite(read_volume(p), case.case_id, p, nonfinite=nonfinite) for p in case.images]
     first = vols[0]
     for p, v in zip(case.images[1:], vols[1:], strict=True):
         check_same_space(first, v, name=f"{case.case_id} channel {p.name}")
     if len(vols) == 1:
         return first
     return first.like(np.stack([v.array for v in vols], axis=-1))
+
+
+def _finite(vol: Volume, case_id: str, path: Path, *, nonfinite: str) -> Volume:
+    """``vol`` with its non-finite voxels refused or set to 0 (integer images pass as they are)."""
+    if not np.issubdtype(vol.array.dtype, np.floating):
+        return vol
+    bad = ~np.isfinite(vol.array)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return vol
+    if nonfinite == "error":
+        raise UserError(f"case {case_id!r} image {path.name!r} has {count} non-finite voxel(s) (NaN or inf); "
+                        "fix the image, or read them as 0 with the train config key nonfinite: zero")
+    return vol.like(np.where(bad, 0, vol.array).astype(vol.array.dtype, copy=False))
 
 
 def load_label(case: Case, *, image: Volume | None = None) -> Volume:

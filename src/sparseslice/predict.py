@@ -232,8 +232,9 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
     })
     written = []
+    nonfinite = ckpt.extra.get("config", {}).get("nonfinite", "error")  # read images as training did
     for case in track(todo, "predicting", progress=progress):
-        image = load_image(case)
+        image = load_image(case, nonfinite=nonfinite)
         labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                 largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                 batch_size=batch_size)

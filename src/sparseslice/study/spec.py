@@ -306,6 +306,9 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
         if factor in training:
             raise UserError(f"training.{factor} is set by the grid, got {training[factor]!r}; "
                             f"put {factor} in a grid block (seed: in seeds)")
+    from sparseslice.train.config import check_config_types  # imports torch, as _train_default does
+
+    check_config_types({k: v for k, v in training.items() if k != "preset"})
     if "samples_per_epoch" in training and training["samples_per_epoch"] is None:
         raise UserError("training.samples_per_epoch must be a number in a study, got null; every arm then takes "
                         "the same number of gradient steps (e.g. samples_per_epoch: 512)")

@@ -8,11 +8,16 @@ the run folder, so a run can be reproduced from its files alone.
 from __future__ import annotations
 
 import difflib
+import math
+import numbers
 import os
-from dataclasses import asdict, dataclass, fields, replace
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from sparseslice.datasets import NONFINITE
 from sparseslice.errors import UserError
 from sparseslice.model import ModelSpec
 
@@ -90,6 +95,9 @@ class TrainConfig:
         bfloat16 autocast for forward passes.
     channels_last : bool
         Channels-last memory format.
+    nonfinite : str
+        NaN or infinite image voxels: ``"error"`` refuses the case, ``"zero"`` reads them as 0
+        (see :func:`sparseslice.datasets.load_image`); ``predict`` reads images the same way.
     """
 
     model: str = "2d"
@@ -125,6 +133,7 @@ class TrainConfig:
     max_minutes: float | None = None
     bf16: bool = False
     channels_last: bool = False
+    nonfinite: str = "error"
 
     def __post_init__(self) -> None:
         def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -135,6 +144,7 @@ class TrainConfig:
         choice("model", self.model, MODELS)
         choice("schedule", self.schedule, SCHEDULES)
         choice("normalization", self.normalization, NORMALIZATIONS)
+        choice("nonfinite", self.nonfinite, NONFINITE)
         for name in ("epochs", "restart_every", "patience", "plateau_patience"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}; e.g. {name}: 10")
@@ -178,7 +188,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build a config from a plain dict, refusing unknown keys with a suggestion.
+        """Build a config from a plain dict, refusing unknown keys and wrong types with a suggestion.
+
+        Each value must have its field's type (:func:`check_config_types`): ``augment: "false"``
+        (quoted) or ``epochs: "two"`` are refused, never read as true or as a traceback.
 
         Examples
         --------
@@ -188,16 +201,12 @@ class TrainConfig:
         Traceback (most recent call last):
         ...
         sparseslice.errors.UserError: config key 'epoch' does not exist, got 'epoch'; did you mean 'epochs'?
+        >>> TrainConfig.from_dict({"epochs": "two"})
+        Traceback (most recent call last):
+        ...
+        sparseslice.errors.UserError: train config key 'epochs' must be an integer, got 'two'; write e.g. epochs: 50
         """
-        if not isinstance(data, dict):
-            raise UserError(f"config must be a mapping of keys to values, got {type(data).__name__}; "
-                            "write key: value lines")
-        valid = [f.name for f in fields(cls)]
-        for key in data:
-            if key not in valid:
-                near = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-                hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(valid)}"
-                raise UserError(f"config key {key!r} does not exist, got {key!r}; {hint}")
+        check_config_types(data)
         clean = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**clean)
@@ -212,6 +221,89 @@ class TrainConfig:
     def updated(self, **changes: Any) -> TrainConfig:
         """A copy with ``changes`` applied (validated again)."""
         return replace(self, **changes)
+
+
+def check_config_types(data: Any) -> None:
+    """Refuse a config mapping with an unknown key or a value of the wrong type.
+
+    Types come from :class:`TrainConfig`'s field annotations: a ``bool`` takes only true or
+    false (not the text ``"false"`` or ``"no"``), an ``int`` only an integer (not a bool, not
+    ``"two"``), a ``float`` any finite number, ``X | None`` also null, tuples a list whose
+    items have the item type (and the length, when fixed).
+
+    Raises
+    ------
+    UserError
+        Naming the key, the value and a value of the right type.
+    """
+    if not isinstance(data, dict):
+        raise UserError(f"config must be a mapping of keys to values, got {type(data).__name__}; "
+                        "write key: value lines")
+    declared = {f.name: f for f in fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in data.items():
+        if key not in declared:
+            near = difflib.get_close_matches(str(key), list(declared), n=1, cutoff=0.5)
+            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(declared)}"
+            raise UserError(f"config key {key!r} does not exist, got {key!r}; {hint}")
+        wanted = _type_problem(value, hints[key])
+        if wanted is not None:
+            default = declared[key].default
+            raise UserError(f"train config key {key!r} must be {wanted}, got {value!r}; "
+                            f"write e.g. {key}: {_example(value, hints[key], default)}")
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false (unquoted)", str: "text"}
+_PLURALS = {int: "integers", float: "numbers"}
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` should be to match the type ``hint`` (None when it matches)."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        problem = _type_problem(value, inner)
+        return None if problem is None else f"{problem} or null"
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        fixed = None if len(args) == 2 and args[1] is Ellipsis else len(args)
+        what = f"a list of {f'{fixed} ' if fixed else ''}{_PLURALS[item]}"
+        if not isinstance(value, list | tuple) or (fixed is not None and len(value) != fixed):
+            return what
+        return what if any(_type_problem(v, item) for v in value) else None
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, hint)
+    return None if ok else _WORDS[hint]
+
+
+def _example(value: Any, hint: Any, default: Any) -> str:
+    """A YAML value of the type ``hint``: what a quoted bool or number meant, else the default."""
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if base is bool and text in ("false", "no", "off", "n", "true", "yes", "on", "y"):
+        return "false" if text in ("false", "no", "off", "n") else "true"
+    if base in (int, float) and text is not None:
+        try:
+            number = float(text)  # YAML 1.1 reads 1e-3 as text
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and (base is float or number.is_integer()):
+            return str(int(number)) if base is int else repr(number)
+    if default is None or default is MISSING:
+        default = {int: 8, float: 1.0, str: "cpu"}.get(base, [64, 64])
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    if isinstance(default, tuple | list):
+        return "[" + ", ".join(map(str, default)) + "]"
+    return str(default)
 
 
 def load_config(path: str | os.PathLike[str]) -> TrainConfig:
@@ -231,10 +323,12 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
 
 def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
     """First key whose value differs between two resolved configs (ignoring free keys)."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
     for key in sorted(set(stored) | set(current)):
         if key in RESUME_FREE_KEYS:
             continue
-        a, b = stored.get(key), current.get(key)
+        # a key the stored run predates holds its default there
+        a, b = stored.get(key, defaults.get(key)), current.get(key)
         a = list(a) if isinstance(a, tuple) else a
         b = list(b) if isinstance(b, tuple) else b
         if a != b:

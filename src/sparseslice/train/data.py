@@ -124,10 +124,11 @@ def read_case_label(case_label: object, *, axis: int, ignore_value: int | None =
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
-               progress: bool = False) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               progress: bool = False, nonfinite: str = "error") -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
-    ``labels`` defaults to the dataset's label names plus every value found in known voxels.
+    ``labels`` defaults to the dataset's label names plus every value found in known voxels;
+    ``nonfinite`` is :func:`~sparseslice.datasets.load_image`'s.
     """
     raw = []
     found: set[int] = set()
@@ -137,7 +138,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         case = dataset.case(cid)
         if case.label is None:
             raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
-        image = load_image(case)
+        image = load_image(case, nonfinite=nonfinite)
         arr = image.array if image.array.ndim == 4 else image.array[..., None]
         label, annotated, interpolated, label_volume, partial = read_case_label(
             case.label, axis=axis, ignore_value=dataset.ignore_value)
@@ -165,12 +166,20 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
 
 
 def warn_missing_classes(cases: list[CaseArrays], labels: tuple[int, ...], names: dict[int, str]) -> list[int]:
-    """Warn (naming them) about classes with no annotated voxel; returns their values."""
+    """Warn (naming them) about classes with no annotated voxel; returns their values.
+
+    Refuses (:class:`UserError`) when no foreground class has one: a model of background only
+    predicts empty maps.
+    """
     seen = np.zeros(len(labels), bool)
     for c in cases:
         idx = c.known_slices
         if idx.size:
             seen[np.unique(np.take(c.label, idx, axis=c.axis))] = True
+    if not seen[1:].any():
+        raise UserError(f"training labels must hold a foreground voxel in an annotated slice, got none in the "
+                        f"{len(cases)} training case(s); check the label files (all background?) and which "
+                        "slices the .sparse.json sidecars mark annotated")
     missing = [labels[i] for i in np.flatnonzero(~seen)]
     for value in missing:
         name = f" ({names[value]!r})" if value in names else ""

@@ -124,12 +124,13 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         scheme = "ct" if "ct" in dataset.modality.lower() else "zscore"
     norm = Normalization(scheme, window=config.ct_window)
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
-    train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm,
+    train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress)
     if val_dataset is dataset and val_ids == train_ids:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
+                                  nonfinite=config.nonfinite,
                                   interpolated_weight=config.interpolated_weight, progress=progress)
     warn_missing_classes(train_cases, labels, dataset.label_names)
 
@@ -267,6 +268,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
                     # one read per step: on a GPU the wait frees the GIL for the thread preparing the next batch
                     # (H100, 2D hippocampus: end-to-end / bare step 0.85 with it, 0.78 without)
                     losses.append(float(loss.detach()))
+                    if not math.isfinite(losses[-1]):
+                        raise _diverged(run_dir, losses[-1], epoch=state["epoch"] + 1, lr=resolved.lr)
                     seen += x.shape[0]
                     state["steps"] += 1
                     bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
@@ -310,6 +313,18 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
                        gradient_steps=int(state["steps"]), samples_seen=int(state["samples_seen"]),
                        planned_steps=planned_steps, cut_short=cut_short,
                        cut_short_reason=", ".join(state["cut_short"]) if cut_short else "")
+
+
+def _diverged(run_dir: Path, loss: float, *, epoch: int, lr: float) -> UserError:
+    """The error for a non-finite training loss, after removing the run's checkpoints.
+
+    Weights that met a NaN or infinite loss are no model, and a ``best.pt`` beside a failed
+    run would look like a result, so ``best.pt`` and ``last.pt`` are deleted first.
+    """
+    for name in ("best.pt", "last.pt"):
+        (run_dir / name).unlink(missing_ok=True)
+    return UserError(f"training loss is non-finite at epoch {epoch}, got {loss}; the run's checkpoints were "
+                     f"removed: lower lr (got {lr:g}) or check the images for extreme intensities")
 
 
 def _prefetches(device: torch.device) -> bool:
