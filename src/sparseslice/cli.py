@@ -342,8 +342,8 @@ def plan(
         help="Cost model: fraction saved on a slice next to the previous drawn one.")] = 0.4,
     extent_minutes: Annotated[float, typer.Option(
         help="Cost model: minutes for the two extent clicks per volume (when extents are used).")] = 0.25,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file: NAME.json or NAME.csv (both are written, same stem), or a folder.")] = Path(
-        "plan.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file: NAME.json or NAME.csv (both are written, "
+                                                          "same stem), or a folder.")] = Path("plan.json"),
     rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
     progress: ProgressOption = True,
 ) -> None:

@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -151,6 +151,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
             found.update(np.unique(label[partial]).tolist())
         img = normalize(np.moveaxis(arr, -1, 0), normalization)
         raw.append((cid, img, label, weight, interpolated, partial))
+    _check_channels(raw)
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
     lut = np.zeros(max(max(labels), max(found, default=0)) + 1, np.int64)
@@ -162,6 +163,17 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial)
              for cid, img, label, weight, interp, partial in raw]
     return cases, tuple(int(v) for v in labels)
+
+
+def _check_channels(raw: list[tuple[Any, ...]]) -> None:
+    """Refuse cases whose images have different channel counts (one network takes one count)."""
+    counts: dict[int, list[str]] = {}
+    for cid, img, *_ in raw:
+        counts.setdefault(int(img.shape[0]), []).append(cid)
+    if len(counts) > 1:
+        shown = ", ".join(f"{n} in {len(ids)} case(s) (e.g. {ids[0]!r})" for n, ids in sorted(counts.items()))
+        raise UserError(f"cases must have the same number of image channels, got {shown}; train on cases "
+                        "of one kind: remove or convert the others")
 
 
 def warn_missing_classes(cases: list[CaseArrays], labels: tuple[int, ...], names: dict[int, str]) -> list[int]:
