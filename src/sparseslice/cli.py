@@ -556,17 +556,20 @@ def evaluate(
     from sparseslice.evaluate import evaluate_folder, render_summary, summarize, write_metrics
 
     df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis, progress=progress)
+    missing = df.attrs.get("missing", [])
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    if df.empty:  # a table without rows is no result: nothing is written
+        raise UserError(f"pred has no prediction for any of the {len(missing)} reference case(s), got none of "
+                        f"{shown} in {str(pred)!r}; pass the folder sparseslice predict wrote (<case>.nii.gz)")
+    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
+    if missing and not allow_missing:  # refused before --out is written: a failure leaves no result file
+        raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
+                        f"{str(pred)!r}; predict them or pass --allow-missing (the rest is shown above, "
+                        "--out was not written)")
     if out is not None:
         write_metrics(df, out)
-    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
-    if out is not None:
         console.print(f"wrote {out}")
-    missing = df.attrs.get("missing", [])
     if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        if not allow_missing:
-            raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
-                            f"{str(pred)!r}; predict them or pass --allow-missing (the rest was evaluated)")
         err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
 
 # --- study / demo (issue 7) ---
