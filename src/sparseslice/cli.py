@@ -368,9 +368,9 @@ def plan(
     result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
                        block_fraction=block_fraction, cost=cost, progress=progress)
+    path = write_plan(result, out)  # before any output: a path that cannot be written is the only line
     render_plan(result, console, rows=rows)
     advice = extent_advice(result, ds, progress=progress)
-    path = write_plan(result, out)
     if advice:
         console.print(advice, markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.csv')}")
@@ -561,13 +561,15 @@ def evaluate(
     if df.empty:  # a table without rows is no result: nothing is written
         raise UserError(f"pred has no prediction for any of the {len(missing)} reference case(s), got none of "
                         f"{shown} in {str(pred)!r}; pass the folder sparseslice predict wrote (<case>.nii.gz)")
-    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
     if missing and not allow_missing:  # refused before --out is written: a failure leaves no result file
+        render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
         raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
                         f"{str(pred)!r}; predict them or pass --allow-missing (the rest is shown above, "
                         "--out was not written)")
     if out is not None:
-        write_metrics(df, out)
+        write_metrics(df, out)  # before any output: a path that cannot be written is the only line
+    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
+    if out is not None:
         console.print(f"wrote {out}")
     if missing:
         err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
