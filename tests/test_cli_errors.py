@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sparseslice.cli import app, info, os_error_line, synth
+from sparseslice.cli import app, info, synth
 from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, save_checkpoint
 from sparseslice.select import read_plan
 
@@ -123,6 +123,8 @@ def test_out_under_proc_cannot_be_made(phantom_dataset):
 
 
 def test_full_or_read_only_disk_is_one_line_and_other_os_errors_are_not_hidden():
+    from sparseslice.cli import os_error_line
+
     full = OSError(errno.ENOSPC, "No space left on device")
     assert os_error_line(full, synth, {}) == (
         "cannot write: No space left on device; the disk is full: free space or pass a folder on another disk")
