@@ -6,9 +6,11 @@ status 2; there is no traceback for them.
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import inspect
+import os
 import typing
 import warnings
 from collections.abc import Callable
@@ -114,10 +116,15 @@ def _marked(fn: Callable[..., Any], kind: type) -> dict[str, tuple[str, Any]]:
         meta = getattr(hint, "__metadata__", ())
         marks = [m for m in meta if isinstance(m, kind)]
         if marks:
-            decls = [d for m in meta if isinstance(m, OptionInfo)
-                     for d in (m.default, *(m.param_decls or ())) if isinstance(d, str) and d.startswith("--")]
-            found[name] = (decls[0] if decls else "--" + name.replace("_", "-"), marks[0])
+            found[name] = (_option_flag(name, meta), marks[0])
     return found
+
+
+def _option_flag(name: str, meta: tuple[Any, ...]) -> str:
+    """The long flag of option ``name`` (``--out``) from its annotation's metadata."""
+    decls = [d for m in meta if isinstance(m, OptionInfo)
+             for d in (m.default, *(m.param_decls or ())) if isinstance(d, str) and d.startswith("--")]
+    return decls[0] if decls else "--" + name.replace("_", "-")
 
 
 class SparseCommand(TyperCommand):
@@ -162,13 +169,84 @@ def command(group: typer.Typer = app, **kwargs: Any) -> Callable[[Callable[..., 
                     _check_choices(fn, kw)
                     return fn(*args, **kw)
                 except UserError as exc:
-                    err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", markup=True)
+                    _print_error(str(exc))
+                    raise typer.Exit(2) from None
+                except OSError as exc:
+                    line = os_error_line(exc, fn, kw)
+                    if line is None:
+                        raise
+                    _print_error(line)
                     raise typer.Exit(2) from None
 
         group.command(cls=SparseCommand, **kwargs)(wrapper)
         return fn
 
     return decorate
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", markup=True)
+
+
+#: What to do about an operating-system error on a user's path, by errno.
+_OS_FIXES = {
+    errno.ENOTDIR: "a part of the path is a file, not a folder: pass a path whose parents are folders",
+    errno.EISDIR: "it is a folder where a file is expected: pass a file name",
+    errno.EEXIST: "a file is in the way where a folder is needed: pass another path or move that file",
+    errno.ENOTEMPTY: "the folder is not empty: pass a new or empty folder",
+    errno.EACCES: "pass a path you may write to, or change its permissions",
+    errno.EPERM: "pass a path you may write to, or change its permissions",
+    errno.EROFS: "the file system is read-only: pass a folder on a writable disk",
+    errno.ENOSPC: "the disk is full: free space or pass a folder on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or pass a folder on another disk",
+    errno.ENOENT: "a parent folder is missing and cannot be made: pass a path in an existing folder",
+    errno.ENAMETOOLONG: "pass a shorter path",
+}
+
+
+def os_error_line(exc: OSError, fn: Callable[..., Any], given: dict[str, Any]) -> str | None:
+    """The one-line message for an ``OSError`` on a path the user gave (None: not the user's path).
+
+    The error's file is matched to the command argument it is, lies inside or contains (a
+    parent that is a file); a full or read-only disk is the user's to fix even without a file.
+    """
+    files = [f for f in (exc.filename2, exc.filename) if isinstance(f, str | bytes | os.PathLike)]
+    for file in files:
+        found = _argument_of(os.fsdecode(file), given)
+        if found is not None:
+            name, value = found
+            verb = "write" if name == "out" else "read"
+            where = f" ({os.fsdecode(file)!r})" if os.path.abspath(os.fsdecode(file)) != os.path.abspath(value) else ""
+            fix = _OS_FIXES.get(exc.errno, "check the path")
+            if verb == "read" and exc.errno in (errno.EACCES, errno.EPERM):
+                fix = "pass a path you may read, or change its permissions"
+            return f"cannot {verb} {_flag(fn, name)} {str(value)!r}: {exc.strerror}{where}; {fix}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return f"cannot write: {exc.strerror}; {_OS_FIXES[exc.errno]}"
+    return None
+
+
+def _argument_of(file: str, given: dict[str, Any]) -> tuple[str, Path] | None:
+    """The path argument that ``file`` is, lies inside, contains or is written beside (``plan.csv`` beside
+    ``plan.json``); the closest one."""
+    target = Path(os.path.abspath(file))
+    best: tuple[int, str, Path] | None = None
+    for name, value in given.items():
+        if not isinstance(value, Path):
+            continue
+        path = Path(os.path.abspath(value))
+        beside = target.parent == path.parent and target.name.split(".")[0] == path.name.split(".")[0]
+        if target == path or path in target.parents or target in path.parents or beside:
+            score = -abs(len(path.parts) - len(target.parts))
+            if best is None or score > best[0]:
+                best = (score, name, value)
+    return None if best is None else best[1:]
+
+
+def _flag(fn: Callable[..., Any], name: str) -> str:
+    """How the user writes parameter ``name`` of ``fn``: ``--out`` for an option, ``OUT`` for an argument."""
+    meta = getattr(typing.get_type_hints(fn, include_extras=True).get(name), "__metadata__", ())
+    return _option_flag(name, meta) if any(isinstance(m, OptionInfo) for m in meta) else name.upper()
 
 
 def _check_choices(fn: Callable[..., Any], given: dict[str, Any]) -> None:
@@ -264,8 +342,8 @@ def plan(
         help="Cost model: fraction saved on a slice next to the previous drawn one.")] = 0.4,
     extent_minutes: Annotated[float, typer.Option(
         help="Cost model: minutes for the two extent clicks per volume (when extents are used).")] = 0.25,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file (plan.csv is written beside it).")] = Path(
-        "plan.json"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan file: NAME.json or NAME.csv (both are written, "
+                                                          "same stem), or a folder.")] = Path("plan.json"),
     rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
     progress: ProgressOption = True,
 ) -> None:
@@ -290,9 +368,9 @@ def plan(
     result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
                        block_fraction=block_fraction, cost=cost, progress=progress)
+    path = write_plan(result, out)  # before any output: a path that cannot be written is the only line
     render_plan(result, console, rows=rows)
     advice = extent_advice(result, ds, progress=progress)
-    path = write_plan(result, out)
     if advice:
         console.print(advice, markup=False, highlight=False)
     console.print(f"wrote {path} and {path.with_suffix('.csv')}")
@@ -478,17 +556,22 @@ def evaluate(
     from sparseslice.evaluate import evaluate_folder, render_summary, summarize, write_metrics
 
     df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis, progress=progress)
+    missing = df.attrs.get("missing", [])
+    shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    if df.empty:  # a table without rows is no result: nothing is written
+        raise UserError(f"pred has no prediction for any of the {len(missing)} reference case(s), got none of "
+                        f"{shown} in {str(pred)!r}; pass the folder sparseslice predict wrote (<case>.nii.gz)")
+    if missing and not allow_missing:  # refused before --out is written: a failure leaves no result file
+        render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
+        raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
+                        f"{str(pred)!r}; predict them or pass --allow-missing (the rest is shown above, "
+                        "--out was not written)")
     if out is not None:
-        write_metrics(df, out)
+        write_metrics(df, out)  # before any output: a path that cannot be written is the only line
     render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
     if out is not None:
         console.print(f"wrote {out}")
-    missing = df.attrs.get("missing", [])
     if missing:
-        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        if not allow_missing:
-            raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
-                            f"{str(pred)!r}; predict them or pass --allow-missing (the rest was evaluated)")
         err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
 
 # --- study / demo (issue 7) ---

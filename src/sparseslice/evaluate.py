@@ -193,7 +193,9 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_metrics(df: pd.DataFrame, path: Path) -> Path:
-    """Write the tidy frame as CSV atomically, with a ``<stem>.json`` beside it (summary, missing)."""
+    """Write the tidy frame as CSV atomically, with a ``<stem>.json`` beside it (summary, missing).
+
+    Both or neither: the CSV is removed when the JSON cannot be written."""
     from sparseslice.atomic import atomic_path, write_text
 
     path = Path(path)
@@ -202,7 +204,11 @@ def write_metrics(df: pd.DataFrame, path: Path) -> Path:
     summary = summarize(df)
     record = {"missing": list(df.attrs.get("missing", [])), "axis": df.attrs.get("axis"),
               "summary": json.loads(summary.to_json(orient="records"))}
-    write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    try:
+        write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    except BaseException:
+        path.unlink(missing_ok=True)  # the table without its summary is no result
+        raise
     return path
 
 

@@ -209,9 +209,16 @@ def _read_nifti(path: Path) -> Volume:
     if array.ndim == 4 and array.shape[3] == 1:
         array = array[..., 0]
     if array.ndim not in (3, 4):
-        raise UserError(f"file {str(path)!r} must hold a 3D volume, got shape {array.shape}; "
-                        "pass a 3D image")
+        raise _not_3d(path, array.shape)
     return Volume(np.ascontiguousarray(array), np.asarray(img.affine, dtype=float), _nifti_geometry(img))
+
+
+def _not_3d(path: Path, shape: tuple[int, ...]) -> UserError:
+    """The error for a file that is not one 3D volume (a 2D image, a time series)."""
+    fix = ("sparseslice needs 3D volumes: stack the slices into one 3D file" if len(shape) < 3
+           else "pass one 3D volume per file (channels on a 4th axis at most)")
+    return UserError(f"file {str(path)!r} must hold a 3D volume, got a {len(shape)}D image of shape "
+                     f"{tuple(shape)}; {fix}")
 
 
 def _read_itk(path: Path) -> Volume:
@@ -219,8 +226,7 @@ def _read_itk(path: Path) -> Volume:
 
     img = sitk.ReadImage(str(path))
     if img.GetDimension() != 3:
-        raise UserError(f"file {str(path)!r} must hold a 3D volume, got {img.GetDimension()}D; "
-                        "pass a 3D image")
+        raise _not_3d(path, img.GetSize())
     array = sitk.GetArrayFromImage(img)  # [k, j, i] (+ components)
     if img.GetNumberOfComponentsPerPixel() > 1:
         array = np.transpose(array, (2, 1, 0, 3))
@@ -360,7 +366,9 @@ def default_slice_axis(spacing: tuple[float, ...], shape: tuple[int, ...]) -> in
     >>> default_slice_axis((1.0, 1.0, 1.0), (35, 50, 36))
     0
     """
-    if len(spacing) != 3 or len(shape) < 3:
+    if len(shape) < 3:
+        raise UserError(f"shape must have 3 axes, got {tuple(shape)} (a 2D image); sparseslice needs 3D volumes")
+    if len(spacing) != 3:
         raise UserError(f"spacing must have 3 values, got {tuple(spacing)}; pass the image's spacing")
     top = max(spacing)
     candidates = [a for a in range(3) if spacing[a] >= top * (1 - 1e-3)]
@@ -421,6 +429,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
             shape = tuple(int(s) for s in img.shape)
             if len(shape) == 4 and shape[3] == 1:
                 shape = shape[:3]
+            if len(shape) < 3:
+                raise _not_3d(path, shape)
             return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()),
                           _nifti_geometry(img))
         if suffix is None:

@@ -165,11 +165,7 @@ def read_holder(path: str | os.PathLike[str], *, tries: int = 10) -> Holder | No
 
 def _acquire(path: Path, *, what: str, folder: Path, fix: str) -> tuple[int | None, Holder | None]:
     while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as exc:
-            raise UserError(f"{what} cannot be locked, got {str(folder)!r} ({exc.strerror}); "
-                            "pass a folder you can write to") from None
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # OSError: the CLI's one line
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -206,11 +202,7 @@ def _make_folder(folder: Path, *, what: str) -> list[Path]:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} must be a folder, got {str(folder)!r} (a file); pass a new or existing folder")
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{what} cannot be created, got {str(folder)!r} ({exc.strerror}); "
-                        "pass a folder you can write to") from None
+    folder.mkdir(parents=True, exist_ok=True)  # an OSError reaches the CLI's one-line form (argument, path, fix)
     return missing
 
 

@@ -183,11 +183,27 @@ def load_checkpoint(
     return model, ckpt
 
 
+def available_devices() -> list[str]:
+    """The devices this machine can run on: ``cpu``, then ``cuda``, ``cuda:0``... and ``mps`` when present."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
 def pick_device(device: str | None = None) -> torch.device:
-    """``device`` if given, else CUDA when present, else CPU."""
-    if device:
-        try:
-            return torch.device(device)
-        except RuntimeError as exc:
-            raise UserError(f"device is not valid, got {device!r}; use cpu, cuda or cuda:N") from exc
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given (refused, listing the available ones, when this machine lacks it), else
+    CUDA when present, else CPU."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    available = available_devices()
+    try:
+        picked = torch.device(device)
+    except RuntimeError:
+        picked = None
+    if picked is None or (picked.type != "cpu" and str(picked) not in available):
+        raise UserError(f"--device is not available on this machine, got {device!r}; use one of "
+                        f"{', '.join(available)}")
+    return picked

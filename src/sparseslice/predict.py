@@ -200,6 +200,14 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
     return postprocess(labels, fill_holes=fill_holes, largest_component=largest_component)
 
 
+def _remove_written(files: list[Path], folder: Path | None) -> None:
+    """Undo a failed :func:`predict_folder`: remove the maps it wrote, and ``folder`` if it made it and it is empty."""
+    for f in files:
+        f.unlink(missing_ok=True)
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[str] | None = None, tta: bool = False,
                    fill_holes: bool = True, largest_component: bool = True, device: str | None = None,
                    progress: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
@@ -207,8 +215,9 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     """Predict every image of a dataset into ``out/<case>.nii.gz`` (image's own space).
 
     ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
-    if any, are not used. The resolved settings go to ``out/predict.json``. Each file is
-    written atomically, so an interrupted run leaves only complete predictions.
+    if any, are not used. The resolved settings go to ``out/predict.json``, written last. Each
+    file is written atomically; a run that fails (or is interrupted) removes the maps it wrote,
+    so no partial result looks like a finished one.
 
     Examples
     --------
@@ -223,20 +232,26 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "predict.json", {
+    settings = {
         "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
         "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
         "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
         "device": str(_device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
-    })
-    written = []
+    }
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     nonfinite = ckpt.extra.get("config", {}).get("nonfinite", "error")  # read images as training did
-    for case in track(todo, "predicting", progress=progress):
-        image = load_image(case, nonfinite=nonfinite)
-        labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
-                                largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
-                                batch_size=batch_size)
-        written.append(write_volume(image.like(labels), out / f"{case.case_id}.nii.gz"))
+    try:
+        for case in track(todo, "predicting", progress=progress):
+            image = load_image(case, nonfinite=nonfinite)
+            labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
+                                    largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
+                                    batch_size=batch_size)
+            written.append(write_volume(image.like(labels), out / f"{case.case_id}.nii.gz"))
+        write_json(out / "predict.json", settings)  # last: its presence says the folder is complete
+    except BaseException:
+        _remove_written(written, out if made else None)
+        raise
     return written

@@ -30,10 +30,11 @@ if TYPE_CHECKING:
 
 
 def _plan_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(plan.json, plan.csv)`` for a path naming either file (same stem) or a folder holding them."""
     p = Path(path)
-    if p.suffix.lower() != ".json":
+    if p.suffix.lower() not in (".json", ".csv"):
         p = p / "plan.json"
-    return p, p.with_suffix(".csv")
+    return p.with_suffix(".json"), p.with_suffix(".csv")
 
 
 def plan_csv(plan: Plan) -> str:
@@ -59,7 +60,8 @@ def check_plan_out(path: str | os.PathLike[str], *, keep: str | os.PathLike[str]
 def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """Write ``plan.json`` and ``plan.csv`` (same stem) atomically; returns the JSON path.
 
-    ``path`` is a ``.json`` file or a folder (then ``folder/plan.json``).
+    ``path`` names either file (``plan.csv`` gives ``plan.json`` beside it) or a folder (then
+    ``folder/plan.json``).
     """
     json_path, csv_path = _plan_paths(path)
     write_text(csv_path, plan_csv(plan))
@@ -85,14 +87,20 @@ def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
 
     Other columns are ignored, so a ``plan.csv`` whose ``first``/``last`` the annotators
     filled in is an extents file; rows with both left empty (not clicked yet) are skipped.
+    The file is UTF-8, with or without Excel's byte-order mark.
     Checked here for shape (integers, ``0 <= first <= last``, one row per case); checked
     against each volume's slice count by :func:`make_plan`.
     """
     p = Path(path)
     if not p.is_file():
         raise UserError(f"extents file {str(p)!r} does not exist; pass a CSV with case,first,last")
-    with p.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:  # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark
+        with p.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"extents file {str(p)!r} must be UTF-8 text, got byte {exc.object[exc.start]:#04x} at "
+                        f"offset {exc.start}; save it as 'CSV UTF-8' (Excel) or convert it, e.g. "
+                        f"iconv -f latin1 -t utf-8") from None
     if not rows or not {"case", "first", "last"} <= set(rows[0]):
         raise UserError(f"extents file {str(p)!r} must have columns case,first,last; add that header line")
     out: dict[str, tuple[int, int]] = {}

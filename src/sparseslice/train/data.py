@@ -16,7 +16,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -124,11 +124,14 @@ def read_case_label(case_label: object, *, axis: int, ignore_value: int | None =
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
-               progress: bool = False, nonfinite: str = "error") -> tuple[list[CaseArrays], tuple[int, ...]]:
+               progress: bool = False, nonfinite: str = "error", channels: int | None = None
+               ) -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
     ``labels`` defaults to the dataset's label names plus every value found in known voxels;
-    ``nonfinite`` is :func:`~sparseslice.datasets.load_image`'s.
+    ``nonfinite`` is :func:`~sparseslice.datasets.load_image`'s. Every case must have the same
+    number of image channels (``channels`` when given: those of the training cases, for
+    validation cases).
     """
     raw = []
     found: set[int] = set()
@@ -152,6 +155,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
             found.update(np.unique(label[partial]).tolist())
         img = normalize(np.moveaxis(arr, -1, 0), normalization)
         raw.append((cid, img, label, weight, interpolated, partial))
+    _check_channels(raw, expected=channels)
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
     lut = np.zeros(max(max(labels), max(found, default=0)) + 1, np.int64)
@@ -163,6 +167,21 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial)
              for cid, img, label, weight, interp, partial in raw]
     return cases, tuple(int(v) for v in labels)
+
+
+def _check_channels(raw: list[tuple[Any, ...]], *, expected: int | None) -> None:
+    """Refuse cases whose images have different channel counts (one network takes one count)."""
+    counts: dict[int, list[str]] = {}
+    for cid, img, *_ in raw:
+        counts.setdefault(int(img.shape[0]), []).append(cid)
+    if expected is not None and set(counts) - {expected}:
+        other = min(set(counts) - {expected})
+        raise UserError(f"validation cases must have the {expected} image channel(s) of the training cases, got "
+                        f"{other} in {counts[other][0]!r}; validate on cases of the same kind")
+    if len(counts) > 1:
+        shown = ", ".join(f"{n} in {len(ids)} case(s) (e.g. {ids[0]!r})" for n, ids in sorted(counts.items()))
+        raise UserError(f"cases must have the same number of image channels, got {shown}; train on cases "
+                        "of one kind: remove or convert the others")
 
 
 def warn_missing_classes(cases: list[CaseArrays], labels: tuple[int, ...], names: dict[int, str]) -> list[int]:

@@ -131,6 +131,7 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
                                   nonfinite=config.nonfinite,
+                                  channels=train_cases[0].image.shape[0],
                                   interpolated_weight=config.interpolated_weight, progress=progress)
     warn_missing_classes(train_cases, labels, dataset.label_names)
 
