@@ -208,7 +208,8 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
 
     ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
     if any, are not used. The resolved settings go to ``out/predict.json``. Each file is
-    written atomically, so an interrupted run leaves only complete predictions.
+    written atomically, so an interrupted run leaves only complete predictions. ``out`` must be
+    new, empty or an earlier prediction, and apart from the inputs (:mod:`sparseslice.outputs`).
 
     Examples
     --------
@@ -218,13 +219,13 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     from sparseslice.atomic import write_json
     from sparseslice.datasets import discover_dataset, load_image
     from sparseslice.model import load_checkpoint, pick_device
+    from sparseslice.outputs import claim_output, dataset_inputs
 
     model, ckpt = load_checkpoint(run_dir, device=pick_device(device))
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "predict.json", {
+    folder = claim_output(out, command="predict", inputs=[run_dir, *dataset_inputs(ds)], argument="out")
+    write_json(folder.path("predict.json"), {
         "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
         "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
         "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
@@ -237,5 +238,5 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                 largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                 batch_size=batch_size)
-        written.append(write_volume(image.like(labels), out / f"{case.case_id}.nii.gz"))
+        written.append(write_volume(image.like(labels), folder.path(f"{case.case_id}.nii.gz")))
     return written
