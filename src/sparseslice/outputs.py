@@ -133,9 +133,16 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
-        if target == source or source.is_relative_to(target) or (source.is_dir() and target.is_relative_to(source)):
-            raise UserError(f"{argument} {str(out)!r} is, contains or lies inside the input {str(given)!r} "
-                            f"({source}); {FIX} outside the inputs")
+        if target == source:
+            how = "is"
+        elif source.is_relative_to(target):
+            how = "holds"
+        elif source.is_dir() and target.is_relative_to(source):
+            how = "lies inside"
+        else:
+            continue
+        shown = f"{str(given)!r}" + ("" if Path(given).absolute() == source else f" ({source})")
+        raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {FIX} outside the inputs")
 
 
 def dataset_inputs(dataset: Dataset) -> list[Path]:
