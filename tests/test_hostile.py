@@ -175,3 +175,27 @@ def test_predict_and_interpolate_rerun_into_their_own_output_but_not_another_com
                                               "--no-progress", "--device", "cpu"]))
     assert str(sparse) in line and "simulate" in line  # the folder holds simulate's output
     assert snapshot(sparse) == before
+
+
+def test_plan_and_evaluate_refuse_to_write_over_their_inputs(data, tmp_path):
+    before = snapshot(data)
+    line = one_line_error(runner.invoke(app, ["plan", str(data), "--budget", "2", "-o", str(data / "dataset.json"),
+                                              "--no-progress"]))
+    assert "--out" in line and str(data) in line
+    pred = user_dataset(tmp_path / "mine") / "labelsTr"  # a folder of label maps standing for predictions
+    pred_before = snapshot(pred)
+    target = data / "labelsTr" / "case_0.nii.gz"
+    line = one_line_error(runner.invoke(app, ["evaluate", str(pred), str(data), "-o", str(target), "--no-progress"]))
+    assert "--out" in line and str(target) in line
+    assert snapshot(data) == before and snapshot(pred) == pred_before
+    ok(runner.invoke(app, ["evaluate", str(pred), str(data), "-o", str(pred / "metrics.csv"), "--no-progress"]))
+    assert (pred / "metrics.csv").is_file()  # beside the predictions: not an input
+
+
+def test_train_refuses_a_run_folder_inside_its_data(data):
+    before = snapshot(data)
+    line = one_line_error(runner.invoke(app, ["train", str(data), "-o", str(data / "run"), "--model", "2d",
+                                              "--epochs", "1", "--batch-size", "2", "--patch-size", "16,16",
+                                              "--channels", "4,8", "--no-progress", "--device", "cpu"]))
+    assert line.startswith(f"error: run_dir {str(data / 'run')!r} lies inside the input") and str(data) in line
+    assert snapshot(data) == before
