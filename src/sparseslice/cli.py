@@ -349,10 +349,12 @@ def plan(
 ) -> None:
     """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
     from sparseslice.datasets import discover_dataset
+    from sparseslice.outputs import dataset_inputs
     from sparseslice.select import CostModel, extent_advice, make_plan, read_extents, render_plan, write_plan
     from sparseslice.select.worklist import check_plan_out
 
     ds = discover_dataset(data)
+    check_plan_out(out, keep=extents if extents not in (None, "labels") else None, inputs=dataset_inputs(ds))
     ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
     ext = None
     if extents == "labels":
@@ -361,7 +363,6 @@ def plan(
 
         ext = extents_from_labels(ds, axis=plan_axis(ds, axis=axis, cases=ids), cases=ids)
     elif extents is not None:
-        check_plan_out(out, keep=extents)
         ext = read_extents(extents)
     cost = CostModel(volume_minutes=volume_minutes, slice_minutes=slice_minutes,
                      consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
@@ -542,6 +543,21 @@ def predict(
     console.print(f"wrote {len(written)} label maps to {out}")
 
 
+def _check_metrics_out(out: Path, pred: Path, ref: Path) -> None:
+    """Refuse a metrics file (or its ``.json``) that is an input, or lies inside the reference.
+
+    A metrics file beside the predictions (``pred/metrics.csv``) is fine: only the prediction
+    files themselves count as inputs there.
+    """
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.evaluate import prediction_files
+    from sparseslice.outputs import check_apart, dataset_inputs
+
+    inputs = [*prediction_files(pred).values(), *dataset_inputs(discover_dataset(ref))]
+    for written in (out, out.with_suffix(".json")):
+        check_apart(written, inputs, argument="--out")
+
+
 @command()
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz.")],
@@ -555,6 +571,8 @@ def evaluate(
     """Score predictions: Dice, HD, HD95, ASSD, 2D slice ASSD, RVD per label and foreground."""
     from sparseslice.evaluate import evaluate_folder, render_summary, summarize, write_metrics
 
+    if out is not None:
+        _check_metrics_out(out, pred, ref)
     df = evaluate_folder(pred, ref, cases=_case_list(cases), allow_missing=True, axis=axis, progress=progress)
     missing = df.attrs.get("missing", [])
     shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")

@@ -191,6 +191,8 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     """
     from sparseslice.atomic import write_json
     from sparseslice.datasets import discover_dataset
+    from sparseslice.outputs import claim_output, dataset_inputs
+    from sparseslice.sparse import sidecar_path
 
     method = check_method(method)
     if method == "mci":
@@ -204,7 +206,8 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
                         "folder written by sparseslice simulate")
     if out.resolve() == sparse_dir.resolve():
         raise UserError(f"out must differ from sparse_dir, got {str(out)!r} for both; pick a new folder")
-    (out / "dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
+    folder = claim_output(out, command="interpolate", inputs=[sparse_dir, *dataset_inputs(ds)], argument="out")
+    folder.path("dataset.json").unlink(missing_ok=True)  # a rerun cut short must not look complete
     root = Path(os.path.abspath(sparse_dir))  # not resolve(): images may be symlinks
     axis = slice_axis_of(c.label for c in ds.cases)  # for labels without a sidecar (headers only)
     if ds.ignore_value is not None:  # nnU-Net's ignore label: the axis along which its slices are whole
@@ -214,8 +217,9 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     counts, single = {}, []
     for case in track(ds.cases, f"interpolate ({method})", progress=progress):
         for image in case.images:
-            _carry(image, out / Path(os.path.abspath(image)).relative_to(root))
-        target = out / Path(os.path.abspath(case.label)).relative_to(root)
+            _carry(image, folder.path(Path(os.path.abspath(image)).relative_to(root)))
+        target = folder.path(Path(os.path.abspath(case.label)).relative_to(root))
+        folder.path(sidecar_path(target).relative_to(out))
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", UserWarning)
@@ -231,11 +235,11 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
                       UserWarning, stacklevel=2)
     for name in ("plan.json", "plan.csv"):
         if (sparse_dir / name).is_file():
-            _carry(sparse_dir / name, out / name, link=False)
-    write_json(out / "interpolation.json", {"method": method, "source": str(root),
+            _carry(sparse_dir / name, folder.path(name), link=False)
+    write_json(folder.path("interpolation.json"), {"method": method, "source": str(root),
                                             "interpolated_slices": counts})
     if (sparse_dir / "dataset.json").is_file():  # last, as simulate does: the folder is complete
-        _carry(sparse_dir / "dataset.json", out / "dataset.json", link=False)
+        _carry(sparse_dir / "dataset.json", folder.path("dataset.json"), link=False)
     return out
 
 

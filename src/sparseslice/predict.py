@@ -23,6 +23,7 @@ from torch import nn
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalize
+from sparseslice.outputs import MARKER
 from sparseslice.progress import track
 
 
@@ -204,8 +205,10 @@ def _remove_written(files: list[Path], folder: Path | None) -> None:
     """Undo a failed :func:`predict_folder`: remove the maps it wrote, and ``folder`` if it made it and it is empty."""
     for f in files:
         f.unlink(missing_ok=True)
-    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
+    if folder is not None and folder.is_dir():
+        (folder / MARKER).unlink(missing_ok=True)  # the folder is ours: its marker goes with it
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[str] | None = None, tta: bool = False,
@@ -217,7 +220,8 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
     if any, are not used. The resolved settings go to ``out/predict.json``, written last. Each
     file is written atomically; a run that fails (or is interrupted) removes the maps it wrote,
-    so no partial result looks like a finished one.
+    so no partial result looks like a finished one. ``out`` must be new, empty or an earlier
+    prediction, and apart from the inputs (:mod:`sparseslice.outputs`).
 
     Examples
     --------
@@ -227,11 +231,15 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     from sparseslice.atomic import write_json
     from sparseslice.datasets import discover_dataset, load_image
     from sparseslice.model import load_checkpoint, pick_device
+    from sparseslice.outputs import claim_output, dataset_inputs
 
     model, ckpt = load_checkpoint(run_dir, device=pick_device(device))
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
     out = Path(out)
+    made = not out.exists()
+    folder = claim_output(out, command="predict", inputs=[run_dir, *dataset_inputs(ds)], argument="out")
+    folder.path("predict.json").unlink(missing_ok=True)  # an earlier run's: this one is not complete yet
     settings = {
         "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
         "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
@@ -239,8 +247,6 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "device": str(_device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
     }
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     nonfinite = ckpt.extra.get("config", {}).get("nonfinite", "error")  # read images as training did
     try:
@@ -249,8 +255,8 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
             labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                     largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                     batch_size=batch_size)
-            written.append(write_volume(image.like(labels), out / f"{case.case_id}.nii.gz"))
-        write_json(out / "predict.json", settings)  # last: its presence says the folder is complete
+            written.append(write_volume(image.like(labels), folder.path(f"{case.case_id}.nii.gz")))
+        write_json(folder.path("predict.json"), settings)  # last: its presence says the folder is complete
     except BaseException:
         _remove_written(written, out if made else None)
         raise

@@ -12,7 +12,9 @@ The output is a *sparse dataset* that :func:`~sparseslice.datasets.discover_data
 Images are absolute symbolic links to the originals by default (no copy of large CT data;
 the dataset stays valid while the originals stay where they are); ``copy_images=True``
 copies them instead. Images not stored as ``.nii.gz`` are converted. Simulating again into
-the same folder replaces the earlier simulation; a folder holding other files is refused.
+the same folder replaces the earlier simulation (the files its marker lists,
+:mod:`sparseslice.outputs`); any other folder that is not empty, and a folder that is, holds or
+lies inside the source dataset, is refused.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from sparseslice.atomic import atomic_path, write_json
 from sparseslice.datasets import Case, Dataset, load_image
 from sparseslice.errors import UserError
 from sparseslice.io import Header, Volume, check_same_space, read_header, read_label, volume_suffix, write_volume
+from sparseslice.outputs import OutputFolder, claim_output, dataset_inputs
 from sparseslice.progress import track
 from sparseslice.select.plan import Plan
 from sparseslice.select.worklist import write_plan
-from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SparseLabel, extent_of, write_sparse
+from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SIDECAR_SUFFIX, SparseLabel, extent_of, write_sparse
 
 FORMATS = ("msd", "nnunet")
 UNKNOWN_MODALITY = "unknown"  # channel name when neither --modality nor the source's dataset.json gives one
@@ -132,7 +135,6 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         raise UserError(f"format is unknown, got {format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
     check_plan(plan, dataset)
-    _clear_previous(out)
     cases = plan.case_ids
     for cid in cases:
         if dataset.case(cid).label is None:
@@ -148,6 +150,8 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     elif ignore_value <= max(values):
         raise UserError(f"ignore_value must exceed every label value, got {ignore_value} with labels up to "
                         f"{max(values)}; use 255")
+    folder = claim_output(out, command="simulate", inputs=dataset_inputs(dataset), argument="out", exclusive=True)
+    folder.clear()  # dataset.json (written last) goes first: the folder no longer looks complete
 
     training = []
     wasted: list[str] = []
@@ -177,8 +181,9 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
             sparse, label = _transposed(sparse, order), label.transposed(order)
             if _finer_than_another(head.spacing, entry.axis):
                 finer.append(case.case_id)
-        images = _write_images(case, out / "imagesTr", nnunet=format == "nnunet", copy=copy_images, order=order)
-        label_path = out / "labelsTr" / f"{case.case_id}.nii.gz"
+        images = _write_images(case, folder, nnunet=format == "nnunet", copy=copy_images, order=order)
+        label_path = folder.path(f"labelsTr/{case.case_id}.nii.gz")
+        folder.path(f"labelsTr/{case.case_id}{SIDECAR_SUFFIX}")
         write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
                      extra={"case": case.case_id, "strategy": plan.strategy, "seed": plan.seed,
                             "plan_extent": list(entry.extent) if entry.extent else None,
@@ -196,11 +201,12 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
         warnings.warn(f"{len(wasted)} case(s) have drawn slices outside the structure extent, which border "
                       f"slices would have given for free (e.g. {wasted[0]}); plan with --extents so the "
                       "budget goes inside the structure", UserWarning, stacklevel=2)
-    write_plan(plan, out / "plan.json")
+    folder.path("plan.csv")
+    write_plan(plan, folder.path("plan.json"))
     if format == "nnunet" and UNKNOWN_MODALITY in channels.values():
         warnings.warn("modality is not known (the source dataset.json names none): nnU-Net z-score normalises "
                       "every channel; pass --modality CT for CT", UserWarning, stacklevel=2)
-    write_json(out / "dataset.json", _dataset_json(dataset, plan, values, training, channels, format=format,
+    write_json(folder.path("dataset.json"), _dataset_json(dataset, plan, values, training, channels, format=format,
                                                    ignore_value=ignore_value, border_slices=border_slices))
     return out
 
@@ -242,35 +248,19 @@ def _on_image_header(label: Volume, head: Header) -> Volume:
     return replace(label, geometry=head.geometry)
 
 
-def _clear_previous(out: Path) -> None:
-    """Remove an earlier simulation in ``out``; refuse a folder holding anything else."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"out {str(out)!r} is a file; pass a folder for the sparse dataset")
-    ours = {"dataset.json", "imagesTr", "labelsTr", "plan.json", "plan.csv"}
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
-    if foreign:
-        raise UserError(f"out {str(out)!r} holds files simulate did not write, got {foreign[:3]}; choose an empty "
-                        "or new folder")
-    (out / "dataset.json").unlink(missing_ok=True)  # first: the folder no longer looks complete
-    for name in ("imagesTr", "labelsTr"):
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
-    for name in ("plan.json", "plan.csv"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool,
+def _write_images(case: Case, output: OutputFolder, *, nnunet: bool, copy: bool,
                   order: tuple[int, int, int] = (0, 1, 2)) -> list[Path]:
     """Link, copy or convert a case's image files; nnU-Net gets one ``_000c`` file per channel.
 
-    Images are rewritten (with their own header) when converted, split or reordered by ``order``.
+    Images are rewritten (with their own header) when converted, split or reordered by ``order``;
+    each goes to ``imagesTr`` of ``output``, registered there first.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    def folder_path(name: str) -> Path:
+        return output.path(f"imagesTr/{name}")
+
     sources = list(case.images)
     if not nnunet and len(sources) > 1:  # MSD: one 4D image per case, channels last (BraTS, Prostate)
-        target = folder / f"{case.case_id}.nii.gz"
+        target = folder_path(f"{case.case_id}.nii.gz")
         write_volume(load_image(case), target)
         return [target]
     if nnunet and len(sources) == 1:
@@ -279,7 +269,7 @@ def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool,
             image = load_image(case).transposed(order)
             targets = []
             for c in range(image.array.shape[3]):
-                target = folder / f"{case.case_id}_{c:04d}.nii.gz"
+                target = folder_path(f"{case.case_id}_{c:04d}.nii.gz")
                 write_volume(image.like(np.ascontiguousarray(image.array[..., c])), target)
                 targets.append(target)
             return targets
@@ -287,7 +277,7 @@ def _write_images(case: Case, folder: Path, *, nnunet: bool, copy: bool,
     targets = []
     for c, src in enumerate(sources):
         name = f"{case.case_id}_{c:04d}.nii.gz" if several else f"{case.case_id}.nii.gz"
-        target = folder / name
+        target = folder_path(name)
         if volume_suffix(src) != ".nii.gz" or order != (0, 1, 2):
             from sparseslice.io import read_volume
 

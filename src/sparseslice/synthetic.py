@@ -87,9 +87,17 @@ def write_phantom_dataset(out: str | os.PathLike[str], *, cases: int = 8, seed: 
                           shape: tuple[int, int, int] = (48, 48, 20),
                           spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
                           n_labels: int = 2) -> Path:
-    """Write ``cases`` phantoms in MSD layout (``imagesTr``, ``labelsTr``, ``dataset.json``)."""
+    """Write ``cases`` phantoms in MSD layout (``imagesTr``, ``labelsTr``, ``dataset.json``).
+
+    ``out`` must be new, empty or an earlier phantom dataset, which is replaced
+    (:mod:`sparseslice.outputs`); any other folder that is not empty is refused.
+    """
+    from sparseslice.outputs import claim_output
+
     if cases < 1:
         raise UserError(f"cases must be at least 1, got {cases}; e.g. --cases 8")
+    folder = claim_output(out, command="synth", argument="out", exclusive=True)
+    folder.clear()  # dataset.json (written last) goes first
     out = Path(out)
     rng = np.random.default_rng(seed)
     seeds = rng.integers(0, 2**31 - 1, size=cases)
@@ -99,11 +107,11 @@ def write_phantom_dataset(out: str | os.PathLike[str], *, cases: int = 8, seed: 
         jitter = rng.integers(-2, 3, size=3)
         case_shape = tuple(int(max(8, s + j)) for s, j in zip(shape, jitter, strict=True))
         ph = make_phantom(case_shape, spacing=spacing, n_labels=n_labels, seed=int(case_seed))
-        write_volume(ph.image, out / "imagesTr" / f"{cid}.nii.gz")
-        write_volume(ph.label, out / "labelsTr" / f"{cid}.nii.gz")
+        write_volume(ph.image, folder.path(f"imagesTr/{cid}.nii.gz"))
+        write_volume(ph.label, folder.path(f"labelsTr/{cid}.nii.gz"))
         training.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
     labels = {"0": "background", **{str(k): f"part{k}" for k in range(1, n_labels + 1)}}
-    write_json(out / "dataset.json", {
+    write_json(folder.path("dataset.json"), {
         "name": "sparseslice-phantoms", "description": f"synthetic phantoms, seed {seed}",
         "tensorImageSize": "3D", "modality": {"0": "MRI"}, "labels": labels,
         "numTraining": cases, "numTest": 0, "training": training, "test": [],

@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,12 +50,18 @@ def plan_csv(plan: Plan) -> str:
     return buf.getvalue()
 
 
-def check_plan_out(path: str | os.PathLike[str], *, keep: str | os.PathLike[str] | None) -> None:
-    """Refuse a plan output whose ``plan.csv`` would overwrite ``keep`` (the annotators' extents file)."""
-    csv_path = _plan_paths(path)[1]
+def check_plan_out(path: str | os.PathLike[str], *, keep: str | os.PathLike[str] | None,
+                   inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
+    """Refuse a plan output whose ``plan.csv`` would overwrite ``keep`` (the annotators' extents file),
+    or whose files are, hold or lie inside ``inputs`` (:func:`sparseslice.outputs.check_apart`)."""
+    from sparseslice.outputs import check_apart
+
+    json_path, csv_path = _plan_paths(path)
     if keep is not None and csv_path.resolve() == Path(keep).resolve():
         raise UserError(f"out {str(path)!r} would overwrite the extents file {str(keep)!r} (its plan.csv); "
                         "pass another --out, e.g. plan2.json")
+    for written in (json_path, csv_path):
+        check_apart(written, [*inputs, *([keep] if keep is not None else [])], argument="--out")
 
 
 def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:

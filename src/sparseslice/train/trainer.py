@@ -105,8 +105,11 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     >>> result = train(data, "run", config=TrainConfig(model="2d", epochs=5))  # doctest: +SKIP
     >>> result.best_val_dice  # doctest: +SKIP
     """
+    from sparseslice.outputs import check_apart
+
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
+    check_apart(run_dir, [sparse_dir, *([val_dir] if val_dir is not None else [])], argument="run_dir")
     last_path = run_dir / "last.pt"
     if last_path.exists() and not resume:
         raise UserError(f"run_dir already holds a run, got {str(run_dir)!r} with last.pt; pass --resume to "
