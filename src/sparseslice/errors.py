@@ -37,17 +37,17 @@ def fail(argument: str, value: object, fix: str, *, problem: str | None = None) 
     return UserError(f"{argument} {problem or 'is invalid'}, got {shown}; {fix}")
 
 
-def unknown_choice(argument: str, value: object, choices: Sequence[str]) -> UserError:
+def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cutoff: float = 0.6) -> UserError:
     """Build the :class:`UserError` for a value outside a fixed set of choices.
 
     The message names the argument, the value, every valid choice and, when one is close
-    (:func:`difflib.get_close_matches`), suggests it.
+    (:func:`difflib.get_close_matches` at ``cutoff``; 0 always suggests the nearest), suggests it.
 
     Examples
     --------
     >>> str(unknown_choice("--strategy", "randm", ("random", "interval")))
     "--strategy must be one of random, interval, got 'randm'; did you mean 'random'?"
     """
-    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
     fix = f"did you mean {near[0]!r}?" if near else f"e.g. {argument} {choices[0]}"
     return fail(argument, value, fix, problem=f"must be one of {', '.join(map(str, choices))}")

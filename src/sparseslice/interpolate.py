@@ -36,7 +36,6 @@ a 512x512x1000 volume needs little more than its label.
 
 from __future__ import annotations
 
-import difflib
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseslice.datasets import slice_axis_of
-from sparseslice.errors import UserError
+from sparseslice.errors import UserError, unknown_choice
 from sparseslice.interpolate_sdf import fill_sdf, signed_distance
 from sparseslice.io import check_spacing
 from sparseslice.progress import track
@@ -76,10 +75,7 @@ class Interpolation:
 def check_method(method: str) -> str:
     """Validate a method name, suggesting the nearest valid one."""
     if method not in METHODS:
-        near = difflib.get_close_matches(str(method), METHODS, n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise UserError(f"method must be one of {', '.join(METHODS)}, got {method!r}; {hint}"
-                        "pick one of those")
+        raise unknown_choice("method", method, METHODS)
     return method
 
 

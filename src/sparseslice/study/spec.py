@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from sparseslice.errors import UserError
+from sparseslice.errors import UserError, unknown_choice
 
 STRATEGIES = ("random", "interval", "ual", "block")
 BASELINE = "full"
@@ -408,9 +408,7 @@ def _as_list(value: Any) -> list[Any]:
 
 def _choice(value: Any, allowed: tuple[str, ...], name: str) -> str:
     if value not in allowed:
-        near = difflib.get_close_matches(str(value), allowed, n=1, cutoff=0.0)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise UserError(f"{name} is not known, got {value!r}; {hint}choose from {', '.join(allowed)}")
+        raise unknown_choice(name, value, allowed, cutoff=0.0)
     return str(value)
 
 
