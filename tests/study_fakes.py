@@ -11,6 +11,25 @@ import pandas as pd
 from sparseslice.study.store import RunOutput
 
 CASES = ("case_a", "case_b", "case_c", "case_d")
+#: A 2 x 2 grid, two seeds and the demo preset: the engine's and the lock's tests' study (their runs are fakes).
+ENGINE_SPEC = {
+    "name": "t",
+    "dataset": {"path": "/nonexistent/data", "split": {"seed": 0}},
+    "grid": [{"budget": [12], "rho": [0.25, 0.5], "strategy": ["random", "interval"], "model": ["2d"]}],
+    "seeds": [0, 1],
+    "training": {"preset": "demo"},
+}
+
+
+def reported_study(spec: dict, out: Path, run_fn) -> Path:
+    """Run the study ``spec`` with the fake ``run_fn`` into ``out`` and write its report; returns ``out``."""
+    from sparseslice.study.engine import run_study
+    from sparseslice.study.report import write_report
+    from sparseslice.study.spec import parse_spec
+
+    run_study(parse_spec(spec), out, run_fn=run_fn, progress=False)
+    write_report(out)
+    return out
 
 
 def fake_run(run, config, run_dir: Path) -> RunOutput:

@@ -24,18 +24,12 @@ from sparseslice.locking import LOCK_FILE, hold
 from sparseslice.study.engine import run_study
 from sparseslice.study.results import read_results
 from sparseslice.study.spec import parse_spec
-from study_fakes import CASES, fake_run
+from study_fakes import CASES, ENGINE_SPEC, fake_run
 
 TESTS = Path(__file__).resolve().parent
 #: The subprocesses import this checkout's sparseslice, whatever the environment installs.
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(sparseslice.__file__).parents[1]), str(TESTS)])}
-SPEC = {
-    "name": "t",
-    "dataset": {"path": "/nonexistent/data", "split": {"seed": 0}},
-    "grid": [{"budget": [12], "rho": [0.25, 0.5], "strategy": ["random", "interval"], "model": ["2d"]}],
-    "seeds": [0, 1],
-    "training": {"preset": "demo"},
-}
+SPEC = ENGINE_SPEC
 #: The ``sparseslice`` command, as installed (``sparseslice.cli:app``).
 CLI = [sys.executable, "-c", "from sparseslice.cli import app; app(prog_name='sparseslice')"]
 RUN_IDS = {r.run_id for r in parse_spec(SPEC).runs()}

@@ -22,15 +22,9 @@ from sparseslice.study.engine import run_study
 from sparseslice.study.results import collect_results, load_study, read_results
 from sparseslice.study.spec import PRESETS, TRAINING_PRESETS, load_spec, parse_spec
 from sparseslice.study.store import StudyStore
-from study_fakes import CASES, crashing_run, fake_run
+from study_fakes import CASES, ENGINE_SPEC, crashing_run, fake_run
 
-SPEC = {
-    "name": "t",
-    "dataset": {"path": "/nonexistent/data", "split": {"seed": 0}},
-    "grid": [{"budget": [12], "rho": [0.25, 0.5], "strategy": ["random", "interval"], "model": ["2d"]}],
-    "seeds": [0, 1],
-    "training": {"preset": "demo"},
-}
+SPEC = ENGINE_SPEC
 
 
 def make_spec(**changes):

@@ -13,11 +13,8 @@ from scipy.stats import bootstrap
 
 from sparseslice.select import CostModel
 from sparseslice.study import analysis, curves, figures
-from sparseslice.study.engine import run_study
-from sparseslice.study.report import write_report
 from sparseslice.study.results import collect_results, load_study, run_table
-from sparseslice.study.spec import parse_spec
-from study_fakes import FULL_SLICES, FULL_VOLUMES, fake_history, fake_run_with_files
+from study_fakes import FULL_SLICES, FULL_VOLUMES, fake_history, fake_run_with_files, reported_study
 
 SPEC = {
     "name": "figures-test",
@@ -29,10 +26,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("figs") / "s"
-    run_study(parse_spec(SPEC), out, run_fn=fake_run_with_files, progress=False)
-    write_report(out)
-    return out
+    return reported_study(SPEC, tmp_path_factory.mktemp("figs") / "s", fake_run_with_files)
 
 
 @pytest.fixture(scope="module")

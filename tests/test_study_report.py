@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 from sparseslice.cli import app
 from sparseslice.study import analysis
 from sparseslice.study.engine import run_study
-from sparseslice.study.report import render_report, write_report
+from sparseslice.study.report import render_report
 from sparseslice.study.results import collect_results, load_study
 from sparseslice.study.spec import parse_spec
-from study_fakes import crashing_run, per_label_run
+from study_fakes import crashing_run, per_label_run, reported_study
 
 SPEC = {
     "name": "report-test",
@@ -35,10 +35,7 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("study") / "s"
-    run_study(parse_spec(SPEC), out, run_fn=crashing_run, progress=False)
-    write_report(out)
-    return out
+    return reported_study(SPEC, tmp_path_factory.mktemp("study") / "s", crashing_run)
 
 
 def _text(html: str) -> str:
@@ -61,10 +58,7 @@ def test_report_does_not_decide_on_four_test_cases_and_lists_crashes(study):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
     """Ten test cases, per-label rows; label 2 fails in every sparse run."""
-    out = tmp_path_factory.mktemp("labelled") / "s"
-    run_study(parse_spec(SPEC), out, run_fn=per_label_run, progress=False)
-    write_report(out)
-    return out
+    return reported_study(SPEC, tmp_path_factory.mktemp("labelled") / "s", per_label_run)
 
 
 def test_findings_follow_the_corrected_test_over_cases(labelled):
