@@ -74,11 +74,11 @@ def label_rows(results: pd.DataFrame) -> pd.DataFrame:
     Reads both ``metrics.csv`` forms: a ``region`` column (``label`` / ``foreground``, the
     union carrying label 0), or the older union label ``fg`` without one.
     """
-    if "region" in results.columns:
-        rows = results[results["region"].astype(str) == "label"]
-    else:
-        rows = results[~results["label"].astype(str).isin(["fg", "0"])]
-    return rows.assign(label=pd.to_numeric(rows["label"]).astype(int))
+    from sparseslice.metrics import REGION_LABEL
+    from sparseslice.study.store import tidy_labels
+
+    table = tidy_labels(results)  # the one reader of both forms
+    return table[table["region"] == REGION_LABEL]
 
 
 def label_case_table(results: pd.DataFrame) -> pd.DataFrame:
