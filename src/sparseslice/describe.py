@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -16,7 +15,7 @@ from rich.table import Table
 from sparseslice.datasets import Case, dataset_slice_axis, discover_dataset
 from sparseslice.io import check_axis, check_same_space, default_slice_axis, read_header, read_label
 from sparseslice.progress import track
-from sparseslice.sparse import fewest_partial_axis, sidecar_path, structure_slices
+from sparseslice.sparse import fewest_partial_axis, known_slices, read_sidecar, structure_slices
 
 
 @dataclass(frozen=True)
@@ -92,17 +91,14 @@ def describe_case(case: Case, *, axis: int | None = None, ignore_value: int | No
 
 def _sidecar_annotated(label_path: Path) -> int | None:
     """Annotated slices listed by a sparse label's sidecar (None: no sidecar)."""
-    side = sidecar_path(label_path)
-    if not side.is_file():
-        return None
-    return len(json.loads(side.read_text()).get("annotated", []))
+    record = read_sidecar(label_path)
+    return None if record is None else len(record.get("annotated", []))
 
 
 def _known_slices(ignored: np.ndarray, *, axis: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(annotated, partial) slice indices along ``axis`` of an ignore-value mask."""
-    other = tuple(a for a in range(3) if a != axis)
-    anywhere, everywhere = np.any(ignored, axis=other), np.all(ignored, axis=other)
-    return tuple(np.flatnonzero(~anywhere).tolist()), tuple(np.flatnonzero(anywhere & ~everywhere).tolist())
+    annotated, partial = known_slices(ignored, axis=axis)
+    return tuple(np.flatnonzero(annotated).tolist()), tuple(partial.tolist())
 
 
 def describe_dataset(data: str | os.PathLike[str], *, axis: int | None = None,

@@ -224,19 +224,29 @@ def decode(volume: np.ndarray, *, axis: int, ignore_value: int = DEFAULT_IGNORE_
     (nnU-Net's ignore label may mark any voxel unknown). Ignored voxels read 0.
     """
     axis = check_axis(axis, volume.ndim)
-    other = tuple(a for a in range(volume.ndim) if a != axis)
     ignored = volume == ignore_value
-    any_ignored = np.any(ignored, axis=other)
-    all_ignored = np.all(ignored, axis=other)
-    part = np.flatnonzero(any_ignored & ~all_ignored)
+    annotated, part = known_slices(ignored, axis=axis)
     if part.size and not partial:
         raise UserError(f"slice {int(part[0])} along axis {axis} is partly ignored (value "
                         f"{ignore_value}); annotated slices must be complete: check the axis or "
                         "the ignore value")
-    annotated = ~any_ignored
     label = np.where(ignored, 0, volume).astype(volume.dtype)
     return SparseLabel(label, annotated, axis, border=border, extent=extent,
                        partial_known=~ignored if part.size else None)
+
+
+def known_slices(ignored: np.ndarray, *, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Slices of an ignored-voxel mask along ``axis``: annotated (bool vector: no voxel ignored)
+    and partial (indices of slices ignored in part only)."""
+    other = tuple(a for a in range(ignored.ndim) if a != axis)
+    any_ignored, all_ignored = np.any(ignored, axis=other), np.all(ignored, axis=other)
+    return ~any_ignored, np.flatnonzero(any_ignored & ~all_ignored)
+
+
+def read_sidecar(label_path: str | os.PathLike[str]) -> dict | None:
+    """The sidecar record of a sparse label file, or None when it has none."""
+    side = sidecar_path(label_path)
+    return json.loads(side.read_text()) if side.is_file() else None
 
 
 def sidecar_path(label_path: str | os.PathLike[str]) -> Path:
@@ -275,7 +285,7 @@ def read_sparse(path: str | os.PathLike[str], *, axis: int | None = None,
     ignore value. With one, the sidecar's annotated slices must agree with the volume.
     """
     side = sidecar_path(path)
-    record = json.loads(side.read_text()) if side.is_file() else {}
+    record = read_sidecar(path) or {}
     ignore = int(ignore_value if ignore_value is not None
                  else record.get("ignore_value", DEFAULT_IGNORE_VALUE))
     vol = read_label(path)
