@@ -164,9 +164,11 @@ def config_options(owner: str, *, panel: str) -> Callable[[Callable[..., Any]], 
     """Give a command one option per field of the dataclass ``owner`` (``"module:Class"``), in place
     of its ``**settings`` parameter, so each field is declared once: in the dataclass.
 
-    The options (see :func:`_field_option`) are listed under ``panel`` in help, before the
-    command's keyword-only parameters. The command receives every field in ``settings``, None
-    when not given; :func:`given_fields` keeps those given, tuples parsed.
+    Each option (:func:`_field_option`) is ``--name-with-dashes`` (or the field's ``flag``
+    metadata), with the field's ``help``, its ``choices`` registry and its default shown, listed
+    under ``panel`` in help. The command receives every field in ``settings``, None when not
+    given (a config file or the dataclass default applies); :func:`given_fields` keeps those given.
+    Reading the fields must not import heavy modules: it happens when the CLI starts.
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -53,6 +53,9 @@ def option(default: Any, help: str, *, unset: str | None = None, choices: str | 
 class TrainConfig:
     """Everything that defines a training run.
 
+    Each field is declared once, with :func:`option`: its default, and the one-line help that
+    ``sparseslice train --help`` (one option per field) and README's option table show.
+
     Parameters
     ----------
     model : str
@@ -156,7 +159,7 @@ class TrainConfig:
     seed: int = option(0, "Random seed.")
     device: str | None = option(None, "cpu, cuda or cuda:N.", unset="CUDA when present")
     num_threads: int | None = option(None, "torch threads (1 per process is best on a busy CPU).",
-                                     unset="torch's", flag="--threads")
+                                     unset="torch's choice", flag="--threads")
     max_minutes: float | None = option(None, "Wall-clock budget of the run.", unset="no limit")
     bf16: bool = option(False, "bfloat16 autocast for forward passes.")
     channels_last: bool = option(False, "Channels-last memory format.")
