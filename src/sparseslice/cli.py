@@ -11,6 +11,7 @@ import functools
 import importlib
 import inspect
 import os
+import types
 import typing
 import warnings
 from collections.abc import Callable
@@ -94,11 +95,14 @@ class DefaultFrom:
     field: str | None = None
 
     def shown(self, param: Any) -> str:
-        """The default as help shows it: ``16,32`` for a tuple, the flag's name for a bool."""
+        """The default as help shows it: ``16,32`` for a tuple, the flag's name for a bool, the field's
+        ``unset`` metadata (what None means) for None."""
         import dataclasses
 
         field = {f.name: f for f in dataclasses.fields(_resolve(self.owner))}[self.field or param.name]
         value = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if value is None and field.metadata.get("unset"):
+            return field.metadata["unset"]
         if isinstance(value, bool) and getattr(param, "secondary_opts", None):
             return (param.opts if value else param.secondary_opts)[0].lstrip("-")
         return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
@@ -125,6 +129,91 @@ def _option_flag(name: str, meta: tuple[Any, ...]) -> str:
     decls = [d for m in meta if isinstance(m, OptionInfo)
              for d in (m.default, *(m.param_decls or ())) if isinstance(d, str) and d.startswith("--")]
     return decls[0] if decls else "--" + name.replace("_", "-")
+
+
+def _unoptional(hint: Any) -> Any:
+    """``X`` for the type hint ``X | None``, else the hint itself."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _field_flag(field: Any) -> str:
+    """The flag of a dataclass field's option: its ``flag`` metadata, else ``--`` and the name with dashes."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def _field_option(owner: str, field: Any, hint: Any, panel: str) -> Any:
+    """The annotation of the option for one field of ``owner``: ``--x/--no-x`` for a bool, text
+    (``16,32``) for a tuple; None means "not given"; help, choices and default from the field."""
+    base = _unoptional(hint)
+    flag = _field_flag(field)
+    kind, decl, metavar = base, flag, None
+    if base is bool:
+        decl = f"{flag}/--no-{flag[2:]}"
+    elif typing.get_origin(base) is tuple:
+        kind, metavar = str, "<ints>" if typing.get_args(base)[0] is int else "<numbers>"
+    marks = [DefaultFrom(owner, field.name)]
+    if field.metadata.get("choices"):
+        marks.append(Choices(field.metadata["choices"]))
+    option = typer.Option(decl, help=field.metadata.get("help", ""), rich_help_panel=panel, metavar=metavar)
+    return Annotated[(kind | None, option, *marks)]
+
+
+def config_options(owner: str, *, panel: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command one option per field of the dataclass ``owner`` (``"module:Class"``), in place
+    of its ``**settings`` parameter, so each field is declared once: in the dataclass.
+
+    Each option (:func:`_field_option`) is ``--name-with-dashes`` (or the field's ``flag``
+    metadata), with the field's ``help``, its ``choices`` registry and its default shown, listed
+    under ``panel`` in help. The command receives every field in ``settings``, None when not
+    given (a config file or the dataclass default applies); :func:`given_fields` keeps those given.
+    Reading the fields must not import heavy modules: it happens when the CLI starts.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        import dataclasses
+
+        cls = _resolve(owner)
+        hints = typing.get_type_hints(cls)
+        added = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                   annotation=_field_option(owner, f, hints[f.name], panel))
+                 for f in dataclasses.fields(cls)]
+        params = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+                  if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.KEYWORD_ONLY), len(params))
+        fn.__signature__ = inspect.Signature([*params[:at], *added, *params[at:]], return_annotation=None)
+        fn.__annotations__ = {**{p.name: p.annotation for p in params}, **{p.name: p.annotation for p in added},
+                              "return": None}
+        return fn
+
+    return decorate
+
+
+def given_fields(owner: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``owner`` given on the command line (not None), a tuple's ``64,64`` text as a list."""
+    import dataclasses
+
+    declared = {f.name: f for f in dataclasses.fields(_resolve(owner))}
+    hints = typing.get_type_hints(_resolve(owner))
+    given = {}
+    for name, value in settings.items():
+        if value is None:
+            continue
+        base = _unoptional(hints[name])
+        if typing.get_origin(base) is tuple:
+            value = _number_list(value, typing.get_args(base)[0], _field_flag(declared[name])[2:])
+        given[name] = value
+    return given
+
+
+def _number_list(value: str, item: type, name: str) -> list[Any]:
+    """``"64,64"`` (or ``64x64``) as ``[64, 64]`` of ``item`` (int or float)."""
+    try:
+        return [item(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        what, example = ("integers", "64,64") if item is int else ("numbers", "-1000,1000")
+        raise UserError(f"{name} must be comma-separated {what}, got {value!r}; e.g. {example}") from None
 
 
 class SparseCommand(TyperCommand):
@@ -430,76 +519,34 @@ def interpolate(
 # --- train (issue 5) ---
 
 
-#: Where ``train``'s option defaults live (the options are None: "not given, use the config").
+#: The training options: one per field of this dataclass (its defaults, help and choices).
 _TRAIN_CONFIG = "sparseslice.train.config:TrainConfig"
 
 
-def _int_tuple(value: str | None, name: str) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{name} must be comma-separated integers, got {value!r}; e.g. 64,64") from None
-
-
 @command()
+@config_options(_TRAIN_CONFIG, panel="Training options (also the keys of a -c config)")
 def train(
     sparse_dir: Annotated[Path, typer.Argument(help="Training dataset: sparse (with .sparse.json sidecars) or full.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (config.json, best.pt, last.pt, "
                                                           "history.csv).")],
     config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML config; options below override it.")]
     = None,
-    model: Annotated[str | None, typer.Option(help="Network dimension."), DefaultFrom(_TRAIN_CONFIG),
-                     Choices("sparseslice.train.config:MODELS")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Maximum epochs."), DefaultFrom(_TRAIN_CONFIG)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: 16 (2d), 2 (3d)].")] = None,
-    patch_size: Annotated[str | None, typer.Option(help="Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate."), DefaultFrom(_TRAIN_CONFIG)] = None,
-    schedule: Annotated[str | None, typer.Option(help="Learning-rate schedule."), DefaultFrom(_TRAIN_CONFIG),
-                        Choices("sparseslice.train.config:SCHEDULES")] = None,
-    arch: Annotated[str | None, typer.Option(help="Network architecture."), DefaultFrom(_TRAIN_CONFIG),
-                    Choices("sparseslice.model:ARCHITECTURES")] = None,
-    channels: Annotated[str | None, typer.Option(help="Channels per level."), DefaultFrom(_TRAIN_CONFIG)] = None,
-    mask_channel: Annotated[bool | None, typer.Option("--mask-channel/--no-mask-channel",
-                                                      help="Give the annotated-slice mask as input."),
-                            DefaultFrom(_TRAIN_CONFIG)] = None,
-    interpolated_weight: Annotated[float | None, typer.Option(help="Weight of interpolated slices."),
-                                   DefaultFrom(_TRAIN_CONFIG)] = None,
-    normalization: Annotated[str | None, typer.Option(help="Intensity normalization."), DefaultFrom(_TRAIN_CONFIG),
-                             Choices("sparseslice.train.config:NORMALIZATIONS")] = None,
-    augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random augmentation."),
-                       DefaultFrom(_TRAIN_CONFIG)] = None,
+    *,
     val_dir: Annotated[Path | None, typer.Option(help="Validation dataset (default: hold out val-fraction).")]
-    = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Held-out fraction without --val-dir."),
-                            DefaultFrom(_TRAIN_CONFIG)] = None,
-    patience: Annotated[int | None, typer.Option(help="Early-stopping patience in epochs."),
-                        DefaultFrom(_TRAIN_CONFIG)] = None,
-    max_minutes: Annotated[float | None, typer.Option(help="Wall-clock budget of the run.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed."), DefaultFrom(_TRAIN_CONFIG)] = None,
-    axis: Annotated[int | None, typer.Option(help="Slice axis [default: the sidecars', else the dataset's].")]
-    = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: CUDA when present].")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch threads (1 per process is best on a busy CPU).")]
     = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from last.pt.")] = False,
     progress: ProgressOption = True,
+    **settings: Any,
 ) -> None:
     """Train a 2D or 3D network on sparse labels (unknown slices are never background)."""
     from sparseslice.train import TrainConfig, load_config
     from sparseslice.train import train as run_training
 
     base = load_config(config).to_dict() if config else {}
-    given = {"model": model, "epochs": epochs, "batch_size": batch_size,
-             "patch_size": _int_tuple(patch_size, "patch-size"), "lr": lr, "schedule": schedule, "arch": arch,
-             "channels": _int_tuple(channels, "channels"), "mask_channel": mask_channel,
-             "interpolated_weight": interpolated_weight, "normalization": normalization, "augment": augment,
-             "val_fraction": val_fraction, "patience": patience, "max_minutes": max_minutes, "seed": seed,
-             "axis": axis, "device": device, "num_threads": threads}
-    if given["channels"] is not None and "strides" not in base:
+    given = given_fields(_TRAIN_CONFIG, settings)
+    if "channels" in given and "strides" not in given and "strides" not in base:
         given["strides"] = [2] * (len(given["channels"]) - 1)
-    cfg = TrainConfig.from_dict({**base, **{k: v for k, v in given.items() if v is not None}})
+    cfg = TrainConfig.from_dict({**base, **given})
     result = run_training(sparse_dir, out, config=cfg, val_dir=val_dir, progress=progress, resume=resume)
     console.print(f"best validation Dice {result.best_val_dice:.4f} after {result.epochs} epochs "
                   f"({result.seconds / 60:.1f} min); checkpoint {result.checkpoint}")

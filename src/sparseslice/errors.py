@@ -37,17 +37,21 @@ def fail(argument: str, value: object, fix: str, *, problem: str | None = None) 
     return UserError(f"{argument} {problem or 'is invalid'}, got {shown}; {fix}")
 
 
-def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cutoff: float = 0.6) -> UserError:
+def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cutoff: float = 0.6,
+                   problem: str | None = None, otherwise: str | None = None) -> UserError:
     """Build the :class:`UserError` for a value outside a fixed set of choices.
 
-    The message names the argument, the value, every valid choice and, when one is close
-    (:func:`difflib.get_close_matches` at ``cutoff``; 0 always suggests the nearest), suggests it.
+    The message names the argument, the value, every valid choice (or ``problem``) and, when one
+    is close (:func:`difflib.get_close_matches` at ``cutoff``; 0 always suggests the nearest),
+    suggests it; else the fix is ``otherwise`` (default: an example with the first choice).
 
     Examples
     --------
     >>> str(unknown_choice("--strategy", "randm", ("random", "interval")))
     "--strategy must be one of random, interval, got 'randm'; did you mean 'random'?"
+    >>> str(unknown_choice("key 'sed'", "sed", ("seed", "lr"), problem="does not exist", otherwise="valid: seed, lr"))
+    "key 'sed' does not exist, got 'sed'; did you mean 'seed'?"
     """
     near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
-    fix = f"did you mean {near[0]!r}?" if near else f"e.g. {argument} {choices[0]}"
-    return fail(argument, value, fix, problem=f"must be one of {', '.join(map(str, choices))}")
+    fix = f"did you mean {near[0]!r}?" if near else otherwise or f"e.g. {argument} {choices[0]}"
+    return fail(argument, value, fix, problem=problem or f"must be one of {', '.join(map(str, choices))}")

@@ -7,19 +7,16 @@ the run folder, so a run can be reproduced from its files alone.
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sparseslice.datasets import NONFINITE
-from sparseslice.errors import UserError
-from sparseslice.model import ModelSpec
+from sparseslice.errors import UserError, unknown_choice
 
 MODELS = ("2d", "3d")
 SCHEDULES = ("one-step", "two-step")
@@ -28,9 +25,36 @@ NORMALIZATIONS = ("auto", "zscore", "ct", "none")
 RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes")
 
 
+def option(default: Any, help: str, *, unset: str | None = None, choices: str | None = None,
+           flag: str | None = None) -> Any:
+    """A :class:`TrainConfig` field with what ``sparseslice train --help`` and README say of it.
+
+    The field is declared once: its default here, and the ``train`` command's option
+    (:func:`sparseslice.cli.config_options`) and README's option table are derived from it.
+
+    Parameters
+    ----------
+    default : object
+        The field's default (its only declaration).
+    help : str
+        One line saying what the field sets.
+    unset : str, optional
+        What ``None`` means (a size resolved from the data), shown as the default.
+    choices : str, optional
+        The registry of valid values, ``"module:NAME"`` (imported only when needed, so reading
+        the fields does not import torch).
+    flag : str, optional
+        The command-line flag when it is not ``--`` and the name with dashes.
+    """
+    return field(default=default, metadata={"help": help, "unset": unset, "choices": choices, "flag": flag})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run.
+
+    Each field is declared once, with :func:`option`: its default, and the one-line help that
+    ``sparseslice train --help`` (one option per field) and README's option table show.
 
     Parameters
     ----------
@@ -100,42 +124,53 @@ class TrainConfig:
         (see :func:`sparseslice.datasets.load_image`); ``predict`` reads images the same way.
     """
 
-    model: str = "2d"
-    arch: str = "unet"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    strides: tuple[int, ...] = (2, 2, 2)
-    num_res_units: int = 1
-    dropout: float = 0.0
-    epochs: int = 50
-    samples_per_epoch: int | None = None
-    batch_size: int | None = None
-    patch_size: tuple[int, ...] | None = None
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    schedule: str = "one-step"
-    plateau_patience: int = 3
-    plateau_factor: float = 0.5
-    restart_every: int = 5
-    finetune_epochs: int = 15
-    patience: int = 10
-    mask_channel: bool = False
-    interpolated_weight: float = 0.5
-    dice_weight: float = 1.0
-    ce_weight: float = 1.0
-    normalization: str = "auto"
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)
-    axis: int | None = None
-    augment: bool = True
-    val_fraction: float = 0.1
-    seed: int = 0
-    device: str | None = None
-    num_threads: int | None = None
-    max_minutes: float | None = None
-    bf16: bool = False
-    channels_last: bool = False
-    nonfinite: str = "error"
+    model: str = option("2d", "Network dimension.", choices=f"{__name__}:MODELS")
+    arch: str = option("unet", "Network architecture.", choices="sparseslice.model:ARCHITECTURES")
+    channels: tuple[int, ...] = option((16, 32, 64, 128), "Channels per level.")
+    strides: tuple[int, ...] = option((2, 2, 2), "Downsampling stride per level, one fewer than channels "
+                                                 "(--channels alone sets 2 per level).")
+    num_res_units: int = option(1, "Residual units per level.")
+    dropout: float = option(0.0, "Dropout probability.")
+    epochs: int = option(50, "Maximum epochs.")
+    samples_per_epoch: int | None = option(None, "Training samples (slices or patches) per epoch.",
+                                           unset="known training slices (2d), 4 x training cases (3d), "
+                                                 "at most 100 batches")
+    batch_size: int | None = option(None, "Batch size.", unset="16 (2d), 2 (3d)")
+    patch_size: tuple[int, ...] | None = option(None, "Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).",
+                                                unset="the largest case rounded up to the network divisor, "
+                                                      "at most 256 (2d) or 96 (3d)")
+    lr: float = option(1e-3, "Adam learning rate.")
+    weight_decay: float = option(1e-5, "Adam weight decay.")
+    schedule: str = option("one-step", "Learning-rate schedule.", choices=f"{__name__}:SCHEDULES")
+    plateau_patience: int = option(3, "ReduceLROnPlateau patience in epochs.")
+    plateau_factor: float = option(0.5, "ReduceLROnPlateau factor.")
+    restart_every: int = option(5, "two-step: epochs between learning-rate restarts.")
+    finetune_epochs: int = option(15, "two-step: fine-tuning epochs from the best checkpoint.")
+    patience: int = option(10, "Early-stopping patience in epochs.")
+    mask_channel: bool = option(False, "Give the annotated-slice mask as input.")
+    interpolated_weight: float = option(0.5, "Weight of interpolated slices.")
+    dice_weight: float = option(1.0, "Weight of the selective batch Dice loss.")
+    ce_weight: float = option(1.0, "Weight of the masked cross-entropy loss.")
+    normalization: str = option("auto", "Intensity normalization.", choices=f"{__name__}:NORMALIZATIONS")
+    ct_window: tuple[float, float] = option((-1000.0, 1000.0), "HU window of ct normalization.")
+    axis: int | None = option(None, "Slice axis.", unset="the sidecars', else the dataset's")
+    augment: bool = option(True, "Random augmentation.")
+    val_fraction: float = option(0.1, "Held-out fraction without --val-dir.")
+    seed: int = option(0, "Random seed.")
+    device: str | None = option(None, "cpu, cuda or cuda:N.", unset="CUDA when present")
+    num_threads: int | None = option(None, "torch threads (1 per process is best on a busy CPU).",
+                                     unset="torch's choice", flag="--threads")
+    max_minutes: float | None = option(None, "Wall-clock budget of the run.", unset="no limit")
+    bf16: bool = option(False, "bfloat16 autocast for forward passes.")
+    channels_last: bool = option(False, "Channels-last memory format.")
+    nonfinite: str = option("error", "NaN or infinite image voxels: error refuses the case, zero reads them as 0.",
+                            choices="sparseslice.datasets:NONFINITE")
 
     def __post_init__(self) -> None:
+        # imported here: reading the fields (the CLI's options) must not import torch
+        from sparseslice.datasets import NONFINITE
+        from sparseslice.model import ModelSpec
+
         def choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
             if value not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}; "
@@ -243,9 +278,8 @@ def check_config_types(data: Any) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for key, value in data.items():
         if key not in declared:
-            near = difflib.get_close_matches(str(key), list(declared), n=1, cutoff=0.5)
-            hint = f"did you mean {near[0]!r}?" if near else f"valid keys: {', '.join(declared)}"
-            raise UserError(f"config key {key!r} does not exist, got {key!r}; {hint}")
+            raise unknown_choice(f"config key {key!r}", key, list(declared), cutoff=0.5, problem="does not exist",
+                                 otherwise=f"valid keys: {', '.join(declared)}")
         wanted = _type_problem(value, hints[key])
         if wanted is not None:
             default = declared[key].default
