@@ -321,7 +321,7 @@ def _write_itk(array: np.ndarray, affine: np.ndarray, path: Path, *, compress: b
     sitk.WriteImage(img, str(path), useCompression=compress)
 
 
-def read_label(path: str | os.PathLike[str], *, ignore_value: int | None = None) -> Volume:
+def read_label(path: str | os.PathLike[str]) -> Volume:
     """Read a label volume and check that it holds non-negative integers.
 
     Float files holding whole numbers are accepted and converted to integers (many tools
