@@ -156,6 +156,14 @@ def test_label_validation(tmp_path):
     assert lab.array.dtype == np.uint8 and int(lab.array.max()) == 2
 
 
+def test_like_with_another_grid_is_a_programmer_error():
+    vol = Volume(np.zeros((4, 5, 6), np.uint8))
+    assert vol.like(np.ones((4, 5, 6, 2), np.float32)).shape == (4, 5, 6, 2)  # channels may be added
+    with pytest.raises(ValueError, match="array shape must match the volume") as wrong:
+        vol.like(np.zeros((4, 6, 5), np.uint8))
+    assert not isinstance(wrong.value, UserError)
+
+
 def test_check_same_space():
     a = Volume(np.zeros((4, 4, 4)), np.eye(4))
     with pytest.raises(UserError, match="case 'c1': label shape must match"):

@@ -125,9 +125,15 @@ class Volume:
         return tuple(self.array.shape)
 
     def like(self, array: np.ndarray) -> Volume:
-        """Return a volume with the same space holding ``array`` (same shape required)."""
+        """Return a volume with the same space holding ``array`` (same shape required).
+
+        Raises
+        ------
+        ValueError
+            If ``array``'s spatial shape differs: a bug in the caller, never a user's input.
+        """
         if array.shape[:3] != self.array.shape[:3]:
-            raise UserError(
+            raise ValueError(
                 f"array shape must match the volume, got {array.shape} for {self.array.shape}; "
                 "pass an array on the same grid"
             )
