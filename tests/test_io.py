@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -65,17 +66,15 @@ def test_nrrd_written_by_us_matches_nifti_world_coordinates(tmp_path):
 
 
 def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
-    import sparseslice.io as sio
-
     target = tmp_path / "x.nii.gz"
     write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), target)
     before = target.read_bytes()
 
-    def half_write(array, affine, path, **_):
-        path.write_bytes(b"half")
+    def half_write(img, filename, **_):  # the disk fills up while nibabel writes the file
+        Path(filename).write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sio, "_write_nifti", half_write)
+    monkeypatch.setattr(nib, "save", half_write)
     with pytest.raises(RuntimeError, match="disk full"):
         write_volume(Volume(np.ones((2, 2, 2), np.uint8)), target)
     assert target.read_bytes() == before
@@ -91,6 +90,22 @@ def test_detached_header_names_its_voxel_file_by_its_final_name(tmp_path, suffix
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"v{suffix}", voxels])
         assert voxels in path.read_text(errors="replace")
         np.testing.assert_array_equal(read_volume(path).array, value)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd", ".nhdr"])
+def test_itk_write_is_atomic_on_failure(tmp_path, monkeypatch, suffix):
+    """A write that fails half-way leaves the old file (and its voxel file) as they were, and no leftovers."""
+    target = write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), tmp_path / f"x{suffix}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_write(img, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", half_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_volume(Volume(np.ones((2, 2, 2), np.uint8)), target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_missing_and_unknown_format_files(tmp_path):
