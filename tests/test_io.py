@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -65,21 +66,46 @@ def test_nrrd_written_by_us_matches_nifti_world_coordinates(tmp_path):
 
 
 def test_write_is_atomic_on_failure(tmp_path, monkeypatch):
-    import sparseslice.io as sio
-
     target = tmp_path / "x.nii.gz"
     write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), target)
     before = target.read_bytes()
 
-    def half_write(array, affine, path, **_):
-        path.write_bytes(b"half")
+    def half_write(img, filename, **_):  # the disk fills up while nibabel writes the file
+        Path(filename).write_bytes(b"half")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(sio, "_write_nifti", half_write)
+    monkeypatch.setattr(nib, "save", half_write)
     with pytest.raises(RuntimeError, match="disk full"):
         write_volume(Volume(np.ones((2, 2, 2), np.uint8)), target)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.nii.gz"]
+
+
+@pytest.mark.parametrize(("suffix", "voxels"), [(".mhd", "v.raw"), (".nhdr", "v.raw.gz")])
+def test_detached_header_names_its_voxel_file_by_its_final_name(tmp_path, suffix, voxels):
+    """A header + voxel-file pair lands as exactly those two files, the header naming the second
+    (not a temporary name), and a rewrite replaces both."""
+    for value in (1, 2):
+        path = write_volume(Volume(np.full((3, 4, 5), value, np.int16), oblique_affine()), tmp_path / f"v{suffix}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"v{suffix}", voxels])
+        assert voxels in path.read_text(errors="replace")
+        np.testing.assert_array_equal(read_volume(path).array, value)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".mhd", ".nhdr"])
+def test_itk_write_is_atomic_on_failure(tmp_path, monkeypatch, suffix):
+    """A write that fails half-way leaves the old file (and its voxel file) as they were, and no leftovers."""
+    target = write_volume(Volume(np.zeros((2, 2, 2), np.uint8)), tmp_path / f"x{suffix}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def half_write(img, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", half_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_volume(Volume(np.ones((2, 2, 2), np.uint8)), target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 def test_missing_and_unknown_format_files(tmp_path):
@@ -101,6 +127,38 @@ def test_truncated_file_names_the_file(tmp_path):
         read_volume(tmp_path / "g.nii.gz")
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".seg.nrrd", ".mha", ".mhd", ".nii.gz"])
+def test_read_header_does_not_read_the_voxels(tmp_path, suffix):
+    """A file whose voxel data is cut off cannot be read, yet its header still reads, and it is
+    the header the full read gave (shape, dtype, spacing, origin, direction)."""
+    rng = np.random.default_rng(0)
+    path = write_volume(Volume(rng.random((64, 48, 40)).astype(np.float32), oblique_affine()),
+                        tmp_path / f"big{suffix}")
+    full = read_volume(path)
+    data = path.with_suffix(".raw") if suffix == ".mhd" else path  # .mhd keeps its voxels beside it
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        read_volume(path)
+    head = read_header(path)
+    assert head.shape == full.shape == (64, 48, 40)
+    assert head.dtype == full.array.dtype == np.float32
+    np.testing.assert_allclose(head.affine, full.affine, atol=1e-6)
+    np.testing.assert_allclose(head.affine, oblique_affine(), atol=1e-5)
+
+
+def test_read_header_of_a_multichannel_itk_file_matches_the_full_read(tmp_path):
+    path = write_volume(Volume(np.zeros((5, 6, 7, 3), np.int16), oblique_affine()), tmp_path / "c.mha")
+    head, full = read_header(path), read_volume(path)
+    assert head.shape == full.shape == (5, 6, 7, 3) and head.dtype == full.array.dtype == np.int16
+    np.testing.assert_allclose(head.affine, full.affine, atol=1e-6)
+
+
+def test_read_header_refuses_a_2d_itk_file(tmp_path):
+    sitk.WriteImage(sitk.Image([4, 5], sitk.sitkUInt8), str(tmp_path / "flat.mha"))
+    with pytest.raises(UserError, match="flat.mha.*must hold a 3D volume"):
+        read_header(tmp_path / "flat.mha")
+
+
 def test_label_validation(tmp_path):
     write_volume(Volume(np.full((3, 3, 3), 1.5, np.float32)), tmp_path / "frac.nii.gz")
     with pytest.raises(UserError, match="must hold integer values, got 1.5"):
@@ -111,6 +169,14 @@ def test_label_validation(tmp_path):
     write_volume(Volume(np.full((3, 3, 3), 2.0, np.float32)), tmp_path / "wholefloat.nii.gz")
     lab = read_label(tmp_path / "wholefloat.nii.gz")
     assert lab.array.dtype == np.uint8 and int(lab.array.max()) == 2
+
+
+def test_like_with_another_grid_is_a_programmer_error():
+    vol = Volume(np.zeros((4, 5, 6), np.uint8))
+    assert vol.like(np.ones((4, 5, 6, 2), np.float32)).shape == (4, 5, 6, 2)  # channels may be added
+    with pytest.raises(ValueError, match="array shape must match the volume") as wrong:
+        vol.like(np.zeros((4, 6, 5), np.uint8))
+    assert not isinstance(wrong.value, UserError)
 
 
 def test_check_same_space():

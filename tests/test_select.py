@@ -173,6 +173,20 @@ def test_strategies_refuse_more_slices_than_the_range(strategy: str) -> None:
         select_slices(strategy, 6, 2, 6, rng=np.random.default_rng(0), features=np.zeros((10, 2)))
 
 
+def test_wrong_calls_by_code_are_programmer_errors_not_user_errors() -> None:
+    """Missing or misshapen features/embeddings come from code, never from a user's input: no UserError."""
+    from sparseslice.select.allocation import order_volumes
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(TypeError, match="features is None for strategy 'ual'") as missing:
+        select_slices("ual", 2, 0, 5, rng=rng)
+    with pytest.raises(ValueError, match="features must have one row per slice") as short:
+        ual_slices(2, 0, 5, rng=rng, features=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="embeddings must have one row per case") as embeddings:
+        order_volumes(["a", "b"], selection="diverse", seed=0, embeddings=np.zeros((1, 4)))
+    assert not any(isinstance(e.value, UserError) for e in (missing, short, embeddings))
+
+
 def test_unknown_strategy_lists_the_valid_ones(ds) -> None:
     with pytest.raises(UserError, match="use one of random, interval, ual, block"):
         make_plan(ds, budget=5, strategy="smart")

@@ -38,18 +38,17 @@ def tables(study):
     return store, spec, results, cases, per_run
 
 
-@pytest.fixture
-def captured(monkeypatch):
-    """The matplotlib figures the figure functions draw, instead of their PNG bytes."""
-    figs = []
+class Captured(list):
+    """The matplotlib figures drawn by figure functions given ``render=captured`` (PNG bytes stand-in)."""
 
-    def keep(fig):
-        figs.append(fig)
+    def __call__(self, fig):
+        self.append(fig)
         return b"png"
 
-    monkeypatch.setattr(figures, "_png", keep)
-    monkeypatch.setattr(curves, "_png", keep)
-    return figs
+
+@pytest.fixture
+def captured():
+    return Captured()
 
 
 def _captions(html: str) -> list[str]:
@@ -90,7 +89,7 @@ def test_label_rows_reads_both_metrics_forms():
 
 def test_density_figure_error_bars_are_cis_over_cases_not_std_of_seeds(tables, captured):
     _, _, _, cases, per_run = tables
-    figures.density_figure(per_run, cases, budget=12)
+    figures.density_figure(per_run, cases, budget=12, render=captured)
     ax = captured[-1].axes[0]
     rows = cases[cases["run_id"].isin(per_run["run_id"]) & ~cases["baseline"].astype(bool)]
     ci = curves.case_ci(rows, by=["strategy", "rho"], value="rel_dice").set_index(["strategy", "rho"])
@@ -106,7 +105,7 @@ def test_learning_curves_show_every_run_per_epoch_by_arm(tables, captured):
     store, _, _, _, per_run = tables
     history = curves.run_histories(store, per_run)
     assert set(history["run_id"]) == set(per_run["run_id"])
-    curves.learning_curve_figure(history)
+    curves.learning_curve_figure(history, render=captured)
     loss_ax, dice_ax = captured[-1].axes[:2]
     lines = [ln for ln in dice_ax.lines if len(ln.get_xdata()) > 1]
     assert len(lines) == len(per_run)  # one curve per run
@@ -131,7 +130,7 @@ def test_annotation_hours_follow_the_plan_time_model(tables, captured):
         else:  # 12 slices over n volumes, consecutive from slice 0
             groups = np.array_split(np.arange(12), int(run.n_volumes))
             assert hours[run.run_id] == pytest.approx(sum(cost.volume_cost(range(len(g))) for g in groups) / 60)
-    curves.hours_figure(cases, hours)
+    curves.hours_figure(cases, hours, render=captured)
     ax = captured[-1].axes[0]
     ci = curves.case_ci(curves.with_arm(cases), by=["arm"]).set_index("arm")
     points = {c.get_label().rsplit(" (", 1)[0]: c for c in ax.containers}
@@ -145,7 +144,7 @@ def test_per_label_figure_boxes_each_label_over_cases(tables, captured):
     _, _, results, _, _ = tables
     labels = curves.label_case_table(results)
     assert sorted(labels["label"].unique()) == [1, 2]
-    curves.label_figure(labels, {1: "left", 2: "right"})
+    curves.label_figure(labels, {1: "left", 2: "right"}, render=captured)
     axes = captured[-1].axes
     assert [a.get_title() for a in axes] == ["label 1 (left)", "label 2 (right)"]
     arms = labels["arm"].nunique()
@@ -173,7 +172,8 @@ def test_example_slices_have_a_label_colour_legend(tmp_path, captured):
     for name, arr in (("img", truth.astype(np.float32)), ("lab", truth), ("pred", pred)):
         nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / f"{name}.nii.gz")
     figures.example_figure([("case", tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz", tmp_path / "pred.nii.gz",
-                             2, 0.5)], label_names={1: "liver", 2: "tumour"})
+                             2, 0.5)], label_names={1: "liver", 2: "tumour"},
+                           render=captured)
     fig = captured[-1]
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["1: liver", "2: tumour", "3: label 3"]

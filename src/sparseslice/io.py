@@ -15,6 +15,7 @@ them repeats them, so a label lands on its image in every viewer.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from sparseslice.errors import UserError
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
+DETACHED_SUFFIXES = (".nhdr", ".mhd")  # a header file naming a voxel file beside it
 _LPS = np.diag([-1.0, -1.0, 1.0])
 
 
@@ -123,9 +125,15 @@ class Volume:
         return tuple(self.array.shape)
 
     def like(self, array: np.ndarray) -> Volume:
-        """Return a volume with the same space holding ``array`` (same shape required)."""
+        """Return a volume with the same space holding ``array`` (same shape required).
+
+        Raises
+        ------
+        ValueError
+            If ``array``'s spatial shape differs: a bug in the caller, never a user's input.
+        """
         if array.shape[:3] != self.array.shape[:3]:
-            raise UserError(
+            raise ValueError(
                 f"array shape must match the volume, got {array.shape} for {self.array.shape}; "
                 "pass an array on the same grid"
             )
@@ -232,12 +240,17 @@ def _read_itk(path: Path) -> Volume:
         array = np.transpose(array, (2, 1, 0, 3))
     else:
         array = np.transpose(array, (2, 1, 0))
-    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)
-    spacing = np.asarray(img.GetSpacing(), dtype=float)
+    return Volume(np.ascontiguousarray(array), _itk_affine(img))
+
+
+def _itk_affine(source) -> np.ndarray:  # noqa: ANN001 - a SimpleITK Image or ImageFileReader
+    """The voxel-to-RAS+ affine of an ITK image or of a reader that read its header (ITK's world is LPS)."""
+    direction = np.asarray(source.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(source.GetSpacing(), dtype=float)
     affine = np.eye(4)
     affine[:3, :3] = _LPS @ direction @ np.diag(spacing)
-    affine[:3, 3] = _LPS @ np.asarray(img.GetOrigin(), dtype=float)
-    return Volume(np.ascontiguousarray(array), affine)
+    affine[:3, 3] = _LPS @ np.asarray(source.GetOrigin(), dtype=float)
+    return affine
 
 
 def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
@@ -255,12 +268,29 @@ def write_volume(volume: Volume, path: str | os.PathLike[str]) -> Path:
     array = volume.array
     if array.dtype == np.bool_:
         array = array.astype(np.uint8)
+    if suffix in DETACHED_SUFFIXES:
+        _write_detached(array, volume.affine, path, compress=suffix != ".mhd")
+        return path
     with atomic_path(path) as tmp:
         if suffix in NIFTI_SUFFIXES:
             _write_nifti(array, volume.affine, tmp, geometry=volume.geometry)
         else:
-            _write_itk(array, volume.affine, tmp, compress=suffix != ".mhd")
+            _write_itk(array, volume.affine, tmp, compress=True)
     return path
+
+
+def _write_detached(array: np.ndarray, affine: np.ndarray, path: Path, *, compress: bool) -> None:
+    """Write a header and its voxel file (``.mhd`` + ``.raw``, ``.nhdr`` + ``.raw.gz``) under their final names.
+
+    Both are written in a temporary folder beside ``path``, so the header names the final voxel
+    file, then renamed into place voxels first and header last: ``path`` never names a missing or
+    half-written voxel file, and a failed write leaves nothing behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent) as tmp:
+        _write_itk(array, affine, Path(tmp) / path.name, compress=compress)
+        for part in sorted(Path(tmp).iterdir(), key=lambda p: p.name == path.name):  # the header last
+            os.replace(part, path.parent / part.name)
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path, *,
@@ -297,7 +327,7 @@ def _write_itk(array: np.ndarray, affine: np.ndarray, path: Path, *, compress: b
     sitk.WriteImage(img, str(path), useCompression=compress)
 
 
-def read_label(path: str | os.PathLike[str], *, ignore_value: int | None = None) -> Volume:
+def read_label(path: str | os.PathLike[str]) -> Volume:
     """Read a label volume and check that it holds non-negative integers.
 
     Float files holding whole numbers are accepted and converted to integers (many tools
@@ -416,30 +446,55 @@ class Header:
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:
-    """Read only the header of a volume file (fast: no voxel data is decoded)."""
+    """Read only the header of a volume file (fast: no voxel data is read or decoded).
+
+    Shape, affine and dtype are those :func:`read_volume` gives for the same file; a file
+    whose voxel data is truncated still gives its header.
+
+    Raises
+    ------
+    UserError
+        If the file is missing, has an unknown suffix, is not 3D or its header cannot be read.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"file {str(path)!r} does not exist; check the path")
     suffix = volume_suffix(path)
+    if suffix is None:
+        raise UserError(f"file {str(path)!r} has an unknown format; use one of "
+                        f"{', '.join(VOLUME_SUFFIXES)}")
     try:
-        if suffix in NIFTI_SUFFIXES:
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            shape = tuple(int(s) for s in img.shape)
-            if len(shape) == 4 and shape[3] == 1:
-                shape = shape[:3]
-            if len(shape) < 3:
-                raise _not_3d(path, shape)
-            return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()),
-                          _nifti_geometry(img))
-        if suffix is None:
-            raise UserError(f"file {str(path)!r} has an unknown format; use one of "
-                            f"{', '.join(VOLUME_SUFFIXES)}")
-        vol = read_volume(path)
-        return Header(vol.shape, vol.affine, vol.array.dtype)
+        return _nifti_header(path) if suffix in NIFTI_SUFFIXES else _itk_header(path)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"file {str(path)!r} could not be read ({type(exc).__name__}: {exc}); "
                         "it may be truncated or corrupt, re-export it") from exc
+
+
+def _nifti_header(path: Path) -> Header:
+    import nibabel as nib
+
+    img = nib.load(str(path))  # lazy: voxels stay on disk
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) < 3:
+        raise _not_3d(path, shape)
+    return Header(shape, np.asarray(img.affine, float), np.dtype(img.get_data_dtype()), _nifti_geometry(img))
+
+
+def _itk_header(path: Path) -> Header:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only; Execute() would read the voxels
+    size = tuple(int(s) for s in reader.GetSize())
+    if reader.GetDimension() != 3:
+        raise _not_3d(path, size)
+    components = int(reader.GetNumberOfComponents())
+    # the dtype GetArrayFromImage gives this pixel type, from a one-voxel image of it
+    dtype = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID(), components)).dtype
+    shape = size + (components,) if components > 1 else size
+    return Header(shape, _itk_affine(reader), np.dtype(dtype))

@@ -124,7 +124,7 @@ def order_volumes(case_ids: Sequence[str], *, selection: str, seed: int,
     if selection == "random":
         return [ids[i] for i in rng.permutation(len(ids))]
     if embeddings is None or len(embeddings) != len(case_ids):
-        raise UserError("embeddings must have one row per case for volume_selection='diverse'; "
+        raise ValueError("embeddings must have one row per case for volume_selection='diverse'; "
                         "pass volume embeddings")
     pos = {cid: n for n, cid in enumerate(case_ids)}
     emb = np.asarray(embeddings, dtype=np.float64)[[pos[c] for c in ids]]

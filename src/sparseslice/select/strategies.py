@@ -155,7 +155,7 @@ def ual_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator, features: 
     _check_request(k, lo, hi, "ual")
     feats = np.asarray(features, dtype=np.float64)
     if feats.ndim != 2 or feats.shape[0] <= hi:
-        raise UserError(f"features must have one row per slice (at least {hi + 1}), got shape "
+        raise ValueError(f"features must have one row per slice (at least {hi + 1}), got shape "
                         f"{feats.shape}; pass encoder(image, axis) output for the whole volume")
     x = feats[lo:hi + 1]
     n = x.shape[0]
@@ -190,7 +190,7 @@ def select_slices(strategy: str, k: int, lo: int, hi: int, *, rng: np.random.Gen
     check_strategy(strategy)
     if strategy == "ual":
         if features is None:
-            raise UserError("features is None for strategy 'ual'; pass one feature row per slice")
+            raise TypeError("features is None for strategy 'ual'; pass one feature row per slice")
         return ual_slices(k, lo, hi, rng=rng, features=features)
     return {"random": random_slices, "interval": interval_slices, "block": block_slices}[strategy](
         k, lo, hi, rng=rng)

@@ -4,6 +4,7 @@ An *arm* is a regime (every factor but the seed, :func:`~sparseslice.study.analy
 Uncertainty is a 95 % bootstrap confidence interval over **test cases**: each case is first
 averaged over the arm's seeds (and anything else pooled into the arm), so that seeds and
 repeated cases are not counted as independent samples (:func:`case_ci`).
+Figure functions take ``render`` like those of :mod:`sparseslice.study.figures`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pandas as pd
 
 from sparseslice.study.analysis import BOOTSTRAP_RESAMPLES as N_RESAMPLES
 from sparseslice.study.analysis import BOOTSTRAP_SEED, bootstrap_ci
-from sparseslice.study.figures import _png, _pyplot
+from sparseslice.study.figures import Render, _pyplot, png
 
 #: Confidence level of every interval in the report's figures.
 CONFIDENCE = 0.95
@@ -174,7 +175,7 @@ def _legend_below(fig, ax, ncol: int = 2) -> None:
                    frameon=False)
 
 
-def learning_curve_figure(history: pd.DataFrame) -> bytes | None:
+def learning_curve_figure(history: pd.DataFrame, *, render: Render = png) -> bytes | None:
     """Training loss and validation Dice per epoch, a line per run, coloured by arm (seeds: line styles)."""
     if history.empty or "epoch" not in history:
         return None
@@ -200,10 +201,10 @@ def learning_curve_figure(history: pd.DataFrame) -> bytes | None:
     _legend_below(fig, axes[0], ncol=2)
     fig.text(0.5, 1.0, "line style: seed (" + ", ".join(f"{s}: {styles[n % 4]}" for n, s in enumerate(seeds))
              + ")", ha="center", fontsize=8, color="#555")
-    return _png(fig)
+    return render(fig)
 
 
-def hours_figure(cases: pd.DataFrame, hours: pd.Series) -> bytes | None:
+def hours_figure(cases: pd.DataFrame, hours: pd.Series, *, render: Render = png) -> bytes | None:
     """Test Dice vs annotation hours, a point per arm with its 95 % CI over test cases.
 
     x: mean hours over the arm's seeds (horizontal bar: the seeds' range).
@@ -235,10 +236,11 @@ def hours_figure(cases: pd.DataFrame, hours: pd.Series) -> bytes | None:
     ax.set_title("Annotation time vs test Dice (95 % CI over test cases)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     _legend_below(fig, ax, ncol=2)
-    return _png(fig)
+    return render(fig)
 
 
-def label_figure(labels: pd.DataFrame, names: dict[int, str] | None = None) -> bytes | None:
+def label_figure(labels: pd.DataFrame, names: dict[int, str] | None = None, *,
+                 render: Render = png) -> bytes | None:
     """Per-label test Dice: a panel per label, a box per arm over test cases (each averaged over seeds)."""
     if labels.empty:
         return None
@@ -263,7 +265,7 @@ def label_figure(labels: pd.DataFrame, names: dict[int, str] | None = None) -> b
         name = names.get(int(value))
         ax.set_title(f"label {value}" + (f" ({name})" if name else ""), fontsize=10)
         ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    return render(fig)
 
 
 # ------------------------------------------------------------------------------------- the report

@@ -3,15 +3,24 @@
 Seeds are shown as individual points around their mean, never averaged away; error bars are
 95 % bootstrap intervals over test cases (:func:`sparseslice.study.curves.case_ci`), not the
 spread of a few seeds.
+
+Every figure function takes ``render`` (keyword): what the drawn figure is turned into,
+:func:`png` bytes by default; ``render=lambda fig: fig`` gives the matplotlib figure itself
+(its axes, lines and legends can then be read). ``None`` means there was nothing to draw.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+
+#: What a drawn figure is turned into (see the module docstring).
+Render = Callable[[Any], Any]
 
 COLORS = ("#1b6ca8", "#e4572e", "#29a36a", "#9b5de5", "#f3a712", "#5c6b73")
 
@@ -25,7 +34,8 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png(fig) -> bytes:  # noqa: ANN001 - a matplotlib Figure
+    """The figure as PNG bytes (96 dpi, tight box); the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
     _pyplot().close(fig)
@@ -51,7 +61,7 @@ def _case_errorbars(ax, cases: pd.DataFrame, runs: pd.DataFrame, x_col: str, val
     ax.errorbar(ci["_x"], ci["mean"], yerr=yerr, capsize=3, **style)
 
 
-def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int) -> bytes | None:
+def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int, render: Render = png) -> bytes | None:
     """Relative performance vs density at a fixed budget: one panel per model, a line per strategy.
 
     Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means.
@@ -89,10 +99,10 @@ def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int) -
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(title="strategy (bars: 95 % CI over cases; points: seeds)", fontsize=8, title_fontsize=8,
                        loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
-    return _png(fig)
+    return render(fig)
 
 
-def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame) -> bytes | None:
+def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, render: Render = png) -> bytes | None:
     """With vs without interpolation: a line per method over density, one panel per model.
 
     Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means.
@@ -123,10 +133,10 @@ def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame) -> bytes | 
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(title="interpolation (bars: 95 % CI over cases; points: seeds)", fontsize=8,
                        title_fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
-    return _png(fig)
+    return render(fig)
 
 
-def strategy_figure(cases: pd.DataFrame) -> bytes | None:
+def strategy_figure(cases: pd.DataFrame, *, render: Render = png) -> bytes | None:
     """Distribution of per-case relative performance per strategy (box + points)."""
     grid = cases[~cases["baseline"].astype(bool)]
     value = "rel_dice" if grid["rel_dice"].notna().any() else "dice"
@@ -144,10 +154,11 @@ def strategy_figure(cases: pd.DataFrame) -> bytes | None:
     ax.set_ylabel("per-case Dice relative to full labels" if value == "rel_dice" else "per-case Dice")
     ax.set_title("Distribution per strategy (all densities, seeds, cases)")
     ax.grid(alpha=0.3, axis="y")
-    return _png(fig)
+    return render(fig)
 
 
-def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame, *, measure: str = "Dice") -> bytes | None:
+def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame, *, measure: str = "Dice",
+                  render: Render = png) -> bytes | None:
     """Every regime's ``dice`` (the report's main ``measure``), seeds as points: the overview when the
     design is not a density sweep."""
     if regimes.empty:
@@ -167,11 +178,11 @@ def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame, *, measure: str 
     ax.set_xlabel(f"test {measure}\nbar: mean over seeds, points: seeds", fontsize=8)
     ax.set_xlim(0, 1)
     ax.grid(alpha=0.3, axis="x")
-    return _png(fig)
+    return render(fig)
 
 
 def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
-                   label_names: dict[int, str] | None = None) -> bytes | None:
+                   label_names: dict[int, str] | None = None, render: Render = png) -> bytes | None:
     """Image, truth and prediction on the slice with most truth foreground, one row per case.
 
     ``examples``: ``(title, image path, label path, prediction path, slice axis, dice)``.
@@ -225,4 +236,4 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
         fig.tight_layout()
         fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.01), ncol=min(len(handles), 6),
                    fontsize=8, title="label value: name", title_fontsize=8, frameon=False)
-    return _png(fig)
+    return render(fig)
