@@ -259,6 +259,96 @@ def test_prefetch_keeps_order_raises_errors_and_stops_when_left():
     assert len(drawn) <= 2 + 2 + 1  # consumed, waiting in the queue, one being put
 
 
+def test_prefetch_thread_sets_its_thread_count_once_and_leaves_the_callers():
+    import threading
+
+    from sparseslice.train.data import Batch, prefetch
+
+    seen = []
+
+    def transform(batch):
+        seen.append(torch.get_num_threads())
+        return batch
+
+    torch.set_num_threads(2)
+    try:
+        source = (Batch(torch.tensor(i), torch.tensor(0), torch.tensor(0), torch.tensor(0)) for i in range(4))
+        for _ in prefetch(source, transform=transform, threads=1):
+            assert torch.get_num_threads() == 2  # the caller's own count
+        assert seen == [1, 1, 1, 1]
+        later = []  # a thread started afterwards inherits the caller's count, not the prefetch thread's
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_augmentation_runs_on_one_thread_and_the_step_on_num_threads(phantoms, tmp_path, monkeypatch, ahead):
+    import sparseslice.train.trainer as trainer
+    from sparseslice.train.losses import selective_loss
+
+    counts = {"augment": set(), "step": set()}
+
+    def augment(*args, **kwargs):
+        counts["augment"].add(torch.get_num_threads())
+        return augment_batch(*args, **kwargs)
+
+    def loss(*args, **kwargs):
+        counts["step"].add(torch.get_num_threads())
+        return selective_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "augment_batch", augment)
+    monkeypatch.setattr(trainer, "selective_loss", loss)
+    monkeypatch.setattr(trainer, "_prefetches", lambda device: ahead)
+    try:
+        train(phantoms, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=6,
+                                                             **{**TINY, "augment": True, "num_threads": 2}),
+              progress=False)
+        assert counts == {"augment": {1}, "step": {2}} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_run_files_hold_only_tensors_and_plain_data(phantoms, tmp_path):
+    cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=4, epochs=1, schedule="two-step",
+                      finetune_epochs=1, **TINY)
+    train(phantoms, tmp_path / "run", config=cfg, progress=False)
+    for name in ("best.pt", "last.pt"):  # no pickled objects: loadable without running code from the file
+        assert isinstance(torch.load(tmp_path / "run" / name, weights_only=True), dict)
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["state"]["phase"] == 2 and last["state"]["epoch"] == 2 and last["state"]["steps"] == 2
+
+
+def test_train_state_round_trips_and_counts_steps_of_an_old_last_pt():
+    from sparseslice.train.trainer import TrainState
+
+    state = TrainState(epoch=2, phase=2, phase_start=1, best_dice=0.5, best_epoch=1, bad_epochs=1, elapsed=3.0,
+                       history=[{"samples": 5}, {"samples": 3}], steps=3, samples_seen=8, cut_short=["early_stop"])
+    assert TrainState.from_dict(json.loads(json.dumps(state.to_dict())), batch_size=4) == state
+    old = {k: v for k, v in state.to_dict().items() if k not in ("steps", "samples_seen", "cut_short")}
+    restored = TrainState.from_dict(old, batch_size=4)
+    assert (restored.steps, restored.samples_seen, restored.cut_short) == (2 + 1, 8, [])
+
+
+def test_checkpoint_files_refuse_pickled_objects(tmp_path):
+    from sparseslice.model import load_plain, save_plain
+
+    with pytest.raises(TypeError, match=r"payload\['extra'\]\['n'\] must be a tensor or plain data.*numpy"):
+        save_plain(tmp_path / "a.pt", {"w": torch.zeros(2), "extra": {"n": np.float64(1.0)}})
+    with pytest.raises(TypeError, match="Normalization"):
+        save_plain(tmp_path / "a.pt", {"norm": Normalization()})
+    assert not (tmp_path / "a.pt").exists()
+    torch.save({"format": "sparseslice-checkpoint-1", "norm": Normalization()}, tmp_path / "b.pt")
+    with pytest.raises(UserError, match="could not be read"):  # weights_only: the object is never unpickled
+        load_checkpoint(tmp_path / "b.pt")
+    save_plain(tmp_path / "c.pt", {"w": torch.ones(2), "rng": (3, (1, 2), None), "n": [1, 2.5, "x", True]})
+    back = load_plain(tmp_path / "c.pt")
+    assert torch.equal(back["w"], torch.ones(2)) and back["rng"] == (3, (1, 2), None)
+
+
 def test_two_step_fine_tunes_from_best_with_restarts(phantoms, tmp_path):
     # also exercises bf16 autocast and channels-last memory format
     cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=4, epochs=2, schedule="two-step",

@@ -133,6 +133,53 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Refuse anything but tensors, plain containers and plain scalars (what ``weights_only`` loads)."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN:
+        return
+    if isinstance(value, dict) and type(value).__module__ in ("builtins", "collections"):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key")
+            _check_plain(item, f"{where}[{key!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} must be a tensor or plain data (dict, list, tuple, str, int, float, bool, None) to "
+                    f"load with weights_only, got {type(value).__module__}.{type(value).__qualname__}")
+
+
+def save_plain(path: str | os.PathLike[str], payload: dict[str, Any]) -> Path:
+    """Write ``payload`` (tensors and plain data only, else TypeError) as a ``.pt`` file, atomically.
+
+    Such files load with ``torch.load(..., weights_only=True)`` (:func:`load_plain`): no pickled
+    objects, so reading a checkpoint never runs code from it.
+    """
+    _check_plain(payload, "payload")
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_plain(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a ``.pt`` file of tensors and plain data with ``weights_only=True`` (the one reader of them).
+
+    Refuses (:class:`UserError`) a file that cannot be read, or holds pickled objects.
+    """
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"checkpoint {str(path)!r} could not be read ({exc}); retrain or copy it again") from exc
+    if not isinstance(payload, dict):
+        raise UserError(f"checkpoint {str(path)!r} is not a sparseslice checkpoint, got a "
+                        f"{type(payload).__name__}; pass a file written by sparseslice train")
+    return payload
+
+
 def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write a checkpoint atomically (plain dicts and tensors; loads with weights_only)."""
     payload = {
@@ -147,37 +194,40 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "metrics": {k: float(v) for k, v in ckpt.metrics.items()},
         "extra": ckpt.extra,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return Path(path)
+    return save_plain(path, payload)
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, Checkpoint]:
-    """Rebuild the model of a checkpoint in eval mode on ``device``."""
+def read_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
+    """The checkpoint in ``path`` (a ``best.pt``, or a run folder holding one), weights on ``device``.
+
+    Read with ``weights_only=True``; :func:`load_checkpoint` also rebuilds its network.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass a run folder from "
                         "sparseslice train (it holds best.pt)")
-    try:
-        payload = torch.load(path, map_location=device, weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"checkpoint {str(path)!r} could not be read ({exc}); retrain or copy it again") from exc
-    if not isinstance(payload, dict) or payload.get("format") != "sparseslice-checkpoint-1":
+    payload = load_plain(path, map_location=device)
+    if payload.get("format") != "sparseslice-checkpoint-1":
         raise UserError(f"checkpoint {str(path)!r} is not a sparseslice checkpoint; "
                         "pass the best.pt written by sparseslice train")
     spec = ModelSpec(**{**payload["spec"], "channels": tuple(payload["spec"]["channels"]),
                         "strides": tuple(payload["spec"]["strides"])})
     norm = payload["normalization"]
-    ckpt = Checkpoint(spec=spec,
+    return Checkpoint(spec=spec,
                       normalization=Normalization(norm["scheme"], tuple(norm["window"]), tuple(norm["clip"])),
                       axis=payload["axis"], labels=tuple(payload["labels"]),
                       patch_size=tuple(payload["patch_size"]), state_dict=payload["state_dict"],
                       epoch=payload["epoch"], metrics=payload["metrics"], extra=payload["extra"])
-    model = build_model(spec).to(device)
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Checkpoint]:
+    """Rebuild the model of a checkpoint (:func:`read_checkpoint`) in eval mode on ``device``."""
+    ckpt = read_checkpoint(path, device=device)
+    model = build_model(ckpt.spec).to(device)
     model.load_state_dict(ckpt.state_dict)
     model.eval()
     return model, ckpt

@@ -1,8 +1,8 @@
 """Inference: sliding-window prediction, flip test-time augmentation and post-processing.
 
 A 2D model sees the slices along the checkpoint's slice axis (in batches); a 3D model sees
-patches of the checkpoint's patch size. Both go through MONAI's
-``sliding_window_inference`` with Gaussian blending. Test-time augmentation averages the
+patches of the checkpoint's patch size. Both go through :mod:`sparseslice.inference` (the
+sliding window training validation uses too) with Gaussian blending. Test-time augmentation averages the
 softmax over every combination of flips of the chosen axes (nnU-Net's mirroring). The
 label map is then post-processed per label: largest connected component (26-connectivity)
 and hole filling (3D cavities of background enclosed by the label), each switchable.
@@ -21,6 +21,7 @@ from scipy import ndimage
 from torch import nn
 
 from sparseslice.errors import UserError
+from sparseslice.inference import Window, device_of, from_model_outputs, model_inputs, probabilities, window_size
 from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalize
 from sparseslice.outputs import MARKER
@@ -110,42 +111,15 @@ def _prepare(image: Volume, ckpt: Checkpoint) -> np.ndarray:
     return x
 
 
-def _roi(ckpt: Checkpoint, plane: tuple[int, ...]) -> tuple[int, ...]:
-    divisor = ckpt.spec.divisor
-    patch = tuple(int(p) for p in ckpt.patch_size)
-    if len(patch) == 3 and ckpt.spec.dims == 2:
-        patch = tuple(p for a, p in enumerate(patch) if a != ckpt.axis)
-    if len(patch) != ckpt.spec.dims:  # unknown: whole slice/volume, rounded up to the divisor
-        patch = tuple(-(-s // divisor) * divisor for s in plane)
-    return patch
-
-
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
                           batch_size: int = 16) -> np.ndarray:
-    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window)."""
-    from monai.inferers import sliding_window_inference
-
-    device = _device_of(model)
-    if ckpt.spec.dims == 3:
-        t = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
-        logits = sliding_window_inference(t, _roi(ckpt, x.shape[1:]), batch_size, model, overlap=overlap,
-                                          mode="gaussian")
-        return torch.softmax(logits, dim=1)[0].float().cpu().numpy()
-    axis = ckpt.axis
-    slices = np.moveaxis(x, axis + 1, 0)  # (N, C, H, W)
-    roi = _roi(ckpt, slices.shape[2:])
-    out = np.empty((slices.shape[0], ckpt.spec.out_channels, *slices.shape[2:]), np.float32)
-    for start in range(0, slices.shape[0], batch_size):
-        t = torch.from_numpy(np.ascontiguousarray(slices[start:start + batch_size])).to(device)
-        logits = sliding_window_inference(t, roi, batch_size, model, overlap=overlap, mode="gaussian")
-        out[start:start + batch_size] = torch.softmax(logits, dim=1).float().cpu().numpy()
-    return np.moveaxis(out, 0, axis + 1)  # (K, X, Y, Z)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window, Gaussian blending)."""
+    dims = ckpt.spec.dims
+    images = model_inputs(x, dims=dims, axis=ckpt.axis)
+    roi = window_size(ckpt.patch_size, dims=dims, axis=ckpt.axis, divisor=ckpt.spec.divisor, plane=images.shape[2:])
+    window = Window(overlap=overlap, blend="gaussian", images_per_pass=batch_size, windows_per_pass=batch_size)
+    return from_model_outputs(probabilities(model, images, roi=roi, window=window), dims=dims, axis=ckpt.axis)
 
 
 def _label_values(ckpt: Checkpoint) -> np.ndarray:
@@ -244,7 +218,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
         "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
         "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
-        "device": str(_device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
+        "device": str(device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
     }
     written: list[Path] = []

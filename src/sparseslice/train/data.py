@@ -10,7 +10,6 @@ so every sample holds known voxels.
 
 from __future__ import annotations
 
-import json
 import queue
 import threading
 import warnings
@@ -25,7 +24,7 @@ from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_same_space
 from sparseslice.model import Normalization, normalize
-from sparseslice.sparse import ignore_axis, read_label_file, sidecar_path
+from sparseslice.sparse import ignore_axis, read_label_file, read_sidecar
 
 
 @dataclass
@@ -83,9 +82,9 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
     (for a declared ignore label, the axis along which its slices are whole)."""
     side_axes = set()
     for case in dataset.labelled:
-        side = sidecar_path(case.label)
-        if side.is_file():
-            side_axes.add(int(json.loads(side.read_text())["axis"]))
+        record = read_sidecar(case.label)
+        if record is not None:
+            side_axes.add(int(record["axis"]))
     if len(side_axes) > 1:
         raise UserError(f"sidecar axis must be the same for all cases, got {sorted(side_axes)}; "
                         "simulate the sparse dataset again with one axis")
@@ -367,7 +366,7 @@ class BlockSampler:
 
 
 def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | None = None, depth: int = 2,
-             pin: bool = False) -> Iterator[Batch]:
+             pin: bool = False, threads: int | None = None) -> Iterator[Batch]:
     """Yield the batches of ``batches``, drawn (and ``transform``-ed) ahead in a background thread.
 
     On a GPU the training step is bound by the CPU launching its kernels, so preparing the next
@@ -376,6 +375,11 @@ def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | 
     it runs. At most ``depth`` batches wait; ``pin`` puts them in page-locked memory before the
     transform, so its copy to the GPU is asynchronous. An exception in the thread is raised
     here; leaving the loop early stops the thread before returning.
+
+    ``threads`` is the background thread's intra-op thread count, set once when it starts.
+    Torch keeps that count per thread, so the caller's own count is untouched; the process
+    default that threads started later inherit is set back to the caller's before the first
+    batch is drawn.
 
     Examples
     --------
@@ -395,7 +399,15 @@ def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | 
                 continue
         return False
 
+    started = threading.Event()
+
     def work() -> None:
+        if threads is not None:
+            # the first query settles this thread's count from the process default; unsettled, a later
+            # first op would reset it to that default, undoing the setting below
+            torch.get_num_threads()
+            torch.set_num_threads(threads)
+        started.set()
         try:
             for batch in batches:
                 if pin:
@@ -408,8 +420,12 @@ def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | 
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
             put(exc)
 
+    own = torch.get_num_threads()
     thread = threading.Thread(target=work, name="sparseslice-prefetch", daemon=True)
     thread.start()
+    started.wait()
+    if threads is not None:
+        torch.set_num_threads(own)  # the default for threads started later: the caller's count again
     try:
         while True:
             item = waiting.get()

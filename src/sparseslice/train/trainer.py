@@ -3,7 +3,12 @@
 A run folder holds ``config.json`` (the resolved configuration), ``split.json`` (training
 and validation cases, label values), ``history.csv`` (one row per epoch), ``best.pt`` (a
 :class:`sparseslice.model.Checkpoint`, loadable with ``load_checkpoint``) and ``last.pt``
-(everything needed to resume: weights, optimiser, scheduler, counters, RNG states).
+(everything needed to resume: weights, optimiser, scheduler, counters, RNG states); both hold
+tensors and plain data only and load with ``weights_only=True`` (:func:`sparseslice.model.load_plain`).
+
+:func:`train` runs named steps: set up the run (data, split, resolved configuration), start
+or resume (a :class:`TrainState`, fresh or from ``last.pt``), then each epoch train,
+validate and save, and between the two steps of the two-step schedule move to the next phase.
 """
 
 from __future__ import annotations
@@ -14,18 +19,31 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sparseslice.atomic import atomic_path, write_json, write_text
+from sparseslice.atomic import write_json, write_text
 from sparseslice.datasets import discover_dataset
 from sparseslice.errors import UserError
+from sparseslice.inference import Window, classes, model_inputs, window_size
 from sparseslice.locking import holds
-from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, pick_device, save_checkpoint
+from sparseslice.model import (
+    Checkpoint,
+    ModelSpec,
+    Normalization,
+    build_model,
+    load_plain,
+    pick_device,
+    read_checkpoint,
+    save_checkpoint,
+    save_plain,
+)
 from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
@@ -64,6 +82,125 @@ class TrainResult:
     planned_steps: int = 0
     cut_short: bool = False
     cut_short_reason: str = ""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after its last finished epoch: what ``last.pt`` saves and resume restores.
+
+    ``phase`` is the optimisation step (1, or 2 when fine-tuning) that began at epoch
+    ``phase_start``; ``bad_epochs`` counts epochs since the best validation Dice (early
+    stopping); ``elapsed`` is wall-clock seconds of training so far (over resumes);
+    ``history`` holds one row per epoch (``history.csv``); ``cut_short`` the reasons a phase
+    ended before its epochs (``early_stop``, ``max_minutes``).
+    """
+
+    epoch: int = 0
+    phase: int = 1
+    phase_start: int = 0
+    best_dice: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    elapsed: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    samples_seen: int = 0
+    cut_short: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (saved in ``last.pt``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, batch_size: int) -> TrainState:
+        """The state saved by :meth:`to_dict`; a ``last.pt`` written before steps were counted gets them
+        counted from its history."""
+        done = data["history"]
+        counted = {"steps": sum(-(-int(h["samples"]) // batch_size) for h in done),
+                   "samples_seen": sum(int(h["samples"]) for h in done)}
+        known = {f.name for f in fields(cls)}
+        return cls(**{**counted, **{k: v for k, v in data.items() if k in known}})
+
+    def note_cut_short(self, why: str) -> None:
+        """Record why a phase ended early (each reason once, in order)."""
+        self.cut_short = list(dict.fromkeys([*self.cut_short, why]))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What a run fixes when it starts: its folder, resolved configuration, data and network shape."""
+
+    run_dir: Path
+    config: TrainConfig  # resolved: axis, normalization, patch, batch and epoch sizes, device are set
+    spec: ModelSpec
+    normalization: Normalization
+    labels: tuple[int, ...]
+    label_names: dict[str, str]
+    split: dict[str, Any]  # split.json
+    sampler: SliceSampler | BlockSampler
+    val_cases: list[CaseArrays]
+    device: torch.device
+
+    @property
+    def axis(self) -> int:
+        return int(self.config.axis)
+
+    @property
+    def patch(self) -> tuple[int, ...]:
+        return tuple(self.config.patch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.config.samples_per_epoch // self.config.batch_size))
+
+    @property
+    def total_epochs(self) -> int:
+        return self.config.epochs + (self.config.finetune_epochs if self.config.schedule == "two-step" else 0)
+
+    @property
+    def fine_tunes(self) -> bool:
+        return self.config.schedule == "two-step" and bool(self.config.finetune_epochs)
+
+    @property
+    def memory(self) -> torch.memory_format | None:
+        if not self.config.channels_last:
+            return None
+        return torch.channels_last if self.spec.dims == 2 else torch.channels_last_3d
+
+    def dice_columns(self, per_class: list[float]) -> dict[str, float]:
+        """``val_dice_<label>`` for each foreground label."""
+        return {f"val_dice_{v}": d for v, d in zip(self.labels[1:], per_class, strict=True)}
+
+
+@dataclass
+class _Learner:
+    """The network and what moves with its training: optimiser, schedule, random generators."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    rng: np.random.Generator  # sampling
+    gen: torch.Generator  # augmentation
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """The run's wall-clock budget: ``start`` is when its elapsed time was 0 (earlier when resumed)."""
+
+    start: float
+    budget: float  # seconds of the whole run
+    phase1: float  # seconds of step 1 (70 % of the budget when a fine-tuning step follows)
+
+    @classmethod
+    def of(cls, run: _Run, state: TrainState) -> _Clock:
+        budget = run.config.max_minutes * 60 if run.config.max_minutes else math.inf
+        return cls(time.perf_counter() - state.elapsed, budget, budget * 0.7 if run.fine_tunes else budget)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def phase_budget(self, phase: int) -> float:
+        return self.phase1 if phase == 1 else self.budget
 
 
 @holds("run_dir", what="run folder")
@@ -110,16 +247,33 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
     check_apart(run_dir, [sparse_dir, *([val_dir] if val_dir is not None else [])], argument="run_dir")
-    last_path = run_dir / "last.pt"
-    if last_path.exists() and not resume:
+    if (run_dir / "last.pt").exists() and not resume:
         raise UserError(f"run_dir already holds a run, got {str(run_dir)!r} with last.pt; pass --resume to "
                         "continue it or choose a new folder")
-    if config.num_threads:
+    if config.num_threads:  # once, for the whole run (the thread that trains)
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
     _seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
+    run = _set_up(sparse_dir, run_dir, config, val_dir=val_dir, device=device, progress=progress)
+    learner = _new_learner(run, rng)
+    state = _start_or_resume(run, learner, resume=resume)
+    _train_loop(run, learner, state, progress=progress)
+    if not (run_dir / "best.pt").exists():
+        raise UserError(f"training stopped before the first epoch ended, got max_minutes={run.config.max_minutes}; "
+                        "raise max_minutes")
+    planned_steps = run.total_epochs * run.steps_per_epoch
+    cut_short = state.steps < planned_steps
+    return TrainResult(run_dir=run_dir, checkpoint=run_dir / "best.pt", best_val_dice=float(state.best_dice),
+                       epochs=int(state.epoch), seconds=time.perf_counter() - t0,
+                       gradient_steps=int(state.steps), samples_seen=int(state.samples_seen),
+                       planned_steps=planned_steps, cut_short=cut_short,
+                       cut_short_reason=", ".join(state.cut_short) if cut_short else "")
 
+
+def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_dir: str | Path | None,
+            device: torch.device, progress: bool) -> _Run:
+    """Read the data, split it, and resolve what the configuration leaves to the data."""
     dataset = discover_dataset(sparse_dir, require_labels=True)
     axis = resolve_axis(dataset, config.axis)
     scheme = config.normalization
@@ -137,9 +291,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
                                   channels=train_cases[0].image.shape[0],
                                   interpolated_weight=config.interpolated_weight, progress=progress)
     warn_missing_classes(train_cases, labels, dataset.label_names)
-
-    in_channels = train_cases[0].image.shape[0]
-    spec = ModelSpec(dims=2 if config.model == "2d" else 3, in_channels=in_channels + int(config.mask_channel),
+    spec = ModelSpec(dims=2 if config.model == "2d" else 3,
+                     in_channels=train_cases[0].image.shape[0] + int(config.mask_channel),
                      out_channels=len(labels), channels=config.channels, strides=config.strides,
                      num_res_units=config.num_res_units, arch=config.arch, mask_channel=config.mask_channel,
                      dropout=config.dropout)
@@ -155,168 +308,216 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         samples = config.samples_per_epoch or min(4 * len(train_cases), 100 * batch_size)
     resolved = config.updated(axis=axis, normalization=scheme, patch_size=tuple(patch), batch_size=batch_size,
                               samples_per_epoch=samples, device=str(device))
-    steps = max(1, -(-samples // batch_size))
+    label_names = {str(k): v for k, v in dataset.label_names.items()}
+    split = {"train": train_ids, "val": val_ids, "labels": list(labels), "label_names": label_names,
+             "val_dir": str(val_dir) if val_dir is not None else None}
+    return _Run(run_dir=run_dir, config=resolved, spec=spec, normalization=norm, labels=labels,
+                label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device)
 
-    model = build_model(spec).to(device)
-    memory = (torch.channels_last if spec.dims == 2 else torch.channels_last_3d) if config.channels_last else None
-    if memory is not None:
-        model = model.to(memory_format=memory)
-    optimizer = make_optimizer(model, resolved)
-    scheduler = make_scheduler(optimizer, resolved, phase=1)
-    gen = torch.Generator().manual_seed(config.seed)
-    state: dict[str, Any] = {"epoch": 0, "phase": 1, "phase_start": 0, "best_dice": -1.0, "best_epoch": 0,
-                             "bad_epochs": 0, "elapsed": 0.0, "history": [], "steps": 0, "samples_seen": 0,
-                             "cut_short": []}
+
+def _new_learner(run: _Run, rng: np.random.Generator) -> _Learner:
+    """A freshly initialised network (from the seeded global generator) with its step-1 optimiser."""
+    model = build_model(run.spec).to(run.device)
+    if run.memory is not None:
+        model = model.to(memory_format=run.memory)
+    optimizer = make_optimizer(model, run.config)
+    scheduler = make_scheduler(optimizer, run.config, phase=1)
+    return _Learner(model, optimizer, scheduler, rng, torch.Generator().manual_seed(run.config.seed))
+
+
+def _start_or_resume(run: _Run, learner: _Learner, *, resume: bool) -> TrainState:
+    """Continue from ``last.pt`` when resuming a run that has one; else write the run's
+    ``config.json`` and ``split.json`` and start at epoch 0."""
+    last_path = run.run_dir / "last.pt"
     if resume and last_path.exists():
-        # on the CPU: the RNG states must stay CPU tensors; weights and optimiser state are copied to the
-        # model's device by load_state_dict
-        saved = torch.load(last_path, map_location="cpu", weights_only=False)
-        key = config_difference(saved["config"], resolved.to_dict())
-        if key is not None:
-            raise UserError(f"config {key} differs from the run being resumed, got {resolved.to_dict().get(key)!r} "
-                            f"vs {saved['config'].get(key)!r} in {str(run_dir / 'config.json')!r}; use the same "
-                            "config or a new run folder")
-        model.load_state_dict(saved["model"])
-        if saved["state"]["phase"] == 2:
-            optimizer = make_optimizer(model, resolved)
-            scheduler = make_scheduler(optimizer, resolved, phase=2)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        done = saved["state"]["history"]  # a last.pt written before steps were counted: count them from history
-        state = {"steps": sum(-(-int(h["samples"]) // batch_size) for h in done),
-                 "samples_seen": sum(int(h["samples"]) for h in done), "cut_short": [], **saved["state"]}
-        torch.set_rng_state(saved["rng"]["torch"])
-        rng.bit_generator.state = saved["rng"]["numpy"]
-        random.setstate(saved["rng"]["python"])
-        gen.set_state(saved["rng"]["augment"])
-    else:
-        write_json(run_dir / "config.json", resolved.to_dict())
-        write_json(run_dir / "split.json", {"train": train_ids, "val": val_ids, "labels": list(labels),
-                                            "label_names": {str(k): v for k, v in dataset.label_names.items()},
-                                            "val_dir": str(val_dir) if val_dir is not None else None})
+        return _resume(run, learner, last_path)
+    write_json(run.run_dir / "config.json", run.config.to_dict())
+    write_json(run.run_dir / "split.json", run.split)
+    return TrainState()
 
-    def save_best(epoch: int, dice: float, per_class: dict[str, float]) -> None:
-        ckpt = Checkpoint(spec=spec, normalization=norm, axis=axis, labels=labels, patch_size=tuple(patch),
-                          state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, epoch=epoch,
-                          metrics={"val_dice": dice, **per_class},
-                          extra={"config": resolved.to_dict(), "model": config.model,
-                                 "label_names": {str(k): v for k, v in dataset.label_names.items()}})
-        save_checkpoint(run_dir / "best.pt", ckpt)
 
-    budget = resolved.max_minutes * 60 if resolved.max_minutes else math.inf
-    phase1_budget = budget * 0.7 if resolved.schedule == "two-step" and resolved.finetune_epochs else budget
-    t_start = time.perf_counter() - state["elapsed"]
-    total = resolved.epochs + (resolved.finetune_epochs if resolved.schedule == "two-step" else 0)
-    planned_steps = total * steps
-    fg_names = [str(v) for v in labels[1:]]
-    threads = torch.get_num_threads()
+def _resume(run: _Run, learner: _Learner, last_path: Path) -> TrainState:
+    """Restore weights, optimiser, schedule, counters and random generators from ``last.pt``."""
+    # on the CPU: the RNG states must stay CPU tensors; weights and optimiser state are copied to the
+    # model's device by load_state_dict
+    saved = load_plain(last_path, map_location="cpu")
+    current = run.config.to_dict()
+    key = config_difference(saved["config"], current)
+    if key is not None:
+        raise UserError(f"config {key} differs from the run being resumed, got {current.get(key)!r} "
+                        f"vs {saved['config'].get(key)!r} in {str(run.run_dir / 'config.json')!r}; use the same "
+                        "config or a new run folder")
+    learner.model.load_state_dict(saved["model"])
+    if saved["state"]["phase"] == 2:
+        learner.optimizer = make_optimizer(learner.model, run.config)
+        learner.scheduler = make_scheduler(learner.optimizer, run.config, phase=2)
+    learner.optimizer.load_state_dict(saved["optimizer"])
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    learner.rng.bit_generator.state = saved["rng"]["numpy"]
+    random.setstate(saved["rng"]["python"])
+    learner.gen.set_state(saved["rng"]["augment"])
+    return TrainState.from_dict(saved["state"], batch_size=run.config.batch_size)
 
-    def prepare(batch: Batch) -> Batch:
-        # to the model's device first, so a GPU also does the augmentation (no-op on the CPU)
-        batch = Batch(*(t.to(device, non_blocking=True) for t in batch))
-        if resolved.augment:
-            # small batch ops run on one thread: with several, OpenMP barriers cost more than the
-            # work whenever another process competes for the cores (measured in bench/train.py)
-            torch.set_num_threads(1)
-            batch = augment_batch(batch, axis=axis if spec.dims == 3 else None, gen=gen)
-            torch.set_num_threads(threads)
-        return batch
 
+def _train_loop(run: _Run, learner: _Learner, state: TrainState, *, progress: bool) -> None:
+    """Epochs until both steps are done: train, validate, save; between steps, move to fine-tuning."""
+    clock = _Clock.of(run, state)
+    steps = run.steps_per_epoch
     with training_progress(progress) as bar:
-        task = bar.add_task("train", total=total * steps, completed=state["epoch"] * steps, loss="-",
-                            dice=f"{state['best_dice']:.3f}" if state["best_dice"] >= 0 else "-")
+        task = bar.add_task("train", total=run.total_epochs * steps, completed=state.epoch * steps, loss="-",
+                            dice=f"{state.best_dice:.3f}" if state.best_dice >= 0 else "-")
         while True:
-            elapsed = time.perf_counter() - t_start
-            in_phase = state["epoch"] - state["phase_start"]
-            limit = resolved.epochs if state["phase"] == 1 else resolved.finetune_epochs
-            phase_budget = phase1_budget if state["phase"] == 1 else budget
-            # a time cap ends a phase only after its first epoch, so there is always a checkpoint
-            over_time = elapsed >= phase_budget and in_phase > 0
-            if in_phase >= limit or state["bad_epochs"] >= resolved.patience or over_time:
-                if in_phase < limit:  # the phase ends before its epochs: say why
-                    why = "early_stop" if state["bad_epochs"] >= resolved.patience else "max_minutes"
-                    state["cut_short"] = list(dict.fromkeys([*state["cut_short"], why]))
-                if (state["phase"] == 1 and resolved.schedule == "two-step" and resolved.finetune_epochs
-                        and elapsed < budget and (run_dir / "best.pt").exists()):
-                    best = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
-                    model.load_state_dict(best["state_dict"])
-                    optimizer = make_optimizer(model, resolved)
-                    scheduler = make_scheduler(optimizer, resolved, phase=2)
-                    state.update(phase=2, phase_start=state["epoch"], bad_epochs=0)
+            elapsed = clock.elapsed()
+            if _phase_ends(run, state, clock, elapsed=elapsed):
+                if state.phase == 1 and run.fine_tunes and elapsed < clock.budget \
+                        and (run.run_dir / "best.pt").exists():
+                    _next_phase(run, learner, state)
                     continue
                 break
-            bar.update(task, description=f"epoch {state['epoch'] + 1} (step {state['phase']})")
-            model.train()
+            bar.update(task, description=f"epoch {state.epoch + 1} (step {state.phase})")
             t_epoch = time.perf_counter()
-            losses, seen = [], 0
-            if _prefetches(device):
-                batches = prefetch(sampler.epoch(samples, batch_size, rng), transform=prepare,
-                                   pin=device.type == "cuda")
-            else:
-                batches = map(prepare, sampler.epoch(samples, batch_size, rng))
-            try:
-                for batch in batches:
-                    x = batch.image
-                    if resolved.mask_channel:
-                        x = torch.cat([x, batch.annotated.unsqueeze(1)], 1)
-                    x = x.to(device, non_blocking=True)
-                    if memory is not None:
-                        x = x.contiguous(memory_format=memory)
-                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolved.bf16):
-                        logits = model(x)
-                    loss = selective_loss(logits, batch.label.to(device), batch.weight.to(device),
-                                          dice_weight=resolved.dice_weight, ce_weight=resolved.ce_weight)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    # one read per step: on a GPU the wait frees the GIL for the thread preparing the next batch
-                    # (H100, 2D hippocampus: end-to-end / bare step 0.85 with it, 0.78 without)
-                    losses.append(float(loss.detach()))
-                    if not math.isfinite(losses[-1]):
-                        raise _diverged(run_dir, losses[-1], epoch=state["epoch"] + 1, lr=resolved.lr)
-                    seen += x.shape[0]
-                    state["steps"] += 1
-                    bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
-                    if time.perf_counter() - t_start >= phase_budget:
-                        state["cut_short"] = list(dict.fromkeys([*state["cut_short"], "max_minutes"]))
-                        break
-            finally:
-                if hasattr(batches, "close"):  # stops the prefetch thread, also when a step fails
-                    batches.close()
-            train_seconds = time.perf_counter() - t_epoch
-            t_val = time.perf_counter()
-            dice, per_class = validate(model, val_cases, spec=spec, patch_size=tuple(patch), device=device,
-                                       batch_size=batch_size, bf16=resolved.bf16)
-            val_seconds = time.perf_counter() - t_val
-            lr = optimizer.param_groups[0]["lr"]
-            step_scheduler(scheduler, dice)
-            state["epoch"] += 1
-            improved = dice > state["best_dice"]
-            if improved:
-                state.update(best_dice=dice, best_epoch=state["epoch"], bad_epochs=0)
-                save_best(state["epoch"], dice, {f"val_dice_{n}": d for n, d in zip(fg_names, per_class,
-                                                                                     strict=True)})
-            else:
-                state["bad_epochs"] += 1
-            state["elapsed"] = time.perf_counter() - t_start
-            state["samples_seen"] += seen
-            state["history"].append({
-                "epoch": state["epoch"], "phase": state["phase"], "lr": lr, "loss": float(np.mean(losses)),
-                "val_dice": dice, **{f"val_dice_{n}": d for n, d in zip(fg_names, per_class, strict=True)},
-                "samples": seen, "train_seconds": train_seconds, "val_seconds": val_seconds,
-                "elapsed_seconds": state["elapsed"]})
-            _write_history(run_dir / "history.csv", state["history"])
-            _save_last(last_path, model, optimizer, scheduler, state, resolved, rng, gen)
-            bar.update(task, dice=f"{dice:.3f} (best {state['best_dice']:.3f})")
-    if not (run_dir / "best.pt").exists():
-        raise UserError(f"training stopped before the first epoch ended, got max_minutes={resolved.max_minutes}; "
-                        "raise max_minutes")
-    cut_short = int(state["steps"]) < planned_steps
-    return TrainResult(run_dir=run_dir, checkpoint=run_dir / "best.pt", best_val_dice=float(state["best_dice"]),
-                       epochs=int(state["epoch"]), seconds=time.perf_counter() - t0,
-                       gradient_steps=int(state["steps"]), samples_seen=int(state["samples_seen"]),
-                       planned_steps=planned_steps, cut_short=cut_short,
-                       cut_short_reason=", ".join(state["cut_short"]) if cut_short else "")
+            losses, seen = _train_epoch(run, learner, state, clock, bar=bar, task=task)
+            dice = _validate_and_save(run, learner, state, clock, losses=losses, seen=seen,
+                                      train_seconds=time.perf_counter() - t_epoch)
+            bar.update(task, dice=f"{dice:.3f} (best {state.best_dice:.3f})")
+
+
+def _phase_ends(run: _Run, state: TrainState, clock: _Clock, *, elapsed: float) -> bool:
+    """Whether the current step is over (its epochs, early stopping, or its time); records why when early.
+
+    A time cap ends a phase only after its first epoch, so there is always a checkpoint.
+    """
+    in_phase = state.epoch - state.phase_start
+    limit = run.config.epochs if state.phase == 1 else run.config.finetune_epochs
+    over_time = elapsed >= clock.phase_budget(state.phase) and in_phase > 0
+    stopped = state.bad_epochs >= run.config.patience
+    if not (in_phase >= limit or stopped or over_time):
+        return False
+    if in_phase < limit:  # the phase ends before its epochs: say why
+        state.note_cut_short("early_stop" if stopped else "max_minutes")
+    return True
+
+
+def _next_phase(run: _Run, learner: _Learner, state: TrainState) -> None:
+    """Step 2 of the two-step schedule: from the best weights, with a fresh optimiser and restarts."""
+    best = read_checkpoint(run.run_dir / "best.pt", device=run.device)
+    learner.model.load_state_dict(best.state_dict)
+    learner.optimizer = make_optimizer(learner.model, run.config)
+    learner.scheduler = make_scheduler(learner.optimizer, run.config, phase=2)
+    state.phase, state.phase_start, state.bad_epochs = 2, state.epoch, 0
+
+
+def _train_epoch(run: _Run, learner: _Learner, state: TrainState, clock: _Clock, *, bar: Any,
+                 task: Any) -> tuple[list[float], int]:
+    """One epoch of gradient steps; returns the losses and the number of samples seen.
+
+    Stops early when the phase's time is up (noting ``max_minutes``); a non-finite loss ends the run.
+    """
+    learner.model.train()
+    phase_budget = clock.phase_budget(state.phase)
+    losses, seen = [], 0
+    batches = _epoch_batches(run, learner)
+    try:
+        for batch in batches:
+            losses.append(_step(run, learner, batch))
+            if not math.isfinite(losses[-1]):
+                raise _diverged(run.run_dir, losses[-1], epoch=state.epoch + 1, lr=run.config.lr)
+            seen += batch.image.shape[0]
+            state.steps += 1
+            bar.update(task, advance=1, loss=f"{losses[-1]:.3f}")
+            if clock.elapsed() >= phase_budget:
+                state.note_cut_short("max_minutes")
+                break
+    finally:
+        if hasattr(batches, "close"):  # stops the prefetch thread, also when a step fails
+            batches.close()
+    return losses, seen
+
+
+def _epoch_batches(run: _Run, learner: _Learner) -> Iterator[Batch]:
+    """The epoch's batches, on the model's device and augmented.
+
+    Augmentation runs on one thread: small batch ops on several cost more in OpenMP barriers than
+    the work whenever another process competes for the cores (bench/train.py's ``augment_cost``:
+    7 ms instead of 42 ms per 2D batch of 16 on two busy cores). On a GPU the batches are prepared
+    ahead in the prefetch thread, whose count :func:`prefetch` sets once when it starts; inline
+    (CPU), the training thread augments on one thread and trains on ``num_threads``.
+    """
+    config = run.config
+    drawn = run.sampler.epoch(config.samples_per_epoch, config.batch_size, learner.rng)
+    prepare = partial(_prepare_batch, device=run.device, axis=run.axis if run.spec.dims == 3 else None,
+                      gen=learner.gen if config.augment else None)
+    if _prefetches(run.device):
+        return prefetch(drawn, transform=prepare, pin=run.device.type == "cuda", threads=1)
+    if not config.augment:
+        return map(prepare, drawn)
+    return (_on_one_thread(prepare, batch) for batch in drawn)
+
+
+def _prepare_batch(batch: Batch, *, device: torch.device, axis: int | None, gen: torch.Generator | None) -> Batch:
+    """``batch`` on ``device``, augmented with ``gen`` unless it is None."""
+    # to the model's device first, so a GPU also does the augmentation (no-op on the CPU)
+    batch = Batch(*(t.to(device, non_blocking=True) for t in batch))
+    return batch if gen is None else augment_batch(batch, axis=axis, gen=gen)
+
+
+def _on_one_thread(prepare: Callable[[Batch], Batch], batch: Batch) -> Batch:
+    """``prepare(batch)`` with one intra-op thread, then back to the calling thread's count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return prepare(batch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _step(run: _Run, learner: _Learner, batch: Batch) -> float:
+    """One gradient step on ``batch``; returns its loss."""
+    config, device = run.config, run.device
+    x = batch.image
+    if config.mask_channel:
+        x = torch.cat([x, batch.annotated.unsqueeze(1)], 1)
+    x = x.to(device, non_blocking=True)
+    if run.memory is not None:
+        x = x.contiguous(memory_format=run.memory)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16):
+        logits = learner.model(x)
+    loss = selective_loss(logits, batch.label.to(device), batch.weight.to(device),
+                          dice_weight=config.dice_weight, ce_weight=config.ce_weight)
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    learner.optimizer.step()
+    # one read per step: on a GPU the wait frees the GIL for the thread preparing the next batch
+    # (H100, 2D hippocampus: end-to-end / bare step 0.85 with it, 0.78 without)
+    return float(loss.detach())
+
+
+def _validate_and_save(run: _Run, learner: _Learner, state: TrainState, clock: _Clock, *, losses: list[float],
+                       seen: int, train_seconds: float) -> float:
+    """Validate after an epoch, step the schedule, count the epoch, save ``best.pt`` when it is the best
+    so far, then ``history.csv`` and ``last.pt``; returns the validation Dice."""
+    t_val = time.perf_counter()
+    dice, per_class = validate(learner.model, run.val_cases, spec=run.spec, patch_size=run.patch,
+                               device=run.device, batch_size=run.config.batch_size, bf16=run.config.bf16)
+    val_seconds = time.perf_counter() - t_val
+    lr = learner.optimizer.param_groups[0]["lr"]
+    step_scheduler(learner.scheduler, dice)
+    state.epoch += 1
+    if dice > state.best_dice:
+        state.best_dice, state.best_epoch, state.bad_epochs = dice, state.epoch, 0
+        _save_best(run, learner.model, epoch=state.epoch, dice=dice, per_class=per_class)
+    else:
+        state.bad_epochs += 1
+    state.elapsed = clock.elapsed()
+    state.samples_seen += seen
+    state.history.append({
+        "epoch": state.epoch, "phase": state.phase, "lr": lr, "loss": float(np.mean(losses)), "val_dice": dice,
+        **run.dice_columns(per_class), "samples": seen, "train_seconds": train_seconds,
+        "val_seconds": val_seconds, "elapsed_seconds": state.elapsed})
+    _write_history(run.run_dir / "history.csv", state.history)
+    _save_last(run, learner, state)
+    return dice
 
 
 def _diverged(run_dir: Path, loss: float, *, epoch: int, lr: float) -> UserError:
@@ -367,8 +568,10 @@ def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec
              device: torch.device, batch_size: int = 16, bf16: bool = False) -> tuple[float, list[float]]:
     """Masked Dice on the validation cases' truly annotated slices.
 
-    Inference uses MONAI's ``sliding_window_inference`` with the training patch (as
-    :mod:`sparseslice.predict` does), so padding matches what the network saw in training.
+    Inference is :mod:`sparseslice.inference`'s sliding window, as in :mod:`sparseslice.predict`,
+    with the training patch (so padding matches what the network saw in training), but with
+    the cheaper window an every-epoch check affords: overlap 0.25 and constant blending instead
+    of prediction's 0.5 and Gaussian, ``2 * batch_size`` slices (2D) or one window (3D) per pass.
 
     Returns the mean over cases of the mean foreground Dice, and the per-class means over
     cases (NaN for a class absent from every case). Cases with no foreground anywhere in
@@ -376,37 +579,22 @@ def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec
     """
     model.eval()
     n_classes = spec.out_channels
+    window = Window(overlap=0.25, blend="constant", images_per_pass=max(1, batch_size * 2))
     scores = []
     for c in cases:
         idx = c.validation_slices
         if idx.size == 0:
             continue
+        images = model_inputs(c.image, dims=spec.dims, axis=c.axis, slices=idx if spec.dims == 2 else None)
+        if spec.mask_channel:  # at inference the mask channel is all ones: every slice is to be segmented
+            images = np.concatenate([images, np.ones_like(images[:, :1])], axis=1)
+        roi = window_size(patch_size, dims=spec.dims, axis=c.axis, divisor=spec.divisor, plane=images.shape[2:])
+        pred = classes(model, images, roi=roi, window=window, bf16=bf16, device=device)
         if spec.dims == 2:
-            from monai.inferers import sliding_window_inference
-
-            img = np.moveaxis(np.take(c.image, idx, axis=1 + c.axis), 1 + c.axis, 0)
-            lab = np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0)
-            preds = []
-            for start in range(0, len(idx), max(1, batch_size * 2)):
-                x = torch.from_numpy(np.ascontiguousarray(img[start:start + batch_size * 2]))
-                if spec.mask_channel:
-                    x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = sliding_window_inference(x.to(device), roi_size=patch_size, sw_batch_size=x.shape[0],
-                                                   predictor=model, overlap=0.25)
-                preds.append(out.argmax(1).cpu())
-            pred, ref = torch.cat(preds), torch.from_numpy(lab.astype(np.int64))
+            ref = torch.from_numpy(np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0).astype(np.int64))
             known = torch.ones_like(ref, dtype=torch.bool)
         else:
-            from monai.inferers import sliding_window_inference
-
-            x = torch.from_numpy(c.image)[None]
-            if spec.mask_channel:
-                x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = sliding_window_inference(x.to(device), roi_size=patch_size, sw_batch_size=1,
-                                               predictor=model, overlap=0.25)
-            pred = out.argmax(1)[0].cpu()
+            pred = pred[0]
             ref = torch.from_numpy(c.label.astype(np.int64))
             shape = [1, 1, 1]
             shape[c.axis] = -1
@@ -435,10 +623,22 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     write_text(path, buf.getvalue())
 
 
-def _save_last(path: Path, model, optimizer, scheduler, state, config: TrainConfig, rng, gen) -> None:
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "state": state, "config": config.to_dict(),
-               "rng": {"torch": torch.get_rng_state(), "numpy": rng.bit_generator.state,
-                       "python": random.getstate(), "augment": gen.get_state()}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+def _save_best(run: _Run, model: torch.nn.Module, *, epoch: int, dice: float, per_class: list[float]) -> None:
+    """``best.pt``: what inference needs (:class:`~sparseslice.model.Checkpoint`), plain data only."""
+    ckpt = Checkpoint(spec=run.spec, normalization=run.normalization, axis=run.axis, labels=run.labels,
+                      patch_size=run.patch,
+                      state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, epoch=epoch,
+                      metrics={"val_dice": dice, **run.dice_columns(per_class)},
+                      extra={"config": run.config.to_dict(), "model": run.config.model,
+                             "label_names": run.label_names})
+    save_checkpoint(run.run_dir / "best.pt", ckpt)
+
+
+def _save_last(run: _Run, learner: _Learner, state: TrainState) -> None:
+    """``last.pt``: everything resuming needs (weights, optimiser, schedule, counters, random states),
+    tensors and plain data only, so it loads with ``weights_only``."""
+    save_plain(run.run_dir / "last.pt", {
+        "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
+        "scheduler": learner.scheduler.state_dict(), "state": state.to_dict(), "config": run.config.to_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": learner.rng.bit_generator.state,
+                "python": random.getstate(), "augment": learner.gen.get_state()}})
