@@ -107,8 +107,8 @@ def test_sdf_matches_a_full_slice_reference() -> None:
 def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast transforms (one per class, scipy's feature transform) equal scipy's signed distances,
     also through the public scipy function used if the private routine moves."""
-    import sparseslice.interpolate_sdf as sdf
-    from sparseslice.interpolate_sdf import _class_maps, _nearest
+    import sparseslice.interpolate.sdf as sdf
+    from sparseslice.interpolate.sdf import _class_maps, _nearest
 
     if not private:
         monkeypatch.setattr(sdf, "_feature_transform", None)
@@ -131,7 +131,7 @@ def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.Monkey
 
 def test_sdf_result_does_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Gaps are filled in runs that fit a memory budget: a tiny budget gives the same labels."""
-    import sparseslice.interpolate_sdf as sdf
+    import sparseslice.interpolate.sdf as sdf
 
     phantom = make_phantom((40, 36, 30), spacing=(0.9, 0.9, 2.0), n_labels=2, seed=3)
     sparse = SparseLabel.from_slices(phantom.label.array, range(1, 30, 3), axis=2)

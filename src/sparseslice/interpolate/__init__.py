@@ -16,7 +16,7 @@ Methods (``METHODS``):
   linearly between the two slices' areas. Topology changes are handled per connected
   component: a component with no overlapping counterpart on the other side ends inside the
   gap (rounded end) instead of being pulled towards a distant shape.
-- ``mci``: ITK's morphological contour interpolation (see :mod:`sparseslice.interpolate_mci`).
+- ``mci``: ITK's morphological contour interpolation (see :mod:`sparseslice.interpolate.mci`).
 
 Rules shared by all methods: only slices strictly between two annotated slices are filled;
 annotated slices (including empty ones and border slices) are never changed; beyond the first
@@ -45,7 +45,7 @@ import numpy as np
 
 from sparseslice.datasets import slice_axis_of
 from sparseslice.errors import UserError, unknown_choice
-from sparseslice.interpolate_sdf import fill_sdf, signed_distance
+from sparseslice.interpolate.sdf import fill_sdf, signed_distance
 from sparseslice.io import check_spacing
 from sparseslice.progress import track
 from sparseslice.sparse import SparseLabel
@@ -131,7 +131,7 @@ def interpolate_label(sparse: SparseLabel, *, spacing: tuple[float, float, float
     view = np.moveaxis(label, axis, 0)  # writes go through to ``label``
     in_plane = tuple(s for a, s in enumerate(spacing) if a != axis)
     if method == "mci":
-        from sparseslice.interpolate_mci import mci_fill
+        from sparseslice.interpolate.mci import mci_fill
 
         filled = np.moveaxis(mci_fill(sparse.label, sparse.annotated, axis=axis, spacing=spacing), axis, 0)
     if method == "sdf":
@@ -192,7 +192,7 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
 
     method = check_method(method)
     if method == "mci":
-        from sparseslice.interpolate_mci import import_itk
+        from sparseslice.interpolate.mci import import_itk
 
         import_itk()  # fail before writing anything
     sparse_dir, out = Path(sparse_dir), Path(out)
