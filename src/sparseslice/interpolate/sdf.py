@@ -17,6 +17,8 @@ since only its inside matters and there its distance is the foreground's.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy import ndimage
 
@@ -220,146 +222,273 @@ def _coefficients(t: np.ndarray, has_a: np.ndarray, has_b: np.ndarray, end_a: np
     return wa, wb, ea, eb
 
 
-def _level(maps: np.ndarray, drops: np.ndarray | None, ia: np.ndarray, ib: np.ndarray,
+def _level(maps: np.ndarray, drops: np.ndarray | None, lower: np.ndarray, upper: np.ndarray,
            coef: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Interpolated level of one class on the filled slices (rows) from :func:`_coefficients`."""
+    """Interpolated level of one class on the filled slices (rows) from :func:`_coefficients`;
+    ``lower`` and ``upper``: per row, the slots of its gap's ends."""
     wa, wb, ea, eb = coef
-    level = wa[:, None, None] * maps[ia]
-    level += wb[:, None, None] * maps[ib]
+    level = wa[:, None, None] * maps[lower]
+    level += wb[:, None, None] * maps[upper]
     if drops is not None:
-        for erosion, slots in ((ea, ia), (eb, ib)):  # only on the slices where the class ends
+        for erosion, slots in ((ea, lower), (eb, upper)):  # only on the slices where the class ends
             rows = np.flatnonzero(erosion)
             if rows.size:
                 level[rows] -= erosion[rows, None, None] * drops[slots[rows]]
     return level
 
 
-def _matched(comp: np.ndarray, n: int, fg: np.ndarray, ia: np.ndarray, ib: np.ndarray) -> tuple[np.ndarray, ...]:
-    """For gaps ``ia[i] -> ib[i]`` (slots of ``fg``, foreground on both), which components
-    (``comp``: per-slice components, numbered slice by slice) overlap foreground at the other
-    end: ``right`` for components seen as the left end of a gap, ``left`` as the right end.
-    Also, per gap, whether the left and the right end hold a component without counterpart."""
-    right, left = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
-    if ia.size:
-        overlap = fg[ia] & fg[ib]
-        right[comp[ia][overlap]] = True
-        left[comp[ib][overlap]] = True
-    right[0] = left[0] = True
-    last = np.maximum.accumulate(comp.reshape(comp.shape[0], -1).max(axis=1))  # components numbered by slice
+class _Group(NamedTuple):
+    """A run of consecutive gaps read from the view: their annotated slices (*slots*, in slice
+    order), cropped to the box of all their foreground grown by one voxel."""
+
+    gaps: list[tuple[int, int]]
+    stack: np.ndarray  # (slots, h, w): the annotated slices' labels inside the crop
+    foreground: np.ndarray  # stack > 0
+    rows: np.ndarray  # (slots, h): the rows holding foreground
+    cols: np.ndarray  # (slots, w): the columns holding foreground
+    area: np.ndarray  # (slots,): foreground voxels
+    crop: tuple[slice, slice]  # where the crop lies in a slice of the view
+    lower: np.ndarray  # per gap: the slot of its lower annotated slice
+    upper: np.ndarray  # per gap: the slot of its upper annotated slice
+    values: np.ndarray  # the labels present, sorted
+
+    @property
+    def has_foreground(self) -> np.ndarray:
+        """Per slot: the slice holds foreground."""
+        return self.rows.any(axis=1)
+
+
+class _Maps(NamedTuple):
+    """Signed distance maps of a group's slots inside its crop (see :func:`_class_maps`)."""
+
+    foreground: np.ndarray  # (slots, h, w)
+    labels: np.ndarray | None  # (labels, slots, h, w); None with a single label
+    label_masks: np.ndarray  # (labels, slots, h, w)
+    label_present: np.ndarray  # (labels, slots)
+    near_box: np.ndarray  # (slots, 4): box of the slot's foreground and its neighbours' across its gaps
+    far: float  # more than any distance in the crop
+
+
+class _Matches(NamedTuple):
+    """Foreground components (numbered over all slots) with an overlapping counterpart across their gap."""
+
+    reaches_upper: np.ndarray  # per component at the lower end of a gap: overlaps foreground at its upper end
+    reaches_lower: np.ndarray  # per component at the upper end of a gap: overlaps foreground at its lower end
+    lone_lower: np.ndarray  # per gap: the lower end holds a component without counterpart
+    lone_upper: np.ndarray  # per gap: the upper end does
+
+
+class _EndingMaps(NamedTuple):
+    """Maps of the gaps where foreground ends inside, one row per such gap (:func:`_ending_maps`)."""
+
+    kept_lower: np.ndarray  # signed distances of the kept parts (with a counterpart) at the lower end
+    kept_upper: np.ndarray  # the same at the upper end
+    life_lower: np.ndarray  # lifetime of the voxels of lone parts at the lower end (0 elsewhere)
+    life_upper: np.ndarray  # the same at the upper end
+    has_kept: np.ndarray  # per gap: kept parts exist
+    lone_lower: np.ndarray  # per gap: the lower end holds lone parts
+    lone_upper: np.ndarray  # per gap: the upper end does
+
+
+class _Endings(NamedTuple):
+    """Which gaps of a group have foreground ending inside them, and those gaps' maps."""
+
+    ending: np.ndarray  # per gap
+    row: np.ndarray  # per gap: its row in ``maps`` (meaningful for ending gaps only)
+    fractions: np.ndarray  # per gap: where a structure seen at the lower / upper end only ends (_end_fractions)
+    maps: _EndingMaps | None  # None when no gap ends anything
+
+
+class _Rows(NamedTuple):
+    """Slices to fill, one row each."""
+
+    gap: np.ndarray  # index of its gap in the group
+    z: np.ndarray  # the slice in the view
+    t: np.ndarray  # its fraction of the gap from the lower end (float32)
+
+
+def _matched(components: np.ndarray, n: int, foreground: np.ndarray, lower: np.ndarray,
+             upper: np.ndarray) -> _Matches:
+    """Which components overlap foreground at the other end of their gap, for the gaps
+    ``lower[i] -> upper[i]`` (slots of ``foreground``, foreground at both ends); ``components``:
+    per-slice components, numbered slice by slice, ``n`` of them."""
+    reaches_upper, reaches_lower = np.zeros(n + 1, bool), np.zeros(n + 1, bool)
+    if lower.size:
+        overlap = foreground[lower] & foreground[upper]
+        reaches_upper[components[lower][overlap]] = True
+        reaches_lower[components[upper][overlap]] = True
+    reaches_upper[0] = reaches_lower[0] = True
+    last = np.maximum.accumulate(components.reshape(components.shape[0], -1).max(axis=1))  # numbered by slice
     first = np.concatenate([[0], last[:-1]])
-    missing_right = np.concatenate([[0], np.cumsum(~right[1:])])
-    missing_left = np.concatenate([[0], np.cumsum(~left[1:])])
-    lone_a = missing_right[last[ia]] > missing_right[first[ia]]
-    lone_b = missing_left[last[ib]] > missing_left[first[ib]]
-    return right, left, lone_a, lone_b
+    missing_upper = np.concatenate([[0], np.cumsum(~reaches_upper[1:])])
+    missing_lower = np.concatenate([[0], np.cumsum(~reaches_lower[1:])])
+    return _Matches(reaches_upper, reaches_lower,
+                    lone_lower=missing_upper[last[lower]] > missing_upper[first[lower]],
+                    lone_upper=missing_lower[last[upper]] > missing_lower[first[upper]])
 
 
-def _fill_group(view: np.ndarray, group: list[tuple[int, int]], *, sampling: tuple[float, ...],
+def _fill_group(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
                 border: np.ndarray, extent: tuple[int, int] | None) -> None:
-    """Fill the gaps of ``group`` (consecutive) at once, inside the box of their slices' foreground."""
-    for a, b in group:
+    """Fill the consecutive ``gaps`` at once, inside the box of their slices' foreground.
+
+    The steps: read the annotated slices (:func:`_read_group`), their distance maps
+    (:func:`_group_maps`), the gaps where foreground ends (:func:`_find_endings`) and the depths
+    of the labels that end (:func:`_label_drops`); then, a few rows at a time, each filled
+    slice's foreground (:func:`_fill_foreground`) and labels (:func:`_choose_labels`).
+    """
+    for a, b in gaps:
         view[a + 1:b] = 0
-    ends = sorted({s for gap in group for s in gap})
+    group = _read_group(view, gaps)
+    if group is None:
+        return  # no foreground at either end of any gap: the gaps stay empty
+    maps = _group_maps(group, sampling=sampling)
+    endings = _find_endings(group, maps, sampling=sampling, border=border, extent=extent)
+    label_drops = _label_drops(group, maps)
+    rows = _rows_to_fill(group)
+    _, h, w = group.stack.shape
+    step = max(1, _CHUNK_VALUES // (h * w * (group.values.size + 3)))
+    for start in range(0, rows.gap.size, step):
+        chunk = _Rows(*(field[start:start + step] for field in rows))
+        inside = _fill_foreground(group, maps, endings, chunk)
+        chosen = _choose_labels(group, maps, label_drops, chunk)
+        view[chunk.z, group.crop[0], group.crop[1]] = np.where(inside, chosen, 0).astype(view.dtype)
+
+
+def _read_group(view: np.ndarray, gaps: list[tuple[int, int]]) -> _Group | None:
+    """The annotated slices of ``gaps`` inside the box of their foreground; None when they hold none."""
+    ends = sorted({s for gap in gaps for s in gap})
     slot = {s: i for i, s in enumerate(ends)}
     stack = view[ends]
-    fg = stack > 0
-    rows_any, cols_any = fg.any(axis=2), fg.any(axis=1)
-    if not rows_any.any():
-        return
-    (br0,), (br1,) = _span(rows_any.any(axis=0)[None])
-    (bc0,), (bc1,) = _span(cols_any.any(axis=0)[None])
-    stack, fg = stack[:, br0:br1, bc0:bc1], fg[:, br0:br1, bc0:bc1]
-    rows_any, cols_any = rows_any[:, br0:br1], cols_any[:, bc0:bc1]
-    m, h, w = stack.shape
-    values = np.flatnonzero(np.bincount(stack[fg]))  # labels present, sorted
-    ia = np.array([slot[a] for a, _ in group])
-    ib = np.array([slot[b] for _, b in group])
-    own_r, own_c = _span(rows_any), _span(cols_any)
-    near_r, near_c = rows_any.copy(), cols_any.copy()  # each slot is the left end of one gap at most
-    near_r[ia] |= rows_any[ib]
-    near_c[ia] |= cols_any[ib]
-    near_r[ib] |= rows_any[ia]
-    near_c[ib] |= cols_any[ia]
-    near_box = np.stack([*_span(near_r), *_span(near_c)], axis=1)
-    far = 2 * (h * sampling[0] + w * sampling[1]) + 1  # more than any distance in the box
-    fmap, lmaps, lmasks = _class_maps(stack, values, far=far, near_box=near_box,
-                                      own_box=np.stack([*own_r, *own_c], axis=1), sampling=sampling)
+    foreground = stack > 0
+    rows, cols = foreground.any(axis=2), foreground.any(axis=1)
+    if not rows.any():
+        return None
+    (row0,), (row1,) = _span(rows.any(axis=0)[None])
+    (col0,), (col1,) = _span(cols.any(axis=0)[None])
+    stack, foreground = stack[:, row0:row1, col0:col1], foreground[:, row0:row1, col0:col1]
+    return _Group(gaps, stack, foreground, rows[:, row0:row1], cols[:, col0:col1],
+                  area=np.count_nonzero(foreground, axis=(1, 2)), crop=(slice(row0, row1), slice(col0, col1)),
+                  lower=np.array([slot[a] for a, _ in gaps]), upper=np.array([slot[b] for _, b in gaps]),
+                  values=np.flatnonzero(np.bincount(stack[foreground])))
 
-    has = rows_any.any(axis=1)
-    has_a, has_b = has[ia], has[ib]
-    both = has_a & has_b
-    comp, n_comp = ndimage.label(fg, structure=_PLANE)
-    right, left, lone_a, lone_b = _matched(comp, n_comp, fg, ia[both], ib[both])
-    lone = np.zeros(len(group), bool)
-    lone[both] = lone_a | lone_b
-    ending = lone | (has_a ^ has_b)  # gaps where (some) foreground ends inside
-    ends_ab = np.array([_end_fractions(a, b, border=border, extent=extent) for a, b in group], np.float32)
+
+def _group_maps(group: _Group, *, sampling: tuple[float, ...]) -> _Maps:
+    """Distance maps of the group's slots: the background's on each slot's own foreground box, the
+    labels' on the box of the slot's and its neighbours' foreground (where the gaps use them)."""
+    rows, cols, lower, upper = group.rows, group.cols, group.lower, group.upper
+    own_box = np.stack([*_span(rows), *_span(cols)], axis=1)
+    near_rows, near_cols = rows.copy(), cols.copy()  # each slot is the lower end of one gap at most
+    near_rows[lower] |= rows[upper]
+    near_cols[lower] |= cols[upper]
+    near_rows[upper] |= rows[lower]
+    near_cols[upper] |= cols[lower]
+    near_box = np.stack([*_span(near_rows), *_span(near_cols)], axis=1)
+    _, h, w = group.stack.shape
+    far = 2 * (h * sampling[0] + w * sampling[1]) + 1  # more than any distance in the box
+    fmap, lmaps, lmasks = _class_maps(group.stack, group.values, far=far, near_box=near_box, own_box=own_box,
+                                      sampling=sampling)
+    return _Maps(fmap, lmaps, lmasks, lmasks.any(axis=(2, 3)), near_box, far)
+
+
+def _find_endings(group: _Group, maps: _Maps, *, sampling: tuple[float, ...], border: np.ndarray,
+                  extent: tuple[int, int] | None) -> _Endings:
+    """The gaps where (some) foreground ends inside: one end is empty, or holds a component
+    with no overlapping counterpart at the other end (a topology change)."""
+    has = group.has_foreground
+    has_lower, has_upper = has[group.lower], has[group.upper]
+    both = has_lower & has_upper
+    components, n_components = ndimage.label(group.foreground, structure=_PLANE)
+    matches = _matched(components, n_components, group.foreground, group.lower[both], group.upper[both])
+    lone = np.zeros(len(group.gaps), bool)
+    lone[both] = matches.lone_lower | matches.lone_upper
+    ending = lone | (has_lower ^ has_upper)
+    fractions = np.array([_end_fractions(a, b, border=border, extent=extent) for a, b in group.gaps], np.float32)
     ending_maps = None
     if ending.any():
-        ending_maps = _ending_maps(fmap, fg, comp, n_comp, right, left, ia[ending], ib[ending], near_box,
-                                   sampling=sampling, far=far)
-    ldrops = None
-    if lmaps is not None:
-        lhas = lmasks.any(axis=(2, 3))  # (labels, slots)
-        needed = np.zeros(lhas.shape, bool)
-        needed[:, ia] |= lhas[:, ia] & ~lhas[:, ib]
-        needed[:, ib] |= lhas[:, ib] & ~lhas[:, ia]
-        if needed.any():
-            ldrops = np.zeros(lmaps.shape, np.float32)
-            ldrops[needed] = _drops(lmaps[needed], lmasks[needed])
-    area = np.count_nonzero(fg, axis=(1, 2))
+        ending_maps = _ending_maps(maps, group.foreground, components, n_components, matches,
+                                   group.lower[ending], group.upper[ending], sampling=sampling)
+    return _Endings(ending, np.cumsum(ending) - 1, fractions, ending_maps)
 
-    sizes = np.array([b - a - 1 for a, b in group])
-    sizes[~(has_a | has_b)] = 0  # both ends empty: already zero
-    gap_of = np.repeat(np.arange(len(group)), sizes)
-    if gap_of.size == 0:
-        return
-    z_all = np.concatenate([np.arange(a + 1, b) for (a, b), n_z in zip(group, sizes, strict=True) if n_z])
-    a_all = np.array([a for a, _ in group])[gap_of]
-    t_all = ((z_all - a_all) / (sizes[gap_of] + 1)).astype(np.float32)
-    ending_row = np.cumsum(ending) - 1  # gap -> row of the ending gaps' maps
-    step = max(1, _CHUNK_VALUES // (h * w * (values.size + 3)))
-    for start in range(0, gap_of.size, step):
-        g, z, t = gap_of[start:start + step], z_all[start:start + step], t_all[start:start + step]
-        sa, sb = ia[g], ib[g]
-        inside = np.empty((g.size, h, w), bool)
-        linear = ~ending[g]
-        if linear.any():
-            t3 = t[linear, None, None]
-            level = (1 - t3) * fmap[sa[linear]]
-            level += t3 * fmap[sb[linear]]
-            inside[linear] = _top_rows(level, (1 - t[linear]) * area[sa[linear]] + t[linear] * area[sb[linear]],
-                                       rows=_span((rows_any[sa] | rows_any[sb])[linear]),
-                                       cols=_span((cols_any[sa] | cols_any[sb])[linear]))
-        if not linear.all():
-            rows = ~linear
-            inside[rows] = _ending_inside(ending_maps, ending_row[g[rows]], t[rows], ends_ab[g[rows]])
-        if lmaps is None:
-            chosen = values[0]
+
+def _label_drops(group: _Group, maps: _Maps) -> np.ndarray | None:
+    """Depths (:func:`_drops`) of each label on the slots where it ends inside a gap (present at
+    one end only), for its ending erosion; None with a single label or when no label ends."""
+    if maps.labels is None:
+        return None
+    present, lower, upper = maps.label_present, group.lower, group.upper
+    needed = np.zeros(present.shape, bool)
+    needed[:, lower] |= present[:, lower] & ~present[:, upper]
+    needed[:, upper] |= present[:, upper] & ~present[:, lower]
+    if not needed.any():
+        return None
+    drops = np.zeros(maps.labels.shape, np.float32)
+    drops[needed] = _drops(maps.labels[needed], maps.label_masks[needed])
+    return drops
+
+
+def _rows_to_fill(group: _Group) -> _Rows:
+    """Every slice inside the group's gaps, except those of gaps empty at both ends (left at zero)."""
+    has = group.has_foreground
+    sizes = np.array([b - a - 1 for a, b in group.gaps])
+    sizes[~(has[group.lower] | has[group.upper])] = 0
+    gap = np.repeat(np.arange(len(group.gaps)), sizes)
+    if gap.size == 0:
+        return _Rows(gap, gap, gap.astype(np.float32))
+    z = np.concatenate([np.arange(a + 1, b) for (a, b), n_z in zip(group.gaps, sizes, strict=True) if n_z])
+    lower = np.array([a for a, _ in group.gaps])[gap]
+    return _Rows(gap, z, ((z - lower) / (sizes[gap] + 1)).astype(np.float32))
+
+
+def _fill_foreground(group: _Group, maps: _Maps, endings: _Endings, rows: _Rows) -> np.ndarray:
+    """Foreground of the filled slices ``rows``: the voxels with the highest linear blend of the two
+    ends' signed distances, as many as the area blended linearly (:func:`_top_rows`), or, in gaps
+    where foreground ends, :func:`_ending_inside`."""
+    lower, upper, t = group.lower[rows.gap], group.upper[rows.gap], rows.t
+    inside = np.empty((rows.gap.size, *group.stack.shape[1:]), bool)
+    linear = ~endings.ending[rows.gap]
+    if linear.any():
+        t3 = t[linear, None, None]
+        level = (1 - t3) * maps.foreground[lower[linear]]
+        level += t3 * maps.foreground[upper[linear]]
+        area = (1 - t[linear]) * group.area[lower[linear]] + t[linear] * group.area[upper[linear]]
+        inside[linear] = _top_rows(level, area, rows=_span((group.rows[lower] | group.rows[upper])[linear]),
+                                   cols=_span((group.cols[lower] | group.cols[upper])[linear]))
+    if not linear.all():
+        ends = ~linear
+        gap = rows.gap[ends]
+        inside[ends] = _ending_inside(endings.maps, endings.row[gap], t[ends], endings.fractions[gap])
+    return inside
+
+
+def _choose_labels(group: _Group, maps: _Maps, label_drops: np.ndarray | None, rows: _Rows) -> np.ndarray:
+    """Label of each voxel of the filled slices ``rows``: the one with the largest interpolated
+    signed distance among the labels present at either end of its gap, ties to the first."""
+    if maps.labels is None:
+        return group.values[0]
+    lower, upper, present_at = group.lower[rows.gap], group.upper[rows.gap], maps.label_present
+    best = chosen = None
+    for j, value in enumerate(group.values):
+        present = present_at[j, lower] | present_at[j, upper]
+        if not present.any():
+            continue
+        level = _level(maps.labels[j], None if label_drops is None else label_drops[j], lower, upper,
+                       _coefficients(rows.t, present_at[j, lower], present_at[j, upper], _LABEL_END, _LABEL_END))
+        if not present.all():
+            level[~present] = -np.inf
+        if best is None:
+            best, chosen = level, np.full(level.shape, value)
         else:
-            best = chosen = None
-            for j in range(values.size):  # argmax over the labels present in the gap, ties to the first
-                present = lhas[j, sa] | lhas[j, sb]
-                if not present.any():
-                    continue
-                level = _level(lmaps[j], None if ldrops is None else ldrops[j], sa, sb,
-                               _coefficients(t, lhas[j, sa], lhas[j, sb], _LABEL_END, _LABEL_END))
-                if not present.all():
-                    level[~present] = -np.inf
-                if best is None:
-                    best, chosen = level, np.full(level.shape, values[j])
-                else:
-                    better = level > best
-                    np.copyto(best, level, where=better)
-                    chosen[better] = values[j]
-        view[z, br0:br1, bc0:bc1] = np.where(inside, chosen, 0).astype(view.dtype)
+            better = level > best
+            np.copyto(best, level, where=better)
+            chosen[better] = value
+    return chosen
 
 
-def _ending_maps(fmap: np.ndarray, fg: np.ndarray, comp: np.ndarray, n_comp: int, right: np.ndarray,
-                 left: np.ndarray, ia: np.ndarray, ib: np.ndarray, boxes: np.ndarray, *,
-                 sampling: tuple[float, ...], far: float) -> tuple[np.ndarray, ...]:
-    """Maps of the gaps where foreground ends inside: one end is empty, or holds components
-    without counterpart at the other end (a topology change).
+def _ending_maps(maps: _Maps, foreground: np.ndarray, components: np.ndarray, n_components: int,
+                 matches: _Matches, lower: np.ndarray, upper: np.ndarray, *,
+                 sampling: tuple[float, ...]) -> _EndingMaps:
+    """Maps of the gaps ``lower[i] -> upper[i]`` (slots) where foreground ends inside: one end is
+    empty, or holds components without counterpart at the other end (a topology change).
 
     Components with a counterpart (kept) are interpolated with it: linear signed distances of
     the kept parts, which equal the foreground's where a side has no other part, and otherwise
@@ -367,41 +496,43 @@ def _ending_maps(fmap: np.ndarray, fg: np.ndarray, comp: np.ndarray, n_comp: int
     the foreground distance eroded by their depth (:func:`_cap`), and only counts inside them,
     so each lone voxel has a lifetime: it is inside while ``x < 1 - (1 - d / depth) ** 2``
     (``d`` its distance, ``x`` as for :func:`_cap`), which is ``d > depth * cap(x)`` solved for ``x``.
-    Returns, side a then b: kept maps and lone lifetimes (0 outside lone parts), and per gap
-    whether kept parts exist and whether each side has lone parts.
     """
-    ca, cb = comp[ia], comp[ib]
-    kept_a, kept_b = right[ca] & fg[ia], left[cb] & fg[ib]  # empty where the other side is empty
-    lone_a, lone_b = fg[ia] & ~kept_a, fg[ib] & ~kept_b
-    has_kept = kept_a.any(axis=(1, 2))
-    depth = np.zeros(n_comp + 1, np.float32)
-    np.maximum.at(depth, comp[fg], fmap[fg])
-    maps_a, maps_b = fmap[ia], fmap[ib]
-    partial = np.concatenate([has_kept & lone_a.any(axis=(1, 2)), has_kept & lone_b.any(axis=(1, 2))])
+    fmap = maps.foreground
+    comp_lower, comp_upper = components[lower], components[upper]
+    kept_lower = matches.reaches_upper[comp_lower] & foreground[lower]  # empty where the other side is empty
+    kept_upper = matches.reaches_lower[comp_upper] & foreground[upper]
+    lone_lower, lone_upper = foreground[lower] & ~kept_lower, foreground[upper] & ~kept_upper
+    has_kept = kept_lower.any(axis=(1, 2))
+    depth = np.zeros(n_components + 1, np.float32)
+    np.maximum.at(depth, components[foreground], fmap[foreground])
+    maps_lower, maps_upper = fmap[lower], fmap[upper]
+    partial = np.concatenate([has_kept & lone_lower.any(axis=(1, 2)), has_kept & lone_upper.any(axis=(1, 2))])
     if partial.any():  # a kept part beside lone parts: its own signed distance outside it
-        kept = np.concatenate([kept_a, kept_b])[partial]
-        box = np.concatenate([boxes[ia], boxes[ib]])[partial]
-        dist = _nearest(kept, sampling=sampling, boxes=box, present=np.ones(kept.shape[0], bool), far=far)
-        maps = np.concatenate([maps_a, maps_b])
-        maps[partial] = np.where(kept, maps[partial], -dist)
-        maps_a, maps_b = maps[:ia.size], maps[ia.size:]
+        kept = np.concatenate([kept_lower, kept_upper])[partial]
+        box = np.concatenate([maps.near_box[lower], maps.near_box[upper]])[partial]
+        dist = _nearest(kept, sampling=sampling, boxes=box, present=np.ones(kept.shape[0], bool), far=maps.far)
+        both = np.concatenate([maps_lower, maps_upper])
+        both[partial] = np.where(kept, both[partial], -dist)
+        maps_lower, maps_upper = both[:lower.size], both[lower.size:]
     life = []
-    for lone, slots, comps in ((lone_a, ia, ca), (lone_b, ib, cb)):
+    for lone, slots, comps in ((lone_lower, lower, comp_lower), (lone_upper, upper, comp_upper)):
         share = np.divide(fmap[slots], depth[comps], out=np.zeros(lone.shape, np.float32), where=lone)
         life.append(np.where(lone, 1 - (1 - share) ** 2, 0).astype(np.float32))
-    return maps_a, maps_b, life[0], life[1], has_kept, lone_a.any(axis=(1, 2)), lone_b.any(axis=(1, 2))
+    return _EndingMaps(maps_lower, maps_upper, life[0], life[1], has_kept,
+                       lone_lower.any(axis=(1, 2)), lone_upper.any(axis=(1, 2)))
 
 
-def _ending_inside(maps: tuple[np.ndarray, ...], index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _ending_inside(maps: _EndingMaps, index: np.ndarray, t: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Foreground of filled slices of ending gaps: where the kept parts' linear blend is positive
-    or a lone part is still alive (``index``: row of each slice's gap in ``maps``)."""
-    kept_a, kept_b, life_a, life_b, has_kept, lone_a, lone_b = maps
-    inside = np.zeros((t.size, *kept_a.shape[1:]), bool)
-    rows = np.flatnonzero(has_kept[index])
+    or a lone part is still alive (``index``: row of each slice's gap in ``maps``; ``ends``: per
+    slice, its gap's end fractions from the lower and the upper end)."""
+    inside = np.zeros((t.size, *maps.kept_lower.shape[1:]), bool)
+    rows = np.flatnonzero(maps.has_kept[index])
     if rows.size:
         t3 = t[rows, None, None]
-        inside[rows] = (1 - t3) * kept_a[index[rows]] + t3 * kept_b[index[rows]] > 0
-    for life, lone, x in ((life_a, lone_a, t / ends[:, 0]), (life_b, lone_b, (1 - t) / ends[:, 1])):
+        inside[rows] = (1 - t3) * maps.kept_lower[index[rows]] + t3 * maps.kept_upper[index[rows]] > 0
+    for life, lone, x in ((maps.life_lower, maps.lone_lower, t / ends[:, 0]),
+                          (maps.life_upper, maps.lone_upper, (1 - t) / ends[:, 1])):
         rows = np.flatnonzero(lone[index])
         if rows.size:
             inside[rows] |= life[index[rows]] > x[rows, None, None]
