@@ -328,6 +328,32 @@ def test_cli_interpolate(sparse_dir: Path, tmp_path: Path) -> None:
     assert same.exit_code == 2 and "out must differ from sparse_dir" in same.output
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_registered_fill_writes_inside_its_gaps_only(method: str, request: pytest.FixtureRequest) -> None:
+    """The contract every entry of the registry shares (methods.Fill): with the slice axis first, a
+    fill writes the slices strictly inside each gap and nothing else, and says whether it filled."""
+    from sparseslice.interpolate.methods import FILLS
+
+    if method == "mci":
+        request.getfixturevalue("itk_ok")
+    label = ball((30, 14, 28), radius=11.0)
+    label[:, :, 14:] *= 2  # two touching labels
+    sparse = SparseLabel.from_slices(label, [2, 6, 7, 11], axis=1)  # gaps (2, 6) and (7, 11); 6, 7 adjacent
+    view = np.moveaxis(label.copy(), 1, 0)
+    view[~sparse.annotated] = 9  # a value no method may leave in a gap, nor write elsewhere
+    before = view.copy()
+    filled = FILLS[method](view, [(2, 6), (7, 11)], sparse=sparse, spacing=(1.0, 1.2, 0.9))
+    inside = np.zeros(14, bool)
+    inside[[3, 4, 5, 8, 9, 10]] = True
+    np.testing.assert_array_equal(view[~inside], before[~inside])
+    if method == "none":
+        assert filled is False
+        np.testing.assert_array_equal(view, before)
+    else:
+        assert filled is True and not np.any(view[inside] == 9)
+        assert set(np.unique(view[inside]).tolist()) == {0, 1, 2}
+
+
 def test_methods_constant() -> None:
     assert METHODS == ("none", "nearest", "sdf", "mci")
 
