@@ -5,7 +5,7 @@ every phase (first kept slice 0 .. k-1, so results do not hinge on where the gri
 interpolate with each method and score the slices that were filled against the true label:
 Dice per label (mean over cases; a label absent from both prediction and truth on the filled
 slices is skipped), and time per volume. ``mci`` (ITK) is the reference measured in the same
-run; ratios are printed against it. ITK runs on one thread (see sparseslice.interpolate_mci),
+run; ratios are printed against it. ITK runs on one thread (see sparseslice.interpolate.mci),
 like the others. Timings on a shared machine are noisy.
 
     .venv/bin/python bench/interpolate.py                 # all 260 cases, k = 2, 4, 8
@@ -45,7 +45,7 @@ def accuracy(cases: int | None, ks: list[int], methods: list[str]) -> None:
     axis = dataset_slice_axis([v.shape for v in labels], [v.spacing for v in labels])
     values = sorted({int(x) for v in labels for x in np.unique(v.array)} - {0})
     if "mci" in methods:
-        from sparseslice.interpolate_mci import import_itk, mci_fill
+        from sparseslice.interpolate.mci import import_itk, mci_fill
 
         t0 = time.perf_counter()
         import_itk()
@@ -99,7 +99,7 @@ def memory(shape: tuple[int, int, int], every: int, methods: list[str]) -> None:
     sparse = SparseLabel.from_slices(label, range(0, shape[2], every), axis=2)
     base = label.nbytes
     if "mci" in methods:
-        from sparseslice.interpolate_mci import import_itk
+        from sparseslice.interpolate.mci import import_itk
 
         import_itk()  # one-off import kept out of the timing
     for method in methods:

@@ -107,8 +107,8 @@ def test_sdf_matches_a_full_slice_reference() -> None:
 def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """The fast transforms (one per class, scipy's feature transform) equal scipy's signed distances,
     also through the public scipy function used if the private routine moves."""
-    import sparseslice.interpolate_sdf as sdf
-    from sparseslice.interpolate_sdf import _class_maps, _nearest
+    import sparseslice.interpolate.sdf as sdf
+    from sparseslice.interpolate.sdf import _class_maps, _nearest
 
     if not private:
         monkeypatch.setattr(sdf, "_feature_transform", None)
@@ -131,7 +131,7 @@ def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.Monkey
 
 def test_sdf_result_does_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Gaps are filled in runs that fit a memory budget: a tiny budget gives the same labels."""
-    import sparseslice.interpolate_sdf as sdf
+    import sparseslice.interpolate.sdf as sdf
 
     phantom = make_phantom((40, 36, 30), spacing=(0.9, 0.9, 2.0), n_labels=2, seed=3)
     sparse = SparseLabel.from_slices(phantom.label.array, range(1, 30, 3), axis=2)
@@ -326,6 +326,32 @@ def test_cli_interpolate(sparse_dir: Path, tmp_path: Path) -> None:
     assert "method must be one of none, nearest, sdf, mci, got 'cubic'" in bad.output
     same = runner.invoke(app, ["interpolate", str(sparse_dir), "-o", str(sparse_dir)])
     assert same.exit_code == 2 and "out must differ from sparse_dir" in same.output
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_registered_fill_writes_inside_its_gaps_only(method: str, request: pytest.FixtureRequest) -> None:
+    """The contract every entry of the registry shares (methods.Fill): with the slice axis first, a
+    fill writes the slices strictly inside each gap and nothing else, and says whether it filled."""
+    from sparseslice.interpolate.methods import FILLS
+
+    if method == "mci":
+        request.getfixturevalue("itk_ok")
+    label = ball((30, 14, 28), radius=11.0)
+    label[:, :, 14:] *= 2  # two touching labels
+    sparse = SparseLabel.from_slices(label, [2, 6, 7, 11], axis=1)  # gaps (2, 6) and (7, 11); 6, 7 adjacent
+    view = np.moveaxis(label.copy(), 1, 0)
+    view[~sparse.annotated] = 9  # a value no method may leave in a gap, nor write elsewhere
+    before = view.copy()
+    filled = FILLS[method](view, [(2, 6), (7, 11)], sparse=sparse, spacing=(1.0, 1.2, 0.9))
+    inside = np.zeros(14, bool)
+    inside[[3, 4, 5, 8, 9, 10]] = True
+    np.testing.assert_array_equal(view[~inside], before[~inside])
+    if method == "none":
+        assert filled is False
+        np.testing.assert_array_equal(view, before)
+    else:
+        assert filled is True and not np.any(view[inside] == 9)
+        assert set(np.unique(view[inside]).tolist()) == {0, 1, 2}
 
 
 def test_methods_constant() -> None:

@@ -15,6 +15,8 @@ from sparseslice.sparse import (
     encode,
     extent_of,
     read_sparse,
+    sidecar_extra,
+    sidecar_ignore_value,
     sidecar_path,
     structure_slices,
     write_sparse,
@@ -104,6 +106,24 @@ def test_write_read_sparse_with_sidecar(tmp_path):
     np.testing.assert_array_equal(back.border, sp.border)
     np.testing.assert_array_equal(back.label[back.known_mask()], sp.label[sp.known_mask()])
     np.testing.assert_allclose(vol.affine, like.affine)
+
+
+def test_rewritten_sidecar_keeps_what_later_stages_added(tmp_path):
+    """sidecar_extra: the entries write_sparse does not take from the label, which a rewrite passes on."""
+    lab = toy_label()
+    like = Volume(np.zeros(lab.shape, np.float32))
+    path = write_sparse(SparseLabel.from_slices(lab, [2, 5], axis=2), tmp_path / "a.nii.gz", like=like,
+                        ignore_value=9, extra={"strategy": "interval", "interpolated": []})
+    first, _ = read_sparse(path)
+    assert sidecar_extra(first.meta) == {"strategy": "interval", "interpolated": []}
+    assert sidecar_ignore_value(first.meta) == 9 and sidecar_ignore_value(first.meta, default=3) == 9
+    assert sidecar_ignore_value({}, default=3) == 3 and sidecar_ignore_value({}) == 255
+    wider = SparseLabel.from_slices(lab, [2, 3, 4, 5], axis=2)
+    extra = {**sidecar_extra(first.meta), "interpolated": [3, 4]}
+    again, _ = read_sparse(write_sparse(wider, tmp_path / "b.nii.gz", like=like, extra=extra,
+                                        ignore_value=sidecar_ignore_value(first.meta)))
+    assert again.meta["annotated"] == [2, 3, 4, 5] and again.meta["ignore_value"] == 9
+    assert again.meta["strategy"] == "interval" and again.meta["interpolated"] == [3, 4]
 
 
 def test_sidecar_disagreeing_with_volume_is_refused(tmp_path):

@@ -249,6 +249,22 @@ def read_sidecar(label_path: str | os.PathLike[str]) -> dict | None:
     return json.loads(side.read_text()) if side.is_file() else None
 
 
+# what write_sparse writes from the label itself; a rewrite passes the other entries on as extra
+_LABEL_ENTRIES = ("axis", "n_slices", "ignore_value", "annotated", "border", "drawn", "extent")
+
+
+def sidecar_extra(record: dict) -> dict:
+    """The entries of a sidecar record that :func:`write_sparse` does not write from the label
+    (those a later stage added, such as ``interpolated`` and ``method``; ``partial`` too, passed
+    on as read): ``extra`` for a rewrite that keeps them."""
+    return {k: v for k, v in record.items() if k not in _LABEL_ENTRIES}
+
+
+def sidecar_ignore_value(record: dict, *, default: int | None = None) -> int:
+    """The ignore value a sidecar record declares; else ``default``, else 255 (:data:`DEFAULT_IGNORE_VALUE`)."""
+    return int(record.get("ignore_value", DEFAULT_IGNORE_VALUE if default is None else default))
+
+
 def sidecar_path(label_path: str | os.PathLike[str]) -> Path:
     """``labels/case.nii.gz`` -> ``labels/case.sparse.json``."""
     p = Path(label_path)
