@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -148,3 +149,13 @@ def test_mask_channel_input_is_what_inference_gives_in_the_stated_share(fine, tm
     assert 0.4 < share < 0.6
     # the loss weights never change: unknown slices stay unknown
     assert torch.all(batch.weight[batch.annotated == 0] == 0)
+
+
+def test_a_3d_patch_larger_than_every_case_is_padded_and_said_once(fine, tmp_path):
+    cfg = TrainConfig(model="3d", epochs=1, batch_size=1, samples_per_epoch=1, patch_size=(16, 16, 32), **TINY)
+    with pytest.warns(UserWarning, match=r"larger than every training case along patch axis 2") as seen:
+        train(fine, tmp_path / "run", config=cfg, progress=False)
+    assert sum("larger than every training case" in str(w.message) for w in seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the default patch (rounded up to the divisor) says nothing
+        train(fine, tmp_path / "run2", config=cfg.updated(patch_size=None), progress=False)

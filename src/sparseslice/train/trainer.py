@@ -57,6 +57,7 @@ from sparseslice.train.data import (
     prefetch,
     resolve_axis,
     resolve_spacing,
+    round_up,
     warn_missing_classes,
 )
 from sparseslice.train.losses import masked_dice_scores, selective_loss
@@ -305,6 +306,7 @@ def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_d
                      dropout=config.dropout)
     patch = config.patch_size or default_patch_size(train_cases, model=config.model, axis=axis,
                                                     divisor=spec.divisor)
+    _warn_if_patch_exceeds(train_cases, patch, model=config.model, axis=axis, divisor=spec.divisor)
     if spec.dims == 2:
         sampler: SliceSampler | BlockSampler = SliceSampler(train_cases, patch_size=patch)
         batch_size = config.batch_size or 16
@@ -321,6 +323,22 @@ def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_d
              "val_dir": str(val_dir) if val_dir is not None else None}
     return _Run(run_dir=run_dir, config=resolved, spec=spec, normalization=norm, labels=labels,
                 label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device)
+
+
+def _warn_if_patch_exceeds(cases: list[CaseArrays], patch: tuple[int, ...], *, model: str, axis: int,
+                           divisor: int) -> None:
+    """Say once when the patch is larger than every training case along an axis, beyond rounding up to the
+    network's divisor (cases are padded)."""
+    shapes = np.array([c.label.shape for c in cases])
+    if model == "2d":
+        shapes = shapes[:, [a for a in range(3) if a != axis]]
+    largest = shapes.max(axis=0)
+    over = [a for a, (p, n) in enumerate(zip(patch, largest, strict=True)) if p > round_up(int(n), divisor)]
+    if over:
+        warnings.warn(f"patch_size {tuple(patch)} is larger than every training case along patch axis "
+                      f"{', '.join(map(str, over))} (largest case {tuple(int(n) for n in largest)} at the training "
+                      "spacing); cases are padded with unknown voxels there: a smaller patch trains faster",
+                      UserWarning, stacklevel=3)
 
 
 def _new_learner(run: _Run, rng: np.random.Generator) -> _Learner:
