@@ -390,3 +390,27 @@ def test_partly_labelled_slice_in_a_gap_keeps_its_labelled_voxels() -> None:
     assert res.interpolated.tolist() == [False, True, True, True, False] and res.sparse.partial_known is None
     np.testing.assert_array_equal(res.sparse.label[:2, :, 2], 2)
     np.testing.assert_array_equal(res.sparse.label[2:, :, 2], lab[2:, :, 0])
+
+
+def test_reinterpolated_sidecar_drops_a_partial_slice_that_was_filled(tmp_path: Path) -> None:
+    """``partial`` describes the label written, not the input: a partly labelled slice that a
+    re-interpolation fills is annotated in the output, and its sidecar no longer lists it."""
+    from sparseslice.io import write_volume
+
+    ph = make_phantom((24, 24, 12), seed=0)
+    root = tmp_path / "sparse"
+    write_volume(ph.image, root / "imagesTr" / "c0.nii.gz")
+    known = np.zeros(ph.label.shape, bool)
+    known[12:, :, 6] = True  # slice 6, between the annotated 3 and 9, is labelled on its second half only
+    sparse = SparseLabel(ph.label.array, np.isin(np.arange(12), [3, 9]), 2, partial_known=known)
+    write_sparse(sparse, root / "labelsTr" / "c0.nii.gz", like=ph.label)
+    kept = interpolate_dataset(root, tmp_path / "kept", method="none", progress=False)
+    side = json.loads((kept / "labelsTr" / "c0.sparse.json").read_text())
+    assert side["partial"] == [6] and side["interpolated"] == []  # nothing filled: still partly labelled
+    filled = interpolate_dataset(kept, tmp_path / "filled", method="nearest", progress=False)
+    side = json.loads((filled / "labelsTr" / "c0.sparse.json").read_text())
+    assert side["annotated"] == list(range(3, 10)) and side["interpolated"] == [4, 5, 6, 7, 8]
+    assert "partial" not in side, side
+    back, _ = read_sparse(filled / "labelsTr" / "c0.nii.gz")
+    assert back.partial_slices == [] and back.annotated_indices == list(range(3, 10))
+    np.testing.assert_array_equal(back.label[12:, :, 6], ph.label.array[12:, :, 6])  # its labelled half kept
