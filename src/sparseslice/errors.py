@@ -52,8 +52,8 @@ def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cuto
     "--strategy must be one of random, interval, got 'randm'; did you mean 'random'?"
     >>> str(unknown_choice("key 'sed'", "sed", ("seed", "lr"), problem="does not exist", otherwise="valid: seed, lr"))
     "key 'sed' does not exist, got 'sed'; did you mean 'seed'?"
-    >>> str(unknown_choice("spec", "sed", ("seeds",), cutoff=0.0, problem="has an unknown key", more="valid keys: seeds"))
-    "spec has an unknown key, got 'sed'; did you mean 'seeds'? valid keys: seeds"
+    >>> str(unknown_choice("spec", "sed", ("seeds",), cutoff=0, problem="has an unknown key", more="valid: seeds"))
+    "spec has an unknown key, got 'sed'; did you mean 'seeds'? valid: seeds"
     """
     near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
     fix = f"did you mean {near[0]!r}?" if near else otherwise or f"e.g. {argument} {choices[0]}"
