@@ -181,10 +181,8 @@ def _num(x: float) -> str:
 
 
 def _train_default(name: str) -> Any:
-    """A :class:`~sparseslice.train.TrainConfig` default (declared there once; imports torch)."""
-    from sparseslice.train.config import TrainConfig
-
-    return TrainConfig.__dataclass_fields__[name].default
+    """A :class:`~sparseslice.train.TrainConfig` default (declared there once)."""
+    return train_registry.TrainConfig.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
