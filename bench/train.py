@@ -40,6 +40,7 @@ from sparseslice.io import Volume
 from sparseslice.sparse import SparseLabel, write_sparse
 from sparseslice.study.runner import link_cases
 from sparseslice.train import TrainConfig, train
+from sparseslice.train.config import MODELS
 from sparseslice.train.losses import selective_loss
 
 HIPPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "msd-hippocampus"
@@ -305,7 +306,7 @@ def main() -> None:
     a.add_argument("--repeats", type=int, default=5)
     a.add_argument("--cases", type=int, default=40)
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
-    a.add_argument("--model", choices=("2d", "3d"), default="2d")
+    a.add_argument("--model", choices=MODELS, default="2d")
     b = sub.add_parser("quality")
     b.add_argument("--data", default=str(HIPPO), help="dataset (default: MSD hippocampus in ../shared)")
     b.add_argument("--holdout", type=int, default=None,

@@ -104,43 +104,45 @@ def test_sdf_matches_a_full_slice_reference() -> None:
 
 
 @pytest.mark.parametrize("private", [True, False])
-def test_sdf_distance_maps_match_scipy(private: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdf_distance_maps_match_scipy(private: bool) -> None:
     """The fast transforms (one per class, scipy's feature transform) equal scipy's signed distances,
     also through the public scipy function used if the private routine moves."""
-    import sparseslice.interpolate.sdf as sdf
     from sparseslice.interpolate.sdf import _class_maps, _nearest
 
-    if not private:
-        monkeypatch.setattr(sdf, "_feature_transform", None)
+    transform = {} if private else {"feature_transform": None}  # None: the public scipy function
     rng = np.random.default_rng(1)
     stack = ndimage.median_filter(rng.integers(0, 3, (4, 30, 26)), size=(1, 5, 5)).astype(np.uint8)
     stack[3] = 0
     stack[3, 10:15, 8:20] = 2  # a slice with one label only
     sampling = (0.7, 1.3)
     box = np.tile([0, 30, 0, 26], (4, 1))
-    fmap, lmaps, _ = _class_maps(stack, np.array([1, 2]), far=1e3, near_box=box, own_box=box, sampling=sampling)
+    fmap, lmaps, _ = _class_maps(stack, np.array([1, 2]), far=1e3, near_box=box, own_box=box, sampling=sampling,
+                                 **transform)
     for s in range(4):
         np.testing.assert_allclose(fmap[s], signed_distance(stack[s] > 0, sampling=sampling), atol=1e-5)
         for j, v in enumerate((1, 2)):
             if (stack[s] == v).any():
                 np.testing.assert_allclose(lmaps[j, s], signed_distance(stack[s] == v, sampling=sampling), atol=1e-5)
     masks = rng.random((3, 20, 17)) > 0.95
-    np.testing.assert_allclose(_nearest(masks, sampling=sampling),
+    np.testing.assert_allclose(_nearest(masks, sampling=sampling, **transform),
                                [ndimage.distance_transform_edt(~m, sampling=sampling) for m in masks], rtol=1e-6)
 
 
-def test_sdf_result_does_not_depend_on_the_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sdf_result_does_not_depend_on_the_chunk_size() -> None:
     """Gaps are filled in runs that fit a memory budget: a tiny budget gives the same labels."""
-    import sparseslice.interpolate.sdf as sdf
+    from sparseslice.interpolate.sdf import fill_sdf
 
     phantom = make_phantom((40, 36, 30), spacing=(0.9, 0.9, 2.0), n_labels=2, seed=3)
     sparse = SparseLabel.from_slices(phantom.label.array, range(1, 30, 3), axis=2)
     ref = interpolate_label(sparse, spacing=(0.9, 0.9, 2.0), method="sdf")
     filled = ref.sparse.label[:, :, ref.interpolated]
     assert (filled == 1).any() and (filled == 2).any()
-    monkeypatch.setattr(sdf, "_CHUNK_VALUES", 40 * 36 * 12 * 3)  # three annotated slices, a few rows at a time
-    small = interpolate_label(sparse, spacing=(0.9, 0.9, 2.0), method="sdf")
-    np.testing.assert_array_equal(small.sparse.label, ref.sparse.label)
+    small = sparse.label.copy()  # the same fill as interpolate_label's (slice axis first), on a tiny budget
+    slices = np.flatnonzero(sparse.annotated).tolist()
+    fill_sdf(np.moveaxis(small, 2, 0), list(zip(slices[:-1], slices[1:], strict=True)), sampling=(0.9, 0.9),
+             border=sparse.border, extent=sparse.extent,
+             chunk_values=40 * 36 * 12 * 3)  # three annotated slices, a few rows at a time
+    np.testing.assert_array_equal(small, ref.sparse.label)
 
 
 def test_sdf_keeps_the_area_of_a_shifting_shape() -> None:
@@ -390,3 +392,27 @@ def test_partly_labelled_slice_in_a_gap_keeps_its_labelled_voxels() -> None:
     assert res.interpolated.tolist() == [False, True, True, True, False] and res.sparse.partial_known is None
     np.testing.assert_array_equal(res.sparse.label[:2, :, 2], 2)
     np.testing.assert_array_equal(res.sparse.label[2:, :, 2], lab[2:, :, 0])
+
+
+def test_reinterpolated_sidecar_drops_a_partial_slice_that_was_filled(tmp_path: Path) -> None:
+    """``partial`` describes the label written, not the input: a partly labelled slice that a
+    re-interpolation fills is annotated in the output, and its sidecar no longer lists it."""
+    from sparseslice.io import write_volume
+
+    ph = make_phantom((24, 24, 12), seed=0)
+    root = tmp_path / "sparse"
+    write_volume(ph.image, root / "imagesTr" / "c0.nii.gz")
+    known = np.zeros(ph.label.shape, bool)
+    known[12:, :, 6] = True  # slice 6, between the annotated 3 and 9, is labelled on its second half only
+    sparse = SparseLabel(ph.label.array, np.isin(np.arange(12), [3, 9]), 2, partial_known=known)
+    write_sparse(sparse, root / "labelsTr" / "c0.nii.gz", like=ph.label)
+    kept = interpolate_dataset(root, tmp_path / "kept", method="none", progress=False)
+    side = json.loads((kept / "labelsTr" / "c0.sparse.json").read_text())
+    assert side["partial"] == [6] and side["interpolated"] == []  # nothing filled: still partly labelled
+    filled = interpolate_dataset(kept, tmp_path / "filled", method="nearest", progress=False)
+    side = json.loads((filled / "labelsTr" / "c0.sparse.json").read_text())
+    assert side["annotated"] == list(range(3, 10)) and side["interpolated"] == [4, 5, 6, 7, 8]
+    assert "partial" not in side, side
+    back, _ = read_sparse(filled / "labelsTr" / "c0.nii.gz")
+    assert back.partial_slices == [] and back.annotated_indices == list(range(3, 10))
+    np.testing.assert_array_equal(back.label[12:, :, 6], ph.label.array[12:, :, 6])  # its labelled half kept

@@ -126,6 +126,24 @@ def test_rewritten_sidecar_keeps_what_later_stages_added(tmp_path):
     assert again.meta["strategy"] == "interval" and again.meta["interpolated"] == [3, 4]
 
 
+def test_partial_slices_come_from_the_label_written_not_the_old_sidecar(tmp_path):
+    """write_sparse owns ``partial``: sidecar_extra leaves it out and extra may not set it, so a
+    rewrite lists the partly labelled slices of its own label only."""
+    lab = toy_label()
+    like = Volume(np.zeros(lab.shape, np.float32))
+    known = np.zeros(lab.shape, bool)
+    known[:3, :, 4] = True  # slice 4: its first three rows are labelled
+    path = write_sparse(SparseLabel(lab, np.eye(8, dtype=bool)[2], 2, partial_known=known), tmp_path / "a.nii.gz",
+                        like=like, extra={"strategy": "interval"})
+    first, _ = read_sparse(path)
+    assert first.meta["partial"] == [4] and sidecar_extra(first.meta) == {"strategy": "interval"}
+    whole = SparseLabel.from_slices(lab, [2, 4], axis=2)  # slice 4 now whole
+    again, _ = read_sparse(write_sparse(whole, tmp_path / "b.nii.gz", like=like, extra=sidecar_extra(first.meta)))
+    assert "partial" not in again.meta and again.meta["strategy"] == "interval"
+    with pytest.raises(ValueError, match="extra must not hold 'partial'"):
+        write_sparse(whole, tmp_path / "c.nii.gz", like=like, extra={"partial": [4]})
+
+
 def test_sidecar_disagreeing_with_volume_is_refused(tmp_path):
     lab = toy_label()
     like = Volume(np.zeros(lab.shape, np.float32))

@@ -199,16 +199,13 @@ def test_resume_continues_from_the_last_epoch(phantoms, tmp_path):
     assert straight.best_val_dice == pytest.approx(resumed.best_val_dice)
 
 
-def test_prefetched_batches_train_exactly_like_inline_ones(phantoms, tmp_path, monkeypatch):
+def test_prefetched_batches_train_exactly_like_inline_ones(phantoms, tmp_path):
     """The background thread (used on GPUs) draws the same batches in the same order."""
-    import sparseslice.train.trainer as trainer
-
     sparse = make_sparse(phantoms, tmp_path / "sp", lambda n: list(range(1, n, 2)))
     cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=12, epochs=2, device="cpu",
                       **{**TINY, "augment": True, "val_fraction": 0.5})
-    train(sparse, tmp_path / "inline", config=cfg, progress=False)
-    monkeypatch.setattr(trainer, "_prefetches", lambda device: True)
-    train(sparse, tmp_path / "ahead", config=cfg, progress=False)
+    train(sparse, tmp_path / "inline", config=cfg, progress=False)  # CPU: inline by default
+    train(sparse, tmp_path / "ahead", config=cfg, progress=False, prefetch=True)
     a = torch.load(tmp_path / "inline" / "last.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "ahead" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -222,11 +219,10 @@ def test_a_failing_step_stops_the_prefetch_thread(phantoms, tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(trainer, "_prefetches", lambda device: True)
     monkeypatch.setattr(trainer, "selective_loss", broken)
     try:
         train(phantoms, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=40, **TINY),
-              progress=False)
+              progress=False, prefetch=True)
     except RuntimeError as exc:  # checked while the traceback (and the loop's frame) is still alive
         assert "out of memory" in str(exc)
         assert not any(t.name == "sparseslice-prefetch" for t in threading.enumerate())
@@ -302,11 +298,10 @@ def test_augmentation_runs_on_one_thread_and_the_step_on_num_threads(phantoms, t
 
     monkeypatch.setattr(trainer, "augment_batch", augment)
     monkeypatch.setattr(trainer, "selective_loss", loss)
-    monkeypatch.setattr(trainer, "_prefetches", lambda device: ahead)
     try:
         train(phantoms, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=6,
                                                              **{**TINY, "augment": True, "num_threads": 2}),
-              progress=False)
+              progress=False, prefetch=ahead)
         assert counts == {"augment": {1}, "step": {2}} and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(1)

@@ -507,7 +507,7 @@ def interpolate(
     sparse_dir: Annotated[Path, typer.Argument(help="Sparse dataset (e.g. written by sparseslice simulate).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (same layout, labels filled).")],
     method: Annotated[str, typer.Option(help="Interpolation method (mci needs the ITK extra)."),
-                      Choices("sparseslice.interpolate:METHODS")] = "sdf",
+                      Choices("sparseslice.interpolate.methods:METHODS")] = "sdf",
     progress: ProgressOption = True,
 ) -> None:
     """Fill the slices between annotated slices; sidecars record which were interpolated."""

@@ -38,12 +38,13 @@ def fail(argument: str, value: object, fix: str, *, problem: str | None = None) 
 
 
 def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cutoff: float = 0.6,
-                   problem: str | None = None, otherwise: str | None = None) -> UserError:
+                   problem: str | None = None, otherwise: str | None = None, more: str | None = None) -> UserError:
     """Build the :class:`UserError` for a value outside a fixed set of choices.
 
-    The message names the argument, the value, every valid choice (or ``problem``) and, when one
-    is close (:func:`difflib.get_close_matches` at ``cutoff``; 0 always suggests the nearest),
-    suggests it; else the fix is ``otherwise`` (default: an example with the first choice).
+    The one "did you mean" of the project. The message names the argument, the value, every
+    valid choice (or ``problem``) and, when one is close (:func:`difflib.get_close_matches` at
+    ``cutoff``; 0 always suggests the nearest), suggests it; else the fix is ``otherwise``
+    (default: an example with the first choice). ``more`` is said after the fix, either way.
 
     Examples
     --------
@@ -51,7 +52,11 @@ def unknown_choice(argument: str, value: object, choices: Sequence[str], *, cuto
     "--strategy must be one of random, interval, got 'randm'; did you mean 'random'?"
     >>> str(unknown_choice("key 'sed'", "sed", ("seed", "lr"), problem="does not exist", otherwise="valid: seed, lr"))
     "key 'sed' does not exist, got 'sed'; did you mean 'seed'?"
+    >>> str(unknown_choice("spec", "sed", ("seeds",), cutoff=0, problem="has an unknown key", more="valid: seeds"))
+    "spec has an unknown key, got 'sed'; did you mean 'seeds'? valid: seeds"
     """
     near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
     fix = f"did you mean {near[0]!r}?" if near else otherwise or f"e.g. {argument} {choices[0]}"
+    if more:
+        fix = f"{fix} {more}"
     return fail(argument, value, fix, problem=problem or f"must be one of {', '.join(map(str, choices))}")

@@ -29,13 +29,19 @@ prediction empty    0.0     -1.0    NaN                 ``"empty pred"``
 ==================  ======  ======  ==================  ==========
 
 ``assd2d`` is NaN (note ``"no common slice"``) when no slice holds both masks.
+
+The metrics are registered by name in ``METRIC_FUNCTIONS``, each a :data:`MetricFunction` of
+one :class:`MaskPair` (which computes what several metrics share once); ``METRICS`` (the
+names, in the order tables list them) and the study spec read it, so a new metric is one
+function plus one entry.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -43,11 +49,9 @@ from scipy.spatial import cKDTree
 from sparseslice.errors import UserError
 from sparseslice.io import check_spacing
 
-METRICS = ("dice", "hd", "hd95", "assd", "assd2d", "rvd")
 #: ``region`` of a tidy row: one label's voxels, or the union of every foreground label (``label`` 0).
 REGION_LABEL = "label"
 REGION_FOREGROUND = "foreground"
-DISTANCE_METRICS = ("hd", "hd95", "assd", "assd2d")
 
 
 def _check_pair(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -282,6 +286,102 @@ def slice_assd(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], a
     return float(np.mean(values)), len(values)
 
 
+@dataclass
+class MaskPair:
+    """One binary prediction / reference pair, as every metric of :data:`METRIC_FUNCTIONS` takes it.
+
+    Build it with :meth:`of` (which checks the inputs). ``known`` marks the voxels of a sparse
+    reference's annotated slices (None: the reference is dense). What several metrics share
+    (the surface distances, the per-slice ASSD, the empty-mask note) is computed once, when
+    first asked for.
+    """
+
+    pred: np.ndarray
+    ref: np.ndarray
+    spacing: np.ndarray
+    axis: int
+    known: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], axis: int,
+           annotated: np.ndarray | None = None) -> MaskPair:
+        """Check a mask pair (and a sparse reference's ``annotated`` vector over ``axis``)."""
+        pred, ref = _check_pair(pred, ref)
+        sp = np.asarray(check_spacing(spacing, pred.ndim))
+        if annotated is None:
+            return cls(pred, ref, sp, axis)
+        annotated = np.asarray(annotated, dtype=bool)
+        if annotated.shape != (pred.shape[axis],):
+            raise UserError(f"annotated must have {pred.shape[axis]} entries (slices along axis {axis}), "
+                            f"got shape {annotated.shape}; pass the sparse label's annotated vector")
+        shape = [1, 1, 1]
+        shape[axis] = -1
+        return cls(pred, ref, sp, axis, np.broadcast_to(annotated.reshape(shape), pred.shape))
+
+    @property
+    def sparse(self) -> bool:
+        return self.known is not None
+
+    @cached_property
+    def note(self) -> str:
+        """The empty-mask note of the voxels compared (:func:`empty_note`)."""
+        if self.known is None:
+            return self.distances.note
+        return empty_note(self.pred & self.known, self.ref & self.known)
+
+    @cached_property
+    def sparse_note(self) -> str:
+        """The note of a 3D distance left undefined by a sparse reference."""
+        return "sparse ref" + (f"; {self.note}" if self.note else "")
+
+    @cached_property
+    def distances(self) -> SurfaceDistances:
+        """Both directed 3D surface-distance sets (dense references only)."""
+        return surface_distances(self.pred, self.ref, spacing=self.spacing)
+
+    @cached_property
+    def per_slice_assd(self) -> tuple[float, int]:
+        """:func:`slice_assd` over the known slices: ``(value, slices averaged)``."""
+        if self.known is None:
+            return slice_assd(self.pred, self.ref, spacing=self.spacing, axis=self.axis)
+        return slice_assd(self.pred & self.known, self.ref & self.known, spacing=self.spacing, axis=self.axis)
+
+
+#: A metric as the registry holds it: ``metric(pair) -> (value, note)``.
+MetricFunction = Callable[[MaskPair], tuple[float, str]]
+
+
+def _dice(pair: MaskPair) -> tuple[float, str]:
+    return dice(pair.pred, pair.ref, mask=pair.known), pair.note
+
+
+def _hd(pair: MaskPair) -> tuple[float, str]:
+    return (math.nan, pair.sparse_note) if pair.sparse else (pair.distances.hausdorff(), pair.note)
+
+
+def _hd95(pair: MaskPair) -> tuple[float, str]:
+    return (math.nan, pair.sparse_note) if pair.sparse else (pair.distances.hausdorff(95), pair.note)
+
+
+def _assd(pair: MaskPair) -> tuple[float, str]:
+    return (math.nan, pair.sparse_note) if pair.sparse else (pair.distances.assd(), pair.note)
+
+
+def _assd2d(pair: MaskPair) -> tuple[float, str]:
+    value, n = pair.per_slice_assd
+    return value, pair.note or ("" if n else "no common slice")
+
+
+def _rvd(pair: MaskPair) -> tuple[float, str]:
+    return relative_volume_difference(pair.pred, pair.ref, mask=pair.known), pair.note
+
+
+#: The metrics by name (order: as tables list them).
+METRIC_FUNCTIONS: dict[str, MetricFunction] = {"dice": _dice, "hd": _hd, "hd95": _hd95, "assd": _assd,
+                                               "assd2d": _assd2d, "rvd": _rvd}
+METRICS = tuple(METRIC_FUNCTIONS)
+
+
 def mask_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], axis: int,
                  annotated: np.ndarray | None = None) -> dict[str, tuple[float, str]]:
     """All of :data:`METRICS` for one binary mask pair: ``{metric: (value, note)}``.
@@ -291,38 +391,8 @@ def mask_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float],
     uses annotated slices only, and the 3D distances ``hd``, ``hd95``, ``assd`` are NaN
     with note ``"sparse ref"`` (a 3D surface through unknown slices is undefined).
     """
-    pred, ref = _check_pair(pred, ref)
-    sp = np.asarray(check_spacing(spacing, pred.ndim))
-    if annotated is not None:
-        annotated = np.asarray(annotated, dtype=bool)
-        if annotated.shape != (pred.shape[axis],):
-            raise UserError(f"annotated must have {pred.shape[axis]} entries (slices along axis {axis}), "
-                            f"got shape {annotated.shape}; pass the sparse label's annotated vector")
-        shape = [1, 1, 1]
-        shape[axis] = -1
-        known = np.broadcast_to(annotated.reshape(shape), pred.shape)
-        p, r = pred & known, ref & known
-        note = empty_note(p, r)
-        value, n = slice_assd(p, r, spacing=sp, axis=axis)
-        sparse_note = "sparse ref" + (f"; {note}" if note else "")
-        return {
-            "dice": (dice(pred, ref, mask=known), note),
-            "hd": (math.nan, sparse_note),
-            "hd95": (math.nan, sparse_note),
-            "assd": (math.nan, sparse_note),
-            "assd2d": (value, note or ("" if n else "no common slice")),
-            "rvd": (relative_volume_difference(pred, ref, mask=known), note),
-        }
-    sd = surface_distances(pred, ref, spacing=sp)
-    value, n = slice_assd(pred, ref, spacing=sp, axis=axis)
-    return {
-        "dice": (dice(pred, ref), sd.note),
-        "hd": (sd.hausdorff(), sd.note),
-        "hd95": (sd.hausdorff(95), sd.note),
-        "assd": (sd.assd(), sd.note),
-        "assd2d": (value, sd.note or ("" if n else "no common slice")),
-        "rvd": (relative_volume_difference(pred, ref), sd.note),
-    }
+    pair = MaskPair.of(pred, ref, spacing=spacing, axis=axis, annotated=annotated)
+    return {name: metric(pair) for name, metric in METRIC_FUNCTIONS.items()}
 
 
 def label_metrics(pred: np.ndarray, ref: np.ndarray, *, spacing: Sequence[float], axis: int,

@@ -250,13 +250,18 @@ def read_sidecar(label_path: str | os.PathLike[str]) -> dict | None:
 
 
 # what write_sparse writes from the label itself; a rewrite passes the other entries on as extra
-_LABEL_ENTRIES = ("axis", "n_slices", "ignore_value", "annotated", "border", "drawn", "extent")
+_LABEL_ENTRIES = ("axis", "n_slices", "ignore_value", "annotated", "border", "drawn", "extent", "partial")
 
 
 def sidecar_extra(record: dict) -> dict:
     """The entries of a sidecar record that :func:`write_sparse` does not write from the label
-    (those a later stage added, such as ``interpolated`` and ``method``; ``partial`` too, passed
-    on as read): ``extra`` for a rewrite that keeps them."""
+    (those a later stage added, such as ``interpolated`` and ``method``): ``extra`` for a rewrite
+    that keeps them.
+
+    ``partial`` is not among them: :func:`write_sparse` writes it from the label it is given
+    (its partly labelled slices, absent when there are none), so a slice that the rewritten
+    label no longer holds in part (an interpolation filled it) is not listed from the old record.
+    """
     return {k: v for k, v in record.items() if k not in _LABEL_ENTRIES}
 
 
@@ -275,8 +280,12 @@ def write_sparse(sparse: SparseLabel, path: str | os.PathLike[str], *, like: Vol
                  ignore_value: int = DEFAULT_IGNORE_VALUE, extra: dict | None = None) -> Path:
     """Write the encoded volume (in ``like``'s space) and its JSON sidecar, both atomically.
 
-    The sidecar is written last, so its presence means the pair is complete.
+    The sidecar is written last, so its presence means the pair is complete. ``extra`` adds
+    entries to the record (or replaces those taken from the label, as ``interpolate`` does with
+    ``drawn``), except ``partial``: the partly labelled slices are always those of ``sparse``.
     """
+    if extra and "partial" in extra:
+        raise ValueError("extra must not hold 'partial': write_sparse writes it from the label's partial_known")
     write_volume(like.like(encode(sparse, ignore_value=ignore_value)), path)
     record = {
         "axis": sparse.axis,

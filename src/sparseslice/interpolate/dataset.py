@@ -51,7 +51,8 @@ def interpolate_dataset(sparse_dir: Path, out: Path, *, method: str, progress: b
     Path
         ``out``. Each label is written with :func:`~sparseslice.sparse.write_sparse`; its
         sidecar keeps the input's keys, lists interpolated slices under ``"annotated"`` and
-        ``"interpolated"``, keeps ``"drawn"`` as the annotator's slices and adds ``"method"``.
+        ``"interpolated"``, keeps ``"drawn"`` as the annotator's slices and adds ``"method"``;
+        ``"partial"`` lists the output's partly labelled slices (none once filled).
         Images are carried over as the input holds them: a symbolic link (``simulate``'s
         default) becomes a link to the same original, a plain file is hard-linked (copied
         where the file system refuses), so no image data is duplicated and ``out`` stays valid

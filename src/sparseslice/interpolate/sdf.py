@@ -3,7 +3,8 @@
 See :mod:`sparseslice.interpolate` for what the method does; this module holds the
 machinery. Everything works on a label array whose first axis is the slice axis (``view``),
 on runs of consecutive gaps (a gap: two consecutive annotated slices and the slices between)
-whose maps fit in ``_CHUNK_VALUES``, inside the bounding box of their slices' foreground.
+whose maps fit in ``chunk_values`` values (:func:`fill_sdf`; ``_CHUNK_VALUES`` by default),
+inside the bounding box of their slices' foreground.
 
 A class (the foreground, or one label) present on both sides of a gap is interpolated
 linearly between its two signed distance maps. A class seen on one side only ends inside the
@@ -17,6 +18,7 @@ since only its inside matters and there its distance is the foreground's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +70,10 @@ def _cap(x: np.ndarray) -> np.ndarray:
     return np.where(x < 1, 1 - np.sqrt(np.clip(1 - x, 0, 1)), 1 + x).astype(np.float32)
 
 
+#: ``(zeros, sampling, out)``: the feature transform of a 2D int8 array into ``out`` (2, h, w), in place.
+FeatureTransform = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+
+_feature_transform: FeatureTransform | None
 try:  # the C routine behind scipy.ndimage.distance_transform_edt, without its per-call overhead
     from scipy.ndimage._nd_image import euclidean_feature_transform as _feature_transform
 except ImportError:  # pragma: no cover - private scipy API moved: use the public function
@@ -78,27 +84,29 @@ _PLANE[1] = ndimage.generate_binary_structure(2, 1)  # 4-connectivity inside eac
 
 
 def fill_sdf(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
-             border: np.ndarray, extent: tuple[int, int] | None) -> None:
+             border: np.ndarray, extent: tuple[int, int] | None, chunk_values: int = _CHUNK_VALUES) -> None:
     """Fill the gaps of ``view`` (slice axis first) by shape-based interpolation.
 
     Consecutive gaps are filled together, as many as keep the annotated slices' maps within
-    ``_CHUNK_VALUES`` values (a whole hippocampus volume at once, a few slices of a 512x512
-    CT), so the per-gap work is a handful of array operations over all filled slices instead
-    of a Python loop. Each annotated slice's distance maps are computed once, on the box
-    holding its foreground and its neighbours' plus one voxel of background: inside that box
-    they equal the whole slice's (the image edge is not background).
+    ``chunk_values`` values (by default 2**24, 64 MB of float32: a whole hippocampus volume at
+    once, a few slices of a 512x512 CT), so the per-gap work is a handful of array operations
+    over all filled slices instead of a Python loop; the filled slices are then computed as many
+    rows at a time as fit the same budget. The result does not depend on ``chunk_values``. Each
+    annotated slice's distance maps are computed once, on the box holding its foreground and
+    its neighbours' plus one voxel of background: inside that box they equal the whole slice's
+    (the image edge is not background).
     """
     per_slice = view.shape[1] * view.shape[2] * 12  # float32 maps, int32 feature indices
     group: list[tuple[int, int]] = []
     ends: set[int] = set()
     for gap in gaps:
-        if group and len(ends | set(gap)) * per_slice > _CHUNK_VALUES:
-            _fill_group(view, group, sampling=sampling, border=border, extent=extent)
+        if group and len(ends | set(gap)) * per_slice > chunk_values:
+            _fill_group(view, group, sampling=sampling, border=border, extent=extent, chunk_values=chunk_values)
             group, ends = [], set()
         group.append(gap)
         ends |= set(gap)
     if group:
-        _fill_group(view, group, sampling=sampling, border=border, extent=extent)
+        _fill_group(view, group, sampling=sampling, border=border, extent=extent, chunk_values=chunk_values)
 
 
 def _span(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +119,8 @@ def _span(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _nearest(features: np.ndarray, *, sampling: tuple[float, ...], boxes: np.ndarray | None = None,
-             present: np.ndarray | None = None, far: float = np.inf) -> np.ndarray:
+             present: np.ndarray | None = None, far: float = np.inf,
+             feature_transform: FeatureTransform | None = _feature_transform) -> np.ndarray:
     """Distance in mm from each voxel to the nearest True voxel of its 2D slice, for a stack of
     slices ``(n, h, w)``.
 
@@ -122,7 +131,9 @@ def _nearest(features: np.ndarray, *, sampling: tuple[float, ...], boxes: np.nda
     the nearest True voxel inside it, exact wherever that is the nearest overall (everywhere
     when the box holds all True voxels). Voxels outside the box, and slices without a True
     voxel in it, get ``far``. ``present`` (per slice: a True voxel lies in its box) saves
-    looking; slices it marks False are skipped.
+    looking; slices it marks False are skipped. ``feature_transform`` is scipy's C routine when
+    its private module has it; None computes the same through the public
+    ``scipy.ndimage.distance_transform_edt``.
     """
     n, h, w = features.shape
     if boxes is None:
@@ -141,11 +152,11 @@ def _nearest(features: np.ndarray, *, sampling: tuple[float, ...], boxes: np.nda
     spacing = np.asarray(sampling, np.float64)
     zeros = np.logical_not(features[present]).view(np.int8)  # the transform finds the zeros of its input
     for i, (r0, r1, c0, c1) in enumerate(boxes.tolist()):
-        if _feature_transform is None:
+        if feature_transform is None:
             ndimage.distance_transform_edt(zeros[i, r0:r1, c0:c1], sampling=spacing, return_distances=False,
                                            return_indices=True, indices=ft[i, :, r0:r1, c0:c1])
         else:
-            _feature_transform(zeros[i, r0:r1, c0:c1], spacing, ft[i, :, r0:r1, c0:c1])
+            feature_transform(zeros[i, r0:r1, c0:c1], spacing, ft[i, :, r0:r1, c0:c1])
     rows, cols = np.arange(h, dtype=np.int32), np.arange(w, dtype=np.int32)
     ft[:, 0] += (boxes[:, 0, None] - rows).astype(np.int32)[:, :, None]  # feature index in the box -> offset
     ft[:, 1] += (boxes[:, 2, None] - cols).astype(np.int32)[:, None, :]
@@ -163,7 +174,8 @@ def _nearest(features: np.ndarray, *, sampling: tuple[float, ...], boxes: np.nda
 
 
 def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: np.ndarray, own_box: np.ndarray,
-                sampling: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+                sampling: tuple[float, ...], feature_transform: FeatureTransform | None = _feature_transform,
+                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Signed distances of the foreground and (with several labels) of each label, per slice.
 
     One transform per class present on a slice (background and each label: the distance to its
@@ -173,7 +185,8 @@ def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: 
     foreground (``own_box``, grown by one voxel), where it is used; the labels' on the box of
     the foreground of the slice and its neighbours (``near_box``), where the gaps use them.
     Elsewhere, and for absent classes, distances are ``far``, more than any in the box.
-    Also returns the label masks ``(labels, slices, h, w)``.
+    Also returns the label masks ``(labels, slices, h, w)``. ``feature_transform``: as for
+    :func:`_nearest`.
     """
     m, h, w = stack.shape
     inside = stack > 0
@@ -185,7 +198,7 @@ def _class_maps(stack: np.ndarray, values: np.ndarray, *, far: float, near_box: 
                               & (area < (own_box[:, 1] - own_box[:, 0]) * (own_box[:, 3] - own_box[:, 2]))[None],
                               lmasks.any(axis=(2, 3))])
     near = _nearest(features.reshape(-1, h, w), sampling=sampling, boxes=boxes.reshape(-1, 4),
-                    present=present.reshape(-1), far=far).reshape(features.shape)
+                    present=present.reshape(-1), far=far, feature_transform=feature_transform).reshape(features.shape)
     outside = near[1] if values.size == 1 else np.minimum.reduce(near[1:])
     fmap = np.where(inside, near[0], np.negative(outside))
     if values.size == 1:
@@ -328,13 +341,14 @@ def _matched(components: np.ndarray, n: int, foreground: np.ndarray, lower: np.n
 
 
 def _fill_group(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tuple[float, ...],
-                border: np.ndarray, extent: tuple[int, int] | None) -> None:
+                border: np.ndarray, extent: tuple[int, int] | None, chunk_values: int) -> None:
     """Fill the consecutive ``gaps`` at once, inside the box of their slices' foreground.
 
     The steps: read the annotated slices (:func:`_read_group`), their distance maps
     (:func:`_group_maps`), the gaps where foreground ends (:func:`_find_endings`) and the depths
     of the labels that end (:func:`_label_drops`); then, a few rows at a time, each filled
-    slice's foreground (:func:`_fill_foreground`) and labels (:func:`_choose_labels`).
+    slice's foreground (:func:`_fill_foreground`) and labels (:func:`_choose_labels`), as many
+    rows as keep their maps within ``chunk_values`` values.
     """
     for a, b in gaps:
         view[a + 1:b] = 0
@@ -346,7 +360,7 @@ def _fill_group(view: np.ndarray, gaps: list[tuple[int, int]], *, sampling: tupl
     label_drops = _label_drops(group, maps)
     rows = _rows_to_fill(group)
     _, h, w = group.stack.shape
-    step = max(1, _CHUNK_VALUES // (h * w * (group.values.size + 3)))
+    step = max(1, chunk_values // (h * w * (group.values.size + 3)))
     for start in range(0, rows.gap.size, step):
         chunk = _Rows(*(field[start:start + step] for field in rows))
         inside = _fill_foreground(group, maps, endings, chunk)

@@ -3,6 +3,11 @@
 Every strategy picks ``k`` distinct slices from an inclusive range ``[lo, hi]`` (the extent
 when it is known, otherwise the whole volume) and returns them sorted. All randomness comes
 from the ``rng`` passed in, so the same generator state gives the same slices.
+
+The strategies are registered by name in ``SELECTORS``, each a :data:`Selector` with one
+shared signature; ``STRATEGIES`` (the names, in the order help texts list them), the CLI's
+``--strategy`` choices and the study spec read it, so a new strategy is one function plus
+one entry.
 """
 
 from __future__ import annotations
@@ -11,21 +16,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sparseslice.errors import UserError
+from sparseslice.errors import UserError, unknown_choice
 from sparseslice.io import check_axis
-
-STRATEGIES = ("random", "interval", "ual", "block")
 
 #: An encoder maps an image array (channels last, if any) and the slice axis to one feature
 #: row per slice: ``encoder(image, axis) -> (n_slices, n_features)``.
 SliceEncoder = Callable[[np.ndarray, int], np.ndarray]
-
-
-def check_strategy(strategy: str) -> str:
-    """Return ``strategy`` if known, else raise listing the valid ones."""
-    if strategy not in STRATEGIES:
-        raise UserError(f"strategy is unknown, got {strategy!r}; use one of {', '.join(STRATEGIES)}")
-    return strategy
 
 
 def _check_request(k: int, lo: int, hi: int, strategy: str) -> int:
@@ -184,13 +180,43 @@ def ual_slices(k: int, lo: int, hi: int, *, rng: np.random.Generator, features: 
     return tuple(sorted(lo + i for i in picked))
 
 
+def _select_ual(k: int, lo: int, hi: int, *, rng: np.random.Generator,
+                features: np.ndarray | None) -> tuple[int, ...]:
+    if features is None:
+        raise TypeError("features is None for strategy 'ual'; pass one feature row per slice")
+    return ual_slices(k, lo, hi, rng=rng, features=features)
+
+
+def _featureless(strategy: Callable[..., tuple[int, ...]]) -> Selector:
+    """A strategy that needs no features, called with the shared :data:`Selector` signature."""
+    def select(k: int, lo: int, hi: int, *, rng: np.random.Generator,
+               features: np.ndarray | None) -> tuple[int, ...]:
+        return strategy(k, lo, hi, rng=rng)
+
+    select.__doc__ = strategy.__doc__
+    return select
+
+
+#: A strategy as the registry holds it: ``selector(k, lo, hi, *, rng, features)`` returns the
+#: ``k`` sorted slices of ``[lo, hi]``; ``features`` (one row per slice of the volume, or None)
+#: is for strategies that look at the image, such as ``ual``.
+Selector = Callable[..., tuple[int, ...]]
+
+#: The slice-selection strategies by name (order: as help texts list them).
+SELECTORS: dict[str, Selector] = {"random": _featureless(random_slices), "interval": _featureless(interval_slices),
+                                  "ual": _select_ual, "block": _featureless(block_slices)}
+STRATEGIES = tuple(SELECTORS)
+
+
+def check_strategy(strategy: str) -> str:
+    """Return ``strategy`` if it is in :data:`STRATEGIES`, else raise naming the valid ones."""
+    if strategy not in STRATEGIES:
+        raise unknown_choice("strategy", strategy, STRATEGIES, problem="is unknown",
+                             otherwise=f"use one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
 def select_slices(strategy: str, k: int, lo: int, hi: int, *, rng: np.random.Generator,
                   features: np.ndarray | None = None) -> tuple[int, ...]:
-    """Dispatch to a strategy by name (``features`` only for ``ual``)."""
-    check_strategy(strategy)
-    if strategy == "ual":
-        if features is None:
-            raise TypeError("features is None for strategy 'ual'; pass one feature row per slice")
-        return ual_slices(k, lo, hi, rng=rng, features=features)
-    return {"random": random_slices, "interval": interval_slices, "block": block_slices}[strategy](
-        k, lo, hi, rng=rng)
+    """Dispatch to a strategy of :data:`SELECTORS` by name (``features`` only for ``ual``)."""
+    return SELECTORS[check_strategy(strategy)](k, lo, hi, rng=rng, features=features)

@@ -24,7 +24,6 @@ Example spec::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -36,14 +35,14 @@ from typing import Any
 
 import yaml
 
+import sparseslice.metrics as metric_registry
 from sparseslice.errors import UserError, unknown_choice
+from sparseslice.interpolate import methods as interpolation_registry
+from sparseslice.select import strategies as strategy_registry
+from sparseslice.train import config as train_registry
 
-STRATEGIES = ("random", "interval", "ual", "block")
 BASELINE = "full"
-INTERPOLATIONS = ("none", "nearest", "sdf", "mci")
-MODELS = ("2d", "3d")
-SCHEDULES = ("one-step", "two-step")
-METRICS = ("dice", "hd", "hd95", "assd", "assd2d", "rvd")
+#: The packaged study specs, ``sparseslice/presets/<name>.yaml`` (order: as help texts list them).
 PRESETS = ("slice-selection", "partial-annotation", "quick", "demo")
 
 #: Named training presets; a spec's ``training`` mapping is laid over the one it names.
@@ -76,6 +75,19 @@ _BLOCK_DEFAULTS: dict[str, list[Any]] = {
 }
 
 
+def allowed_names(family: str) -> tuple[str, ...]:
+    """The valid names of a spec ``family``, read from the registry next to their implementations.
+
+    ``strategy`` (:data:`sparseslice.select.strategies.STRATEGIES`), ``interpolation``
+    (:data:`sparseslice.interpolate.methods.METHODS`), ``model`` and ``schedule``
+    (:mod:`sparseslice.train.config`) and ``metrics`` (:data:`sparseslice.metrics.METRICS`).
+    They are read when a spec is checked, never copied here.
+    """
+    return {"strategy": strategy_registry.STRATEGIES, "interpolation": interpolation_registry.METHODS,
+            "model": train_registry.MODELS, "schedule": train_registry.SCHEDULES,
+            "metrics": metric_registry.METRICS}[family]
+
+
 def check_keys(mapping: Any, allowed: tuple[str, ...], *, where: str) -> dict[str, Any]:
     """Refuse a non-mapping or unknown keys, naming the nearest valid key."""
     if mapping is None:
@@ -84,9 +96,8 @@ def check_keys(mapping: Any, allowed: tuple[str, ...], *, where: str) -> dict[st
         raise UserError(f"{where} must be a mapping, got {mapping!r}; write key: value pairs")
     for key in mapping:
         if key not in allowed:
-            near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.0)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            raise UserError(f"{where} has an unknown key, got {key!r}; {hint}valid keys: {', '.join(allowed)}")
+            raise unknown_choice(where, key, allowed, cutoff=0.0, problem="has an unknown key",
+                                 more=f"valid keys: {', '.join(allowed)}")
     return dict(mapping)
 
 
@@ -170,10 +181,8 @@ def _num(x: float) -> str:
 
 
 def _train_default(name: str) -> Any:
-    """A :class:`~sparseslice.train.TrainConfig` default (declared there once; imports torch)."""
-    from sparseslice.train.config import TrainConfig
-
-    return TrainConfig.__dataclass_fields__[name].default
+    """A :class:`~sparseslice.train.TrainConfig` default (declared there once)."""
+    return train_registry.TrainConfig.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
@@ -258,9 +267,32 @@ class StudySpec:
 
 def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
     """Validate a spec mapping (as read from YAML); relative dataset paths start at ``base``."""
-    top = check_keys(data, _TOP_KEYS, where="spec")
+    top = check_keys(data, _TOP_KEYS, where="spec")  # each step checks its part, in the file's order
     name = str(top.get("name") or "study")
-    ds = check_keys(top.get("dataset"), _DATASET_KEYS, where="dataset")
+    dataset = _parse_dataset(top.get("dataset"), base)
+    grid = _parse_grid(top.get("grid"))
+    seeds = _parse_seeds(top.get("seeds", [0]))
+    baseline = top.get("baseline", True)
+    if not isinstance(baseline, bool):
+        raise UserError(f"baseline must be true or false, got {baseline!r}; true adds full-label runs")
+    training = _parse_training(top.get("training", {}))
+    evaluation = _parse_evaluation(top.get("evaluation"))
+    metrics = _parse_metrics(top.get("metrics", ["dice", "hd95", "assd2d"]))
+    resources = _parse_resources(top.get("resources"))
+    analysis = check_keys(top.get("analysis"), _ANALYSIS_KEYS, where="analysis")
+    if "label" in analysis and analysis["label"] is not None:
+        analysis["label"] = _integer(analysis["label"], "analysis.label", minimum=1)
+    spec = StudySpec(name=name, dataset=dataset, grid=grid, seeds=seeds, baseline=baseline, training=training,
+                     evaluation=evaluation, metrics=metrics, resources=resources,
+                     description=str(top.get("description") or ""),
+                     analysis={k: v for k, v in analysis.items() if v is not None})
+    if any("two-step" in block["schedule"] for block in grid):  # epochs must leave a first step
+        spec.training_config(next(r for r in spec.runs() if r.schedule == "two-step"))
+    return spec
+
+
+def _parse_dataset(raw: Any, base: Path | None) -> DatasetSpec:
+    ds = check_keys(raw, _DATASET_KEYS, where="dataset")
     split = check_keys(ds.get("split"), _SPLIT_KEYS, where="dataset.split")
     path = ds.get("path")
     if path is not None:
@@ -278,66 +310,67 @@ def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
     axis = ds.get("axis")
     if axis is not None and axis not in (0, 1, 2):
         raise UserError(f"dataset.axis must be 0, 1 or 2, got {axis!r}; or leave it out for the default axis")
-    dataset = DatasetSpec(path, _integer(split.get("seed", 0), "dataset.split.seed"), val, test, max_cases, axis)
+    return DatasetSpec(path, _integer(split.get("seed", 0), "dataset.split.seed"), val, test, max_cases, axis)
 
-    blocks = top.get("grid")
+
+def _parse_grid(blocks: Any) -> tuple[dict[str, tuple[Any, ...]], ...]:
     if isinstance(blocks, dict):
         blocks = [blocks]
     if not blocks or not isinstance(blocks, list):
         raise UserError(f"grid must be a list of blocks, got {blocks!r}; e.g. grid: [{{budget: [100], "
                         "rho: [0.1, 0.5], strategy: [random]}]")
-    grid = tuple(_parse_block(b, f"grid[{n}]") for n, b in enumerate(blocks))
+    return tuple(_parse_block(b, f"grid[{n}]") for n, b in enumerate(blocks))
 
-    seeds = _as_list(top.get("seeds", [0]))
-    seeds = tuple(_integer(s, "seeds") for s in seeds)
+
+def _parse_seeds(raw: Any) -> tuple[int, ...]:
+    seeds = tuple(_integer(s, "seeds") for s in _as_list(raw))
     if not seeds or len(set(seeds)) != len(seeds):
         raise UserError(f"seeds must be distinct integers, got {list(seeds)}; e.g. seeds: [0, 1]")
-    baseline = top.get("baseline", True)
-    if not isinstance(baseline, bool):
-        raise UserError(f"baseline must be true or false, got {baseline!r}; true adds full-label runs")
+    return seeds
 
-    if not isinstance(top.get("training", {}), dict | type(None)):
-        raise UserError(f"training must be a mapping, got {top['training']!r}; e.g. training: {{preset: quick}}")
-    training = dict(top.get("training") or {"preset": "quick"})
+
+def _parse_training(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict | type(None)):
+        raise UserError(f"training must be a mapping, got {raw!r}; e.g. training: {{preset: quick}}")
+    training = dict(raw or {"preset": "quick"})
     preset = training.setdefault("preset", "quick")
     if preset not in TRAINING_PRESETS:
-        raise UserError(f"training.preset must be one of {', '.join(TRAINING_PRESETS)}, got {preset!r}")
+        raise unknown_choice("training.preset", preset, tuple(TRAINING_PRESETS))
     for factor in ("model", "schedule", "mask_channel", "seed"):
         if factor in training:
             raise UserError(f"training.{factor} is set by the grid, got {training[factor]!r}; "
                             f"put {factor} in a grid block (seed: in seeds)")
-    from sparseslice.train.config import check_config_types  # imports torch, as _train_default does
-
-    check_config_types({k: v for k, v in training.items() if k != "preset"})
+    train_registry.check_config_types({k: v for k, v in training.items() if k != "preset"})
     if "samples_per_epoch" in training and training["samples_per_epoch"] is None:
         raise UserError("training.samples_per_epoch must be a number in a study, got null; every arm then takes "
                         "the same number of gradient steps (e.g. samples_per_epoch: 512)")
+    return training
 
-    evaluation = check_keys(top.get("evaluation"), _EVALUATION_KEYS, where="evaluation")
-    evaluation = {"tta": False, "fill_holes": True, "largest_component": True, **evaluation}
+
+def _parse_evaluation(raw: Any) -> dict[str, bool]:
+    evaluation = {"tta": False, "fill_holes": True, "largest_component": True,
+                  **check_keys(raw, _EVALUATION_KEYS, where="evaluation")}
     for k, v in evaluation.items():
         if not isinstance(v, bool):
             raise UserError(f"evaluation.{k} must be true or false, got {v!r}")
-    metrics = tuple(_as_list(top.get("metrics", ["dice", "hd95", "assd2d"])))
+    return evaluation
+
+
+def _parse_metrics(raw: Any) -> tuple[str, ...]:
+    metrics = tuple(_as_list(raw))
     for m in metrics:
-        _choice(m, METRICS, "metrics")
+        _choice(m, allowed_names("metrics"), "metrics")
     if "dice" not in metrics:
         raise UserError(f"metrics must include 'dice' (the report's main measure), got {list(metrics)}; add dice")
-    res = check_keys(top.get("resources"), _RESOURCE_KEYS, where="resources")
-    res = {"cpus": 1, "gpus": 0, **res}
+    return metrics
+
+
+def _parse_resources(raw: Any) -> dict[str, float]:
+    res = {"cpus": 1, "gpus": 0, **check_keys(raw, _RESOURCE_KEYS, where="resources")}
     for k, v in res.items():
         if not isinstance(v, int | float) or v < 0 or (k == "cpus" and v < 1):
             raise UserError(f"resources.{k} must be a number >= {1 if k == 'cpus' else 0}, got {v!r}")
-    analysis = check_keys(top.get("analysis"), _ANALYSIS_KEYS, where="analysis")
-    if "label" in analysis and analysis["label"] is not None:
-        analysis["label"] = _integer(analysis["label"], "analysis.label", minimum=1)
-    spec = StudySpec(name=name, dataset=dataset, grid=grid, seeds=seeds, baseline=baseline, training=training,
-                     evaluation=evaluation, metrics=metrics, resources=res,
-                     description=str(top.get("description") or ""),
-                     analysis={k: v for k, v in analysis.items() if v is not None})
-    if any("two-step" in block["schedule"] for block in grid):  # epochs must leave a first step
-        spec.training_config(next(r for r in spec.runs() if r.schedule == "two-step"))
-    return spec
+    return res
 
 
 def _parse_block(block: Any, where: str) -> dict[str, tuple[Any, ...]]:
@@ -389,14 +422,10 @@ def _check_factor(key: str, value: Any, where: str) -> Any:
         if not 0 < v <= 1:
             raise UserError(f"{name} must be in (0, 1], got {value!r}; e.g. 0.25")
         return v
-    if key == "strategy":
-        return _choice(value, STRATEGIES, name)
-    if key == "interpolation":
-        return _choice(value, INTERPOLATIONS, name)
+    if key in ("strategy", "interpolation", "schedule"):
+        return _choice(value, allowed_names(key), name)
     if key == "model":
-        return _choice(str(value).lower(), MODELS, name)
-    if key == "schedule":
-        return _choice(value, SCHEDULES, name)
+        return _choice(str(value).lower(), allowed_names(key), name)
     if not isinstance(value, bool):
         raise UserError(f"{name} must be true or false, got {value!r}")
     return value
@@ -463,6 +492,5 @@ def _spec_text(spec: str | os.PathLike[str]) -> tuple[str, Path | None]:
     name = str(spec)
     if name in PRESETS:
         return resources.files("sparseslice").joinpath("presets", f"{name}.yaml").read_text(), None
-    near = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.0)
-    raise UserError(f"spec is neither a file nor a preset, got {name!r}; pass a YAML file or a preset "
-                    f"({', '.join(PRESETS)}){f', e.g. {near[0]}' if near else ''}")
+    raise unknown_choice("spec", name, PRESETS, cutoff=0.0, problem="is neither a file nor a preset",
+                         more=f"pass a YAML file or a preset ({', '.join(PRESETS)})")

@@ -146,6 +146,7 @@ class _Run:
     sampler: SliceSampler | BlockSampler
     val_cases: list[CaseArrays]
     device: torch.device
+    prefetch: bool  # batches prepared ahead in a background thread (:func:`_epoch_batches`)
 
     @property
     def axis(self) -> int:
@@ -211,7 +212,7 @@ class _Clock:
 
 @holds("run_dir", what="run folder")
 def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, val_dir: str | Path | None = None,
-          progress: bool = True, resume: bool = False) -> TrainResult:
+          progress: bool = True, resume: bool = False, prefetch: bool | None = None) -> TrainResult:
     """Train a 2D or 3D network on a (sparse) dataset.
 
     Parameters
@@ -236,6 +237,11 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         afresh when there is none. The configuration must match, except ``device``,
         ``num_threads`` and the budget keys ``epochs``, ``finetune_epochs``, ``max_minutes``
         (raise them to extend a run that reached its epoch or time budget).
+    prefetch : bool, optional
+        Prepare (move to the device, augment) the next batches in a background thread while
+        the current one trains. Default: on a GPU only, whose step is bound by the CPU
+        launching kernels; a CPU step already uses the cores. The batches, their order and
+        the trained weights are the same either way.
 
     Returns
     -------
@@ -261,7 +267,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     device = pick_device(config.device)
     _seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
-    run = _set_up(sparse_dir, run_dir, config, val_dir=val_dir, device=device, progress=progress)
+    run = _set_up(sparse_dir, run_dir, config, val_dir=val_dir, device=device, progress=progress,
+                  prefetch=_prefetches(device) if prefetch is None else prefetch)
     learner = _new_learner(run, rng)
     state = _start_or_resume(run, learner, resume=resume)
     _train_loop(run, learner, state, progress=progress)
@@ -278,7 +285,7 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
 
 
 def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_dir: str | Path | None,
-            device: torch.device, progress: bool) -> _Run:
+            device: torch.device, progress: bool, prefetch: bool) -> _Run:
     """Read the data, split it, and resolve what the configuration leaves to the data."""
     dataset = discover_dataset(sparse_dir, require_labels=True)
     axis = resolve_axis(dataset, config.axis)
@@ -322,7 +329,8 @@ def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_d
     split = {"train": train_ids, "val": val_ids, "labels": list(labels), "label_names": label_names,
              "val_dir": str(val_dir) if val_dir is not None else None}
     return _Run(run_dir=run_dir, config=resolved, spec=spec, normalization=norm, labels=labels,
-                label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device)
+                label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device,
+                prefetch=prefetch)
 
 
 def _warn_if_patch_exceeds(cases: list[CaseArrays], patch: tuple[int, ...], *, model: str, axis: int,
@@ -466,15 +474,16 @@ def _epoch_batches(run: _Run, learner: _Learner) -> Iterator[Batch]:
 
     Augmentation runs on one thread: small batch ops on several cost more in OpenMP barriers than
     the work whenever another process competes for the cores (bench/train.py's ``augment_cost``:
-    7 ms instead of 42 ms per 2D batch of 16 on two busy cores). On a GPU the batches are prepared
-    ahead in the prefetch thread, whose count :func:`prefetch` sets once when it starts; inline
-    (CPU), the training thread augments on one thread and trains on ``num_threads``.
+    7 ms instead of 42 ms per 2D batch of 16 on two busy cores). When the run prefetches (on a GPU
+    by default, :func:`_prefetches`) the batches are prepared ahead in the prefetch thread, whose
+    count :func:`prefetch` sets once when it starts; inline (CPU), the training thread augments on
+    one thread and trains on ``num_threads``.
     """
     config = run.config
     drawn = run.sampler.epoch(config.samples_per_epoch, config.batch_size, learner.rng)
     prepare = partial(_prepare_batch, device=run.device, axis=run.axis if run.spec.dims == 3 else None,
                       gen=learner.gen if config.augment else None)
-    if _prefetches(run.device):
+    if run.prefetch:
         return prefetch(drawn, transform=prepare, pin=run.device.type == "cuda", threads=1)
     if not config.augment:
         return map(prepare, drawn)
@@ -559,9 +568,10 @@ def _diverged(run_dir: Path, loss: float, *, epoch: int, lr: float) -> UserError
 
 
 def _prefetches(device: torch.device) -> bool:
-    """Whether batches are prepared in a background thread: on a GPU, whose step is bound by the
-    CPU launching kernels (H100, hippocampus, end-to-end / bare step: 2D 0.77 -> 0.85-0.97,
-    3D 0.61 -> 0.78; see bench/train.py); not on a CPU, whose cores the step already uses."""
+    """Whether batches are prepared in a background thread when ``train(prefetch=)`` is not given: on
+    a GPU, whose step is bound by the CPU launching kernels (H100, hippocampus, end-to-end / bare
+    step: 2D 0.77 -> 0.85-0.97, 3D 0.61 -> 0.78; see bench/train.py); not on a CPU, whose cores
+    the step already uses."""
     return device.type == "cuda"
 
 
