@@ -312,7 +312,7 @@ def main() -> None:
     b.add_argument("--holdout", type=int, default=None,
                    help="test on the last K case ids (e.g. 15 for left atrium: la_045..la_059); default split_cases")
     b.add_argument("--val", type=int, default=5, help="with --holdout: validation cases, the last of the others")
-    b.add_argument("--model", choices=("2d", "3d"), default="2d")
+    b.add_argument("--model", choices=MODELS, default="2d")
     b.add_argument("--epochs", type=int, default=200)
     b.add_argument("--samples-per-epoch", type=int, default=None)
     b.add_argument("--patience", type=int, default=15)
