@@ -11,6 +11,13 @@ claims it with :func:`claim_output` before touching anything:
   (:meth:`OutputFolder.path`), so even an interrupted run leaves a complete list of what it
   may have written, and a rerun deletes (:meth:`OutputFolder.clear`) or overwrites only those.
 
+The lock file of a folder a command locks while it writes (:data:`sparseslice.locking.LOCK_FILE`,
+e.g. a training run folder) is the command's own: it does not make the folder "not empty".
+
+Single files (``plan -o plan.json``, ``evaluate -o metrics.csv``) follow the same rule through
+:func:`check_file_output`: an output file that is a folder, an input, or a file the command
+does not recognise as its own earlier result is refused before anything is computed.
+
 Nothing depends on file permissions: root gets no exception.
 """
 
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from sparseslice.atomic import write_json
 from sparseslice.errors import UserError
+from sparseslice.locking import LOCK_FILE
 
 MARKER = ".sparseslice-output.json"
 if TYPE_CHECKING:
@@ -74,6 +82,14 @@ class OutputFolder:
         self.files = []
         self._save()
 
+    def forget_if_unused(self) -> None:
+        """Remove the marker when none of the files it lists exists (a run that failed before writing).
+
+        The folder is then as the claim found it (or empty, for a caller to remove when it made it).
+        """
+        if not any(os.path.lexists(self.root / name) for name in self.files):
+            (self.root / MARKER).unlink(missing_ok=True)
+
     def _save(self) -> None:
         write_json(self.root / MARKER, {"command": self.command, "files": self.files})
 
@@ -106,7 +122,7 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
     if out.exists() and not out.is_dir():
         raise UserError(f"{argument} {str(out)!r} is a file; pass a folder ({FIX})")
     files: list[str] = []
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         record = _read_marker(out)
         if record is None:
             raise UserError(f"{argument} {str(out)!r} is not empty and was not written by sparseslice {command}; "
@@ -116,7 +132,7 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
                             f"{command}; {FIX}")
         files = [str(f) for f in record.get("files", [])]
         if exclusive:
-            ours = {MARKER} | {PurePosixPath(f).parts[0] for f in files}
+            ours = {MARKER, LOCK_FILE} | {PurePosixPath(f).parts[0] for f in files}
             foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
             if foreign:
                 raise UserError(f"{argument} {str(out)!r} holds files {command} did not write, got {foreign[:3]}; "
