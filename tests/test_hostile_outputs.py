@@ -6,6 +6,7 @@ inside an input is refused before anything is touched. Every case runs the CLI a
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 
@@ -97,3 +98,93 @@ def test_failed_training_leaves_no_run_folder(tmp_path, data):
     run = tmp_path / "run"
     one_line_error(train(data, run))
     assert not run.exists()
+
+
+# --- single-file outputs: plan -o NAME.json|csv, evaluate -o NAME.csv|json ----------------
+
+
+def plan(data: Path, out: Path, *extra: str) -> object:
+    return runner.invoke(app, ["plan", str(data), "--budget", "4", "--volumes", "2", "-o", str(out),
+                               "--no-progress", *extra])
+
+
+def evaluate(pred: Path, ref: Path, out: Path, *extra: str) -> object:
+    return runner.invoke(app, ["evaluate", str(pred), str(ref), "-o", str(out), "--no-progress", *extra])
+
+
+def test_plan_replaces_its_own_earlier_plan_but_no_other_file(data, tmp_path):
+    out = tmp_path / "plan.json"
+    ok(plan(data, out))
+    ok(plan(data, out, "--seed", "1"))  # its own earlier plan, untouched since: replaced
+    assert json.loads(out.read_text())["seed"] == 1
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own\n1,2\n")
+    line = one_line_error(plan(data, tmp_path / "notes.json"))  # plan.csv half would overwrite notes.csv
+    assert line == (f"error: --out {str(tmp_path / 'notes.json')!r} would overwrite {str(notes)!r}, which is not a "
+                    "result of sparseslice plan; pass another --out or move that file")
+    assert notes.read_text() == "my,own\n1,2\n" and not (tmp_path / "notes.json").exists()
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"mine": 1}')
+    assert "is not a result of sparseslice plan" in one_line_error(plan(data, settings))
+    assert settings.read_text() == '{"mine": 1}'
+
+
+def test_plan_keeps_a_worklist_the_annotators_filled_in(data, tmp_path):
+    out = tmp_path / "plan.json"
+    ok(plan(data, out))
+    csv = out.with_suffix(".csv")
+    rows = csv.read_text().splitlines()
+    filled = [rows[0], *[",".join(r.split(",")[:3] + ["1", "5"] + r.split(",")[5:]) for r in rows[1:]]]
+    csv.write_text("\n".join(filled) + "\n")  # first,last clicked in
+    before = (out.read_bytes(), csv.read_bytes())
+    line = one_line_error(plan(data, out, "--seed", "3"))
+    assert f"would overwrite {str(csv)!r}, which is not a result of sparseslice plan" in line
+    assert (out.read_bytes(), csv.read_bytes()) == before
+
+
+def test_plan_out_naming_a_folder_where_a_file_goes(data, tmp_path):
+    folder = tmp_path / "p.csv"
+    folder.mkdir()
+    line = one_line_error(plan(data, tmp_path / "p.json"))
+    assert line.startswith(f"error: cannot write --out {str(tmp_path / 'p.json')!r}: Is a directory ({str(folder)!r})")
+    assert list(folder.iterdir()) == [] and not (tmp_path / "p.json").exists()
+
+
+def test_evaluate_out_json_writes_the_table_and_its_summary(data, tmp_path):
+    pred = data / "labelsTr"  # the labels as predictions: a perfect score
+    out = tmp_path / "m.json"
+    result = evaluate(pred, data, out)
+    ok(result)
+    assert f"wrote {tmp_path / 'm.csv'} and {out}" in " ".join(result.output.split())
+    assert (tmp_path / "m.csv").read_text().startswith("case,label,region,metric,value,note")
+    assert set(json.loads(out.read_text())) == {"missing", "axis", "summary"}  # not the table over-written
+    ok(evaluate(pred, data, tmp_path / "m.csv"))  # its own earlier result: replaced
+
+
+def test_evaluate_refuses_to_overwrite_a_file_it_did_not_write(data, tmp_path):
+    pred = data / "labelsTr"
+    mine = tmp_path / "results.csv"
+    mine.write_text("subject,score\na,1\n")
+    line = one_line_error(evaluate(pred, data, mine))
+    assert line == (f"error: --out {str(mine)!r} would overwrite {str(mine)!r}, which is not a result of sparseslice "
+                    "evaluate; pass another --out or move that file")
+    summary = tmp_path / "results2.json"
+    summary.write_text('{"mine": true}')
+    line = one_line_error(evaluate(pred, data, tmp_path / "results2.csv"))
+    assert f"would overwrite {str(summary)!r}" in line
+    assert mine.read_text() == "subject,score\na,1\n" and summary.read_text() == '{"mine": true}'
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "results2.csv").exists()
+
+
+def test_evaluate_that_cannot_write_its_summary_leaves_neither_file(data, tmp_path, monkeypatch):
+    pred = data / "labelsTr"
+    out = tmp_path / "m.csv"
+    ok(evaluate(pred, data, out))
+
+    def full_disk(path, text):  # the summary (the second file) cannot be written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("sparseslice.atomic.write_text", full_disk)
+    line = one_line_error(evaluate(pred, data, out))
+    assert "No space left on device" in line
+    assert not out.exists() and not out.with_suffix(".json").exists()  # no table, no stale summary

@@ -591,25 +591,26 @@ def predict(
 
 
 def _check_metrics_out(out: Path, pred: Path, ref: Path) -> None:
-    """Refuse a metrics file (or its ``.json``) that is an input, or lies inside the reference.
+    """Refuse a metrics output (the CSV or the JSON beside it) that is a folder, an input, lies inside
+    the reference, or would overwrite a file evaluate did not write.
 
     A metrics file beside the predictions (``pred/metrics.csv``) is fine: only the prediction
     files themselves count as inputs there.
     """
     from sparseslice.datasets import discover_dataset
-    from sparseslice.evaluate import prediction_files
-    from sparseslice.outputs import check_apart, dataset_inputs
+    from sparseslice.evaluate import check_metrics_out, prediction_files
+    from sparseslice.outputs import dataset_inputs
 
-    inputs = [*prediction_files(pred).values(), *dataset_inputs(discover_dataset(ref))]
-    for written in (out, out.with_suffix(".json")):
-        check_apart(written, inputs, argument="--out")
+    check_metrics_out(out, inputs=[*prediction_files(pred).values(), *dataset_inputs(discover_dataset(ref))])
 
 
 @command()
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz.")],
     ref: Annotated[Path, typer.Argument(help="Reference: dataset with labels, or a folder of label files.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Tidy CSV of per-case values.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Tidy CSV of per-case values, with a JSON "
+                                                                 "summary of the same stem (NAME.json names both).")]
+    = None,
     cases: Annotated[str | None, typer.Option(help="Comma-separated cases (default: all).")] = None,
     allow_missing: Annotated[bool, typer.Option(help="Succeed even if some cases have no prediction.")] = False,
     axis: Annotated[int | None, typer.Option(help="Slice axis for 2D ASSD (default: dataset's).")] = None,
@@ -631,11 +632,10 @@ def evaluate(
         raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
                         f"{str(pred)!r}; predict them or pass --allow-missing (the rest is shown above, "
                         "--out was not written)")
-    if out is not None:
-        write_metrics(df, out)  # before any output: a path that cannot be written is the only line
-    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
-    if out is not None:
-        console.print(f"wrote {out}")
+    written = None if out is None else write_metrics(df, out)  # before any output: a path that cannot be
+    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")  # written is the only line
+    if written is not None:
+        console.print(f"wrote {written} and {written.with_suffix('.json')}")
     if missing:
         err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
@@ -159,6 +159,65 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
             continue
         shown = f"{str(given)!r}" + ("" if Path(given).absolute() == source else f" ({source})")
         raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {FIX} outside the inputs")
+
+
+def check_file_output(paths: Sequence[str | os.PathLike[str]], *, command: str, ours: Callable[[Path], bool],
+                      inputs: Iterable[str | os.PathLike[str]] = (), argument: str = "--out",
+                      given: str | os.PathLike[str] | None = None) -> None:
+    """Refuse single output files before anything is computed (the rule :func:`claim_output` is for folders).
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Every file the command will write (``plan.json`` and ``plan.csv``...).
+    command : str
+        The command's name, for messages.
+    ours : callable
+        ``ours(path)`` tells whether an existing file is an earlier result of ``command`` (which
+        it may replace); anything else is refused.
+    inputs : iterable of path
+        Everything the command reads (see :func:`check_apart`).
+    argument : str
+        How the user named the output (for messages).
+    given : path, optional
+        The path as the user gave it, when ``paths`` are derived from it (same stem...).
+
+    Raises
+    ------
+    UserError
+        A path is a folder, is, holds or lies inside an input, or would overwrite a file that
+        is not an earlier result of ``command``.
+    """
+    inputs = list(inputs)
+    for path in map(Path, paths):
+        shown = str(given if given is not None else path)
+        where = "" if given is None or Path(given) == path else f" ({str(path)!r})"
+        if path.is_dir():
+            raise UserError(f"cannot write {argument} {shown!r}: Is a directory{where}; it is a folder where a file "
+                            "is expected: pass a file name")
+        check_apart(path, inputs, argument=argument)
+        if os.path.lexists(path) and not _recognised(ours, path):
+            raise UserError(f"{argument} {shown!r} would overwrite {str(path)!r}, which is not a result of "
+                            f"sparseslice {command}; pass another {argument} or move that file")
+
+
+def _recognised(ours: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return bool(ours(path))
+    except (OSError, UnicodeDecodeError, ValueError, UserError):
+        return False
+
+
+def first_line_is(path: Path, line: str) -> bool:
+    """Whether the text file ``path`` starts with the line ``line`` (a CSV's header)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return fh.readline().rstrip("\r\n") == line
+
+
+def json_object_with(path: Path, keys: Iterable[str]) -> bool:
+    """Whether ``path`` holds a JSON object with every one of ``keys``."""
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    return isinstance(record, dict) and set(keys) <= set(record)
 
 
 def dataset_inputs(dataset: Dataset) -> list[Path]:
