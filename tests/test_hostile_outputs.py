@@ -188,3 +188,27 @@ def test_evaluate_that_cannot_write_its_summary_leaves_neither_file(data, tmp_pa
     line = one_line_error(evaluate(pred, data, out))
     assert "No space left on device" in line
     assert not out.exists() and not out.with_suffix(".json").exists()  # no table, no stale summary
+
+
+# --- evaluate: a label value the reference does not declare ------------------------------
+
+
+def test_evaluate_refuses_a_prediction_holding_an_undeclared_label(data, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    for name in ("case_0.nii.gz", "case_1.nii.gz"):
+        img = nib.load(data / "labelsTr" / name)
+        arr = np.asarray(img.dataobj).astype(np.uint8)
+        if name == "case_1.nii.gz":
+            arr[0, 0, 0] = 3  # dataset.json declares 0 (background) and 1 only
+        nib.save(nib.Nifti1Image(arr, img.affine), pred / name)
+    out = tmp_path / "m.csv"
+    line = one_line_error(evaluate(pred, data, out))
+    assert line == ("error: case 'case_1': prediction holds label value 3, which the reference's dataset.json does "
+                    "not declare (labels 0, 1); predict with a model trained on these labels, or pass the reference "
+                    "the prediction was made for")
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    ok(evaluate(pred, data / "labelsTr", out))  # a bare folder of labels declares nothing: scored as found

@@ -89,6 +89,21 @@ def check_pair(pred: Volume, ref: Volume, *, case: str) -> None:
                         f"{tuple(round(s, 4) for s in ref.spacing)}; resample the prediction onto the reference")
 
 
+def check_declared(pred: Volume, *, case: str, declared: Sequence[int]) -> None:
+    """Refuse a prediction holding a label value the reference's ``dataset.json`` does not declare.
+
+    Such a value would be scored as nothing (a class the table has no row for) or counted into
+    the foreground silently; ``declared`` are the foreground values, background 0 is implied.
+    """
+    allowed = {0, *(int(v) for v in declared)}
+    extra = [int(v) for v in np.unique(pred.array) if int(v) not in allowed]
+    if extra:
+        shown = ", ".join(map(str, extra[:5])) + (" ..." if len(extra) > 5 else "")
+        raise UserError(f"case {case!r}: prediction holds label value {shown}, which the reference's dataset.json "
+                        f"does not declare (labels {', '.join(map(str, sorted(allowed)))}); predict with a model "
+                        "trained on these labels, or pass the reference the prediction was made for")
+
+
 def evaluate_case(pred: Volume, ref: Volume, *, case: str, axis: int, labels: Sequence[int] | None = None,
                   annotated: np.ndarray | None = None) -> list[dict[str, object]]:
     """Tidy rows for one case; ``labels`` defaults to the foreground values in either map."""
@@ -135,6 +150,12 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         for the union of every foreground label; ``metric`` one of :data:`sparseslice.metrics.METRICS`;
         ``note`` explains NaN values (``"empty pred"``, ``"sparse ref"``...). Labels scored
         are those of the reference's ``dataset.json`` if any, else those present in the case.
+
+    Raises
+    ------
+    UserError
+        A prediction holds a label value the reference's ``dataset.json`` does not declare
+        (:func:`check_declared`), among the usual refusals (missing cases, mismatched grids).
     """
     refs = reference_files(Path(ref))
     preds = prediction_files(Path(pred_dir))
@@ -161,6 +182,8 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
     for case in track(todo, "evaluating", progress=progress):
         ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis, ignore_value=ignore)
         pred_vol = read_label(preds[case])
+        if labels is not None:
+            check_declared(pred_vol, case=case, declared=labels)
         rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df.attrs["missing"] = missing
