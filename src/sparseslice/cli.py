@@ -372,16 +372,36 @@ def info(
     rows: Annotated[int, typer.Option(help="Cases shown in the table (0: all).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON (every case) "
                                                          "instead of tables.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Read everything (as nnU-Net's --verify_dataset_integrity): listed files exist, every "
+                        "image and label decodes, equal channel counts, label grids equal image grids, label "
+                        "values declared, finite intensities. Lists each problem and exits 1 if any.")] = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Describe a dataset: cases, shapes, spacing, labels, slice axis, structure slices."""
-    from sparseslice.describe import describe_dataset, description_record, render_description
+    """Describe a dataset: cases, shapes, spacing, labels, slice axis, structure slices.
 
+    Without --check, image headers are read (labels in full) and the output says what was not checked.
+    """
+    import json
+    from dataclasses import replace
+
+    from sparseslice.describe import check_dataset, describe_dataset, description_record, render_description
+
+    if check:
+        problems = check_dataset(data, progress=progress)
+        if problems:
+            if as_json:
+                typer.echo(json.dumps({"root": str(data), "checked": "everything", "problems": problems}, indent=2))
+            else:
+                for problem in problems:
+                    console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {len(problems)} problem(s) in {escape(repr(str(data)))}; "
+                              "fix them (each is listed above) and run info --check again", markup=True)
+            raise typer.Exit(1)
     desc = describe_dataset(data, axis=axis, require_labels=require_labels, progress=progress)
+    desc = replace(desc, checked=check)
     if as_json:
-        import json
-
-        typer.echo(json.dumps(description_record(desc), indent=2))
+        typer.echo(json.dumps({**description_record(desc), **({"problems": []} if check else {})}, indent=2))
         return
     render_description(desc, console, rows=rows)
 
