@@ -144,8 +144,9 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
 
 
 def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
-                argument: str = "--out") -> None:
-    """Refuse an output that is, contains or lies inside an input (paths resolved, links followed)."""
+                argument: str = "--out", fix: str = FIX) -> None:
+    """Refuse an output that is, contains or lies inside an input (paths resolved, links followed);
+    ``fix`` (what to choose instead) ends the message with "outside the inputs"."""
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
@@ -158,7 +159,7 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
         else:
             continue
         shown = f"{str(given)!r}" + ("" if Path(given).absolute() == source else f" ({source})")
-        raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {FIX} outside the inputs")
+        raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {fix} outside the inputs")
 
 
 def check_file_output(paths: Sequence[str | os.PathLike[str]], *, command: str, ours: Callable[[Path], bool],
@@ -195,7 +196,7 @@ def check_file_output(paths: Sequence[str | os.PathLike[str]], *, command: str, 
         if path.is_dir():
             raise UserError(f"cannot write {argument} {shown!r}: Is a directory{where}; it is a folder where a file "
                             "is expected: pass a file name")
-        check_apart(path, inputs, argument=argument)
+        check_apart(path, inputs, argument=argument, fix="choose a file name")
         if os.path.lexists(path) and not _recognised(ours, path):
             raise UserError(f"{argument} {shown!r} would overwrite {str(path)!r}, which is not a result of "
                             f"sparseslice {command}; pass another {argument} or move that file")
