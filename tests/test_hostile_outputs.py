@@ -212,3 +212,14 @@ def test_evaluate_refuses_a_prediction_holding_an_undeclared_label(data, tmp_pat
                     "the prediction was made for")
     assert not out.exists() and not out.with_suffix(".json").exists()
     ok(evaluate(pred, data / "labelsTr", out))  # a bare folder of labels declares nothing: scored as found
+
+
+def test_a_label_off_its_image_grid_is_named_in_plain_numbers(data):
+    import nibabel as nib
+    import numpy as np
+
+    label = data / "labelsTr" / "case_0.nii.gz"
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), label)
+    line = one_line_error(runner.invoke(app, ["info", str(data), "--no-progress"]))
+    assert "got spacing (2.0, 2.0, 2.0) origin (0.0, 0.0, 0.0) vs spacing (1.0, 1.0, 2.5) origin (0.0, 0.0, 0.0)" in line
