@@ -222,4 +222,5 @@ def test_a_label_off_its_image_grid_is_named_in_plain_numbers(data):
     img = nib.load(label)
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.diag([2.0, 2.0, 2.0, 1.0])), label)
     line = one_line_error(runner.invoke(app, ["info", str(data), "--no-progress"]))
-    assert "got spacing (2.0, 2.0, 2.0) origin (0.0, 0.0, 0.0) vs spacing (1.0, 1.0, 2.5) origin (0.0, 0.0, 0.0)" in line
+    assert ("got spacing (2.0, 2.0, 2.0) origin (0.0, 0.0, 0.0) vs spacing (1.0, 1.0, 2.5) "
+            "origin (0.0, 0.0, 0.0)") in line
