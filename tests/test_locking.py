@@ -178,3 +178,23 @@ def test_a_training_run_folder_is_locked(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"run folder '{run_dir}' is in use by pid {holder.pid}" in " ".join(result.output.split())
     assert os.listdir(run_dir) == [LOCK_FILE]  # nothing else written
+
+
+def test_a_finished_run_with_a_stale_lock_gets_the_lock_removed_on_rerun(tmp_path):
+    """The kill point of the flaky killed-study test: done.json written, the run's lock file not yet removed."""
+    out = tmp_path / "s"
+    assert run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False).ok
+    stale, held = sorted(RUN_IDS)[:2]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "runs" / f".{stale}.lock").write_text(json.dumps(
+        {"pid": int(dead.stdout), "host": socket.gethostname(), "started": time.time(), "command": "killed"}))
+    holder = start_holder(out / "runs", name=f".{held}.lock")  # a live holder's lock is not touched
+    try:
+        again = run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False)
+        assert again.ok and set(again.skipped) == RUN_IDS and not again.ran
+        assert not (out / "runs" / f".{stale}.lock").exists()
+        assert json.loads((out / "runs" / f".{held}.lock").read_text())["pid"] == holder.pid
+    finally:
+        kill(holder)
+    run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False)  # the holder is gone: its file too
+    assert not list(out.rglob("*.lock"))

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from sparseslice.errors import UserError
-from sparseslice.locking import holds
+from sparseslice.locking import holds, remove_stale
 from sparseslice.study.executors import (
     EXECUTORS,
     Outcome,
     RunFunction,
     Task,
     run_local,
+    run_lock_name,
     run_ray,
     threads_per_worker,
 )
@@ -109,6 +110,8 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         config = run_config(spec, run, threads=threads, executor=executor)
         if store.is_done(run.run_id, config):
             summary.skipped.append(run.run_id)
+            # a worker killed after done.json but before removing its lock left the file: remove it (if not held)
+            remove_stale(store.root / "runs", name=run_lock_name(run.run_id))
         else:
             tasks.append(Task(run, config, store.root))
     if executor == "ray":

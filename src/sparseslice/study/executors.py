@@ -38,6 +38,11 @@ EXECUTORS = ("local", "ray")
 RunFunction = Callable[[RunSpec, dict[str, Any], Path], RunOutput]
 
 
+def run_lock_name(run_id: str) -> str:
+    """The name of run ``run_id``'s lock file in ``STUDY/runs``."""
+    return f".{run_id}.lock"
+
+
 @dataclass(frozen=True)
 class Task:
     """One run to execute: its spec, its resolved configuration, the study folder."""
@@ -64,7 +69,7 @@ def execute(task: Task, run_fn: RunFunction) -> Outcome:
     store = StudyStore(task.root)
     run_id = task.run.run_id
     try:
-        with hold(store.root / "runs", what=f"run {run_id} in", name=f".{run_id}.lock",
+        with hold(store.root / "runs", what=f"run {run_id} in", name=run_lock_name(run_id),
                   fix="another process still writes this run; rerun the study once it is gone"):
             return _execute(task, run_fn, store)
     except UserError as exc:  # the run belongs to another process: leave its folder alone
