@@ -291,6 +291,19 @@ def test_budget_hours_plans_the_most_slices_that_fit(ds) -> None:
         make_plan(ds, budget_hours=0.1, volumes=4, cost=cost)
 
 
+def test_budget_hours_with_rho_1_plans_the_most_whole_volumes_that_fit(ds, n_slices) -> None:
+    # the time search used to start at a 1-slice budget, which no whole volume fits (always refused)
+    cost = CostModel(volume_minutes=2, slice_minutes=1, consecutive_discount=0)
+    everything = make_plan(ds, budget=sum(n_slices.values()), rho=1, cost=cost)  # all 8, in selection order
+    minutes = np.cumsum([2 + n_slices[c] for c in everything.case_ids])
+    expected = int(np.searchsorted(minutes, 60, side="right"))  # whole volumes within one hour
+    plan = make_plan(ds, budget_hours=1.0, rho=1, cost=cost)
+    assert 1 <= expected < 8 and plan.full_volumes
+    assert plan.case_ids == everything.case_ids[:expected]
+    assert all(e.slices == tuple(range(n_slices[e.case_id])) for e in plan.entries)
+    assert plan.minutes == pytest.approx(minutes[expected - 1]) and plan.minutes <= 60
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"budget": 10_000}, "budget is larger than the data"),
     ({"budget": 10, "rho": 1.5}, "rho must be a fraction in \\(0, 1\\], got 1.5"),

@@ -161,6 +161,8 @@ class Allocation:
         caps = list(capacities)
         if self.volumes is not None:
             return self.volumes, sum(caps[:self.volumes])
+        if self.mode == "full":  # no budget below the first whole volume gives a plan
+            return caps[0], sum(caps)
         if self.rho is not None:
             return 1, int(np.floor(sum(self.rho * c for c in caps) + 1e-9))
         if self.block_fraction is not None:
