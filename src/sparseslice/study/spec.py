@@ -466,3 +466,17 @@ def _spec_text(spec: str | os.PathLike[str]) -> tuple[str, Path | None]:
     near = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.0)
     raise UserError(f"spec is neither a file nor a preset, got {name!r}; pass a YAML file or a preset "
                     f"({', '.join(PRESETS)}){f', e.g. {near[0]}' if near else ''}")
+
+
+def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) -> dict[str, Any]:
+    """The resolved configuration of one run, as written to its ``config.json``."""
+    return {
+        "study": spec.name,
+        "run_id": run.run_id,
+        "run": run.to_dict(),
+        "dataset": spec.dataset.to_dict(),
+        "training": spec.training_config(run),
+        "evaluation": dict(spec.evaluation),
+        "metrics": list(spec.metrics),
+        "execution": {"executor": executor, "threads": threads},
+    }
