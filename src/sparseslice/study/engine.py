@@ -20,7 +20,7 @@ from sparseslice.study.executors import (
     threads_per_worker,
 )
 from sparseslice.study.results import check_results_format, write_results
-from sparseslice.study.spec import RunSpec, StudySpec
+from sparseslice.study.spec import StudySpec, run_config
 from sparseslice.study.store import StudyStore
 
 
@@ -36,20 +36,6 @@ class StudySummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) -> dict[str, Any]:
-    """The resolved configuration of one run, as written to its ``config.json``."""
-    return {
-        "study": spec.name,
-        "run_id": run.run_id,
-        "run": run.to_dict(),
-        "dataset": spec.dataset.to_dict(),
-        "training": spec.training_config(run),
-        "evaluation": dict(spec.evaluation),
-        "metrics": list(spec.metrics),
-        "execution": {"executor": executor, "threads": threads},
-    }
 
 
 @holds("out", what="study folder")
