@@ -108,19 +108,19 @@ def test_the_cycle_finder_finds_known_cycles() -> None:
 
 
 def test_imports_are_resolved_to_modules(tmp_path: Path) -> None:
-    modules = {"sparseslice", "sparseslice.study", "sparseslice.study.spec", "sparseslice.study.runner",
+    modules = {"sparseslice", "sparseslice.study", "sparseslice.study.spec", "sparseslice.study.pipeline",
                "sparseslice.errors"}
-    source = tmp_path / "runner.py"
+    source = tmp_path / "pipeline.py"
     source.write_text("from sparseslice.errors import UserError\n"
                       "from . import spec\n"
                       "def f():\n    from sparseslice.study.spec import RunSpec\n    import sparseslice.study\n")
-    assert imported_modules("sparseslice.study.runner", source, modules) == {
+    assert imported_modules("sparseslice.study.pipeline", source, modules) == {
         "sparseslice.errors", "sparseslice.study.spec", "sparseslice.study"}
 
 
 def test_no_import_cycle_among_modules() -> None:
     graph = import_graph()
-    assert "sparseslice.study.spec" in graph["sparseslice.study.runner"]  # the graph sees real imports
+    assert "sparseslice.study.spec" in graph["sparseslice.study.pipeline"]  # the graph sees real imports
     cycles = strongly_connected(graph)
     assert not cycles, "import cycles (lazy imports count):\n" + "\n".join(" <-> ".join(c) for c in cycles)
 

@@ -21,7 +21,7 @@ import sparseslice
 from sparseslice.cli import app
 from sparseslice.errors import UserError
 from sparseslice.locking import LOCK_FILE, hold
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
 from sparseslice.study.results import read_results
 from sparseslice.study.spec import parse_spec
 from study_fakes import CASES, ENGINE_SPEC, fake_run
@@ -91,7 +91,7 @@ def test_killed_study_leaves_a_stale_lock_and_a_rerun_takes_over_and_runs_each_r
     script = textwrap.dedent(f"""
         import time
         from study_fakes import fake_run
-        from sparseslice.study.engine import run_study
+        from sparseslice.study.orchestrate import run_study
         from sparseslice.study.spec import parse_spec
         def slow(run, config, run_dir):
             time.sleep(0.2)
@@ -139,7 +139,7 @@ def test_cli_two_study_runs_on_one_folder_one_proceeds_the_other_exits_2_in_one_
     slow_cli = textwrap.dedent(f"""
         import pathlib, time
         from study_fakes import fake_run
-        from sparseslice.study import runner
+        from sparseslice.study import pipeline as runner
         def slow(run, config, run_dir):  # the first run waits for the test's go
             deadline = time.time() + 30
             while not pathlib.Path({str(go)!r}).exists() and time.time() < deadline:

@@ -385,7 +385,7 @@ def info(
     import json
     from dataclasses import replace
 
-    from sparseslice.describe import check_dataset, describe_dataset, description_record, render_description
+    from sparseslice.info import check_dataset, describe_dataset, description_record, render_description
 
     if check:
         problems = check_dataset(data, progress=progress)

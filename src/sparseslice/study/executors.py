@@ -10,7 +10,7 @@ writes the results and the ``done`` marker, or records the error of a run that c
 that the grid goes on.
 
 Locks: the process running the study holds the study folder's lock (see
-:func:`~sparseslice.study.engine.run_study`); each worker also holds the lock of the run it
+:func:`~sparseslice.study.orchestrate.run_study`); each worker also holds the lock of the run it
 writes (``STUDY/runs/.<run_id>.lock``) while it empties and fills that run's folder only. A
 worker left running by a study process that was killed thus keeps its run: a new study
 process skips it (reported as failed, its folder untouched) instead of emptying it.

@@ -1,4 +1,7 @@
-"""Running a study: expand the grid, skip finished runs, execute the rest, collect results."""
+"""A whole study: expand the grid, skip finished runs, hand the rest to an executor, collect results.
+
+One run is :mod:`sparseslice.study.pipeline`; where runs execute is :mod:`sparseslice.study.executors`.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         naming the holder; the lock a killed process left is taken over.
     run_fn : callable, optional
         ``run_fn(run, config, run_dir) -> RunOutput``; defaults to the full pipeline
-        (:func:`~sparseslice.study.runner.run_pipeline`), after checking the spec against the
+        (:func:`~sparseslice.study.pipeline.run_pipeline`), after checking the spec against the
         dataset. Tests pass a fast fake.
     executor : {"local", "ray"}
         Where runs execute.
@@ -84,7 +87,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         raise UserError(f"address only applies to --executor ray, got address {address!r}; add --executor ray")
     check_results_format(results_format)
     if run_fn is None:
-        from sparseslice.study.runner import preflight, run_pipeline
+        from sparseslice.study.pipeline import preflight, run_pipeline
 
         preflight(spec)
         run_fn = run_pipeline

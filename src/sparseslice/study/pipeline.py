@@ -133,7 +133,7 @@ def _suffix(path: Path) -> str:
 def run_pipeline(run: RunSpec, config: dict[str, Any], run_dir: Path) -> RunOutput:
     """Plan, simulate, interpolate, train, predict and evaluate one run in ``run_dir``.
 
-    This is the default run function of :func:`~sparseslice.study.engine.run_study`.
+    This is the default run function of :func:`~sparseslice.study.orchestrate.run_study`.
     """
     import torch
 
