@@ -38,7 +38,7 @@ import torch
 from sparseslice.datasets import discover_dataset, load_image, load_label, slice_axis_of, split_cases
 from sparseslice.io import Volume
 from sparseslice.sparse import SparseLabel, write_sparse
-from sparseslice.study.runner import link_cases
+from sparseslice.study.pipeline import link_cases
 from sparseslice.train import TrainConfig, train
 from sparseslice.train.config import MODELS
 from sparseslice.train.losses import selective_loss

@@ -23,7 +23,7 @@ ENGINE_SPEC = {
 
 def reported_study(spec: dict, out: Path, run_fn) -> Path:
     """Run the study ``spec`` with the fake ``run_fn`` into ``out`` and write its report; returns ``out``."""
-    from sparseslice.study.engine import run_study
+    from sparseslice.study.orchestrate import run_study
     from sparseslice.study.report import write_report
     from sparseslice.study.spec import parse_spec
 

@@ -186,7 +186,7 @@ def test_info_reads_nnunet_ignore_label(tmp_path):
 
     from nnunet_fakes import ANNOTATED, IGNORE, PARTIAL, write_ignore_dataset
     from sparseslice.cli import app
-    from sparseslice.describe import describe_dataset
+    from sparseslice.info import describe_dataset
     from sparseslice.io import read_label
 
     data = write_ignore_dataset(tmp_path / "nn")
@@ -205,8 +205,8 @@ def test_info_reads_nnunet_ignore_label(tmp_path):
 def test_ignore_label_drawn_along_another_axis_than_the_default(tmp_path):
     # whole slices along axis 1 while the spacing makes axis 2 the default: every stage finds axis 1
     from nnunet_fakes import ANNOTATED, PARTIAL, write_ignore_dataset
-    from sparseslice.describe import describe_dataset
     from sparseslice.evaluate import evaluate_folder
+    from sparseslice.info import describe_dataset
     from sparseslice.interpolate import interpolate_dataset
     from sparseslice.train.data import resolve_axis
 

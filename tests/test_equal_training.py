@@ -12,7 +12,7 @@ from sparseslice.datasets import discover_dataset
 from sparseslice.errors import UserError
 from sparseslice.select import make_plan, write_plan
 from sparseslice.select.plan import Plan
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
 from sparseslice.study.spec import PRESETS, load_spec, parse_spec
 from sparseslice.study.store import StudyStore
 from sparseslice.train import TrainConfig, train

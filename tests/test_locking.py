@@ -21,7 +21,7 @@ import sparseslice
 from sparseslice.cli import app
 from sparseslice.errors import UserError
 from sparseslice.locking import LOCK_FILE, hold
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
 from sparseslice.study.results import read_results
 from sparseslice.study.spec import parse_spec
 from study_fakes import CASES, ENGINE_SPEC, fake_run
@@ -91,7 +91,7 @@ def test_killed_study_leaves_a_stale_lock_and_a_rerun_takes_over_and_runs_each_r
     script = textwrap.dedent(f"""
         import time
         from study_fakes import fake_run
-        from sparseslice.study.engine import run_study
+        from sparseslice.study.orchestrate import run_study
         from sparseslice.study.spec import parse_spec
         def slow(run, config, run_dir):
             time.sleep(0.2)
@@ -139,7 +139,7 @@ def test_cli_two_study_runs_on_one_folder_one_proceeds_the_other_exits_2_in_one_
     slow_cli = textwrap.dedent(f"""
         import pathlib, time
         from study_fakes import fake_run
-        from sparseslice.study import runner
+        from sparseslice.study import pipeline as runner
         def slow(run, config, run_dir):  # the first run waits for the test's go
             deadline = time.time() + 30
             while not pathlib.Path({str(go)!r}).exists() and time.time() < deadline:
@@ -178,3 +178,23 @@ def test_a_training_run_folder_is_locked(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"run folder '{run_dir}' is in use by pid {holder.pid}" in " ".join(result.output.split())
     assert os.listdir(run_dir) == [LOCK_FILE]  # nothing else written
+
+
+def test_a_finished_run_with_a_stale_lock_gets_the_lock_removed_on_rerun(tmp_path):
+    """The kill point of the flaky killed-study test: done.json written, the run's lock file not yet removed."""
+    out = tmp_path / "s"
+    assert run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False).ok
+    stale, held = sorted(RUN_IDS)[:2]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "runs" / f".{stale}.lock").write_text(json.dumps(
+        {"pid": int(dead.stdout), "host": socket.gethostname(), "started": time.time(), "command": "killed"}))
+    holder = start_holder(out / "runs", name=f".{held}.lock")  # a live holder's lock is not touched
+    try:
+        again = run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False)
+        assert again.ok and set(again.skipped) == RUN_IDS and not again.ran
+        assert not (out / "runs" / f".{stale}.lock").exists()
+        assert json.loads((out / "runs" / f".{held}.lock").read_text())["pid"] == holder.pid
+    finally:
+        kill(holder)
+    run_study(parse_spec(SPEC), out, run_fn=fake_run, progress=False)  # the holder is gone: its file too
+    assert not list(out.rglob("*.lock"))

@@ -291,6 +291,39 @@ def test_budget_hours_plans_the_most_slices_that_fit(ds) -> None:
         make_plan(ds, budget_hours=0.1, volumes=4, cost=cost)
 
 
+def test_allocation_modes_known_answers() -> None:
+    from sparseslice.select.allocation import Allocation
+
+    caps = [10, 20, 30]
+    assert [Allocation(**kw).mode for kw in ({}, {"rho": 1}, {"rho": 0.5}, {"volumes": 2},
+                                               {"block_fraction": 0.5})] == [
+        "spread", "full", "rho", "volumes", "block_fraction"]
+    assert Allocation().spend(10, caps)[:2] == (3, [2, 3, 5])  # apportion's known answer
+    assert Allocation(volumes=2).spend(5, caps)[:2] == (2, [2, 3])
+    assert Allocation(rho=0.5).spend(15, caps)[:2] == (2, [5, 10])  # 0.5*10 + 0.5*20 reaches 15
+    assert Allocation(rho=1).spend(35, caps)[:2] == (2, [10, 20])  # 5 slices unspent
+    assert Allocation(block_fraction=0.5).spend(12, caps)[:2] == (2, [5, 7])  # blocks 5, 10, 15
+    assert Allocation(rho=1).budget_range(caps) == (10, 60)
+    assert Allocation(rho=0.5).budget_range(caps) == (1, 30)
+    assert Allocation(volumes=2).budget_range(caps) == (2, 30)
+    assert Allocation(block_fraction=0.5).budget_range(caps) == (1, 30)
+    with pytest.raises(UserError, match="block_fraction only applies to strategy 'block'"):
+        Allocation(block_fraction=0.5).check(strategy="random")
+
+
+def test_budget_hours_with_rho_1_plans_the_most_whole_volumes_that_fit(ds, n_slices) -> None:
+    # the time search used to start at a 1-slice budget, which no whole volume fits (always refused)
+    cost = CostModel(volume_minutes=2, slice_minutes=1, consecutive_discount=0)
+    everything = make_plan(ds, budget=sum(n_slices.values()), rho=1, cost=cost)  # all 8, in selection order
+    minutes = np.cumsum([2 + n_slices[c] for c in everything.case_ids])
+    expected = int(np.searchsorted(minutes, 60, side="right"))  # whole volumes within one hour
+    plan = make_plan(ds, budget_hours=1.0, rho=1, cost=cost)
+    assert 1 <= expected < 8 and plan.full_volumes
+    assert plan.case_ids == everything.case_ids[:expected]
+    assert all(e.slices == tuple(range(n_slices[e.case_id])) for e in plan.entries)
+    assert plan.minutes == pytest.approx(minutes[expected - 1]) and plan.minutes <= 60
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"budget": 10_000}, "budget is larger than the data"),
     ({"budget": 10, "rho": 1.5}, "rho must be a fraction in \\(0, 1\\], got 1.5"),

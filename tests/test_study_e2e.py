@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from sparseslice.cli import app
 from sparseslice.errors import UserError
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
+from sparseslice.study.pipeline import preflight
 from sparseslice.study.report import render_report
 from sparseslice.study.results import read_results
-from sparseslice.study.runner import preflight
 from sparseslice.study.spec import parse_spec
 
 TINY = {"epochs": 1, "samples_per_epoch": 8, "batch_size": 4, "channels": [8, 16], "strides": [2],
@@ -86,7 +86,7 @@ def test_spec_refuses_unknown_training_keys(phantom_dataset):
 
 def test_cli_refuses_a_folder_with_another_study_and_exits_nonzero_on_crashes(phantom_dataset, tmp_path,
                                                                                 monkeypatch):
-    from sparseslice.study import runner
+    from sparseslice.study import pipeline as runner
     from sparseslice.study.store import StudyStore
 
     path = tmp_path / "spec.yaml"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sparseslice.cli import app
 from sparseslice.errors import UserError
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
 from sparseslice.study.results import collect_results, load_study, read_results
 from sparseslice.study.spec import PRESETS, TRAINING_PRESETS, load_spec, parse_spec
 from sparseslice.study.store import StudyStore
@@ -174,7 +174,7 @@ def test_killed_study_process_resumes_with_the_remaining_runs_only(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from study_fakes import fake_run
-        from sparseslice.study.engine import run_study
+        from sparseslice.study.orchestrate import run_study
         from sparseslice.study.spec import parse_spec
         def slow(run, config, run_dir):
             out = fake_run(run, config, run_dir)

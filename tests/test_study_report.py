@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from sparseslice.cli import app
 from sparseslice.study import analysis
-from sparseslice.study.engine import run_study
+from sparseslice.study.orchestrate import run_study
 from sparseslice.study.report import render_report
 from sparseslice.study.results import collect_results, load_study
 from sparseslice.study.spec import parse_spec

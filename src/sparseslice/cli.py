@@ -372,16 +372,36 @@ def info(
     rows: Annotated[int, typer.Option(help="Cases shown in the table (0: all).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the description as JSON (every case) "
                                                          "instead of tables.")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="Read everything (as nnU-Net's --verify_dataset_integrity): listed files exist, every "
+                        "image and label decodes, equal channel counts, label grids equal image grids, label "
+                        "values declared, finite intensities. Lists each problem and exits 1 if any.")] = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Describe a dataset: cases, shapes, spacing, labels, slice axis, structure slices."""
-    from sparseslice.describe import describe_dataset, description_record, render_description
+    """Describe a dataset: cases, shapes, spacing, labels, slice axis, structure slices.
 
+    Without --check, image headers are read (labels in full) and the output says what was not checked.
+    """
+    import json
+    from dataclasses import replace
+
+    from sparseslice.info import check_dataset, describe_dataset, description_record, render_description
+
+    if check:
+        problems = check_dataset(data, progress=progress)
+        if problems:
+            if as_json:
+                typer.echo(json.dumps({"root": str(data), "checked": "everything", "problems": problems}, indent=2))
+            else:
+                for problem in problems:
+                    console.print(f"problem: {problem}", markup=False, highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {len(problems)} problem(s) in {escape(repr(str(data)))}; "
+                              "fix them (each is listed above) and run info --check again", markup=True)
+            raise typer.Exit(1)
     desc = describe_dataset(data, axis=axis, require_labels=require_labels, progress=progress)
+    desc = replace(desc, checked=check)
     if as_json:
-        import json
-
-        typer.echo(json.dumps(description_record(desc), indent=2))
+        typer.echo(json.dumps({**description_record(desc), **({"problems": []} if check else {})}, indent=2))
         return
     render_description(desc, console, rows=rows)
 
@@ -591,25 +611,26 @@ def predict(
 
 
 def _check_metrics_out(out: Path, pred: Path, ref: Path) -> None:
-    """Refuse a metrics file (or its ``.json``) that is an input, or lies inside the reference.
+    """Refuse a metrics output (the CSV or the JSON beside it) that is a folder, an input, lies inside
+    the reference, or would overwrite a file evaluate did not write.
 
     A metrics file beside the predictions (``pred/metrics.csv``) is fine: only the prediction
     files themselves count as inputs there.
     """
     from sparseslice.datasets import discover_dataset
-    from sparseslice.evaluate import prediction_files
-    from sparseslice.outputs import check_apart, dataset_inputs
+    from sparseslice.evaluate import check_metrics_out, prediction_files
+    from sparseslice.outputs import dataset_inputs
 
-    inputs = [*prediction_files(pred).values(), *dataset_inputs(discover_dataset(ref))]
-    for written in (out, out.with_suffix(".json")):
-        check_apart(written, inputs, argument="--out")
+    check_metrics_out(out, inputs=[*prediction_files(pred).values(), *dataset_inputs(discover_dataset(ref))])
 
 
 @command()
 def evaluate(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz.")],
     ref: Annotated[Path, typer.Argument(help="Reference: dataset with labels, or a folder of label files.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Tidy CSV of per-case values.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Tidy CSV of per-case values, with a JSON "
+                                                                 "summary of the same stem (NAME.json names both).")]
+    = None,
     cases: Annotated[str | None, typer.Option(help="Comma-separated cases (default: all).")] = None,
     allow_missing: Annotated[bool, typer.Option(help="Succeed even if some cases have no prediction.")] = False,
     axis: Annotated[int | None, typer.Option(help="Slice axis for 2D ASSD (default: dataset's).")] = None,
@@ -631,11 +652,10 @@ def evaluate(
         raise UserError(f"pred is missing {len(missing)} case(s), got no prediction for {shown} in "
                         f"{str(pred)!r}; predict them or pass --allow-missing (the rest is shown above, "
                         "--out was not written)")
-    if out is not None:
-        write_metrics(df, out)  # before any output: a path that cannot be written is the only line
-    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")
-    if out is not None:
-        console.print(f"wrote {out}")
+    written = None if out is None else write_metrics(df, out)  # before any output: a path that cannot be
+    render_summary(summarize(df), console, title=f"{df['case'].nunique()} cases")  # written is the only line
+    if written is not None:
+        console.print(f"wrote {written} and {written.with_suffix('.json')}")
     if missing:
         err_console.print(f"[yellow]warning:[/yellow] no prediction for {shown} in {str(pred)!r}", markup=True)
 

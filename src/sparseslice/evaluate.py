@@ -27,6 +27,8 @@ from sparseslice.progress import track
 from sparseslice.sparse import ignore_axis, read_label_file
 
 COLUMNS = ("case", "label", "region", "metric", "value", "note")
+#: Keys of the summary JSON :func:`write_metrics` writes beside the table.
+SUMMARY_KEYS = ("missing", "axis", "summary")
 
 
 def prediction_files(pred_dir: Path) -> dict[str, Path]:
@@ -87,6 +89,21 @@ def check_pair(pred: Volume, ref: Volume, *, case: str) -> None:
                         f"{tuple(round(s, 4) for s in ref.spacing)}; resample the prediction onto the reference")
 
 
+def check_declared(pred: Volume, *, case: str, declared: Sequence[int]) -> None:
+    """Refuse a prediction holding a label value the reference's ``dataset.json`` does not declare.
+
+    Such a value would be scored as nothing (a class the table has no row for) or counted into
+    the foreground silently; ``declared`` are the foreground values, background 0 is implied.
+    """
+    allowed = {0, *(int(v) for v in declared)}
+    extra = [int(v) for v in np.unique(pred.array) if int(v) not in allowed]
+    if extra:
+        shown = ", ".join(map(str, extra[:5])) + (" ..." if len(extra) > 5 else "")
+        raise UserError(f"case {case!r}: prediction holds label value {shown}, which the reference's dataset.json "
+                        f"does not declare (labels {', '.join(map(str, sorted(allowed)))}); predict with a model "
+                        "trained on these labels, or pass the reference the prediction was made for")
+
+
 def evaluate_case(pred: Volume, ref: Volume, *, case: str, axis: int, labels: Sequence[int] | None = None,
                   annotated: np.ndarray | None = None) -> list[dict[str, object]]:
     """Tidy rows for one case; ``labels`` defaults to the foreground values in either map."""
@@ -133,6 +150,12 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
         for the union of every foreground label; ``metric`` one of :data:`sparseslice.metrics.METRICS`;
         ``note`` explains NaN values (``"empty pred"``, ``"sparse ref"``...). Labels scored
         are those of the reference's ``dataset.json`` if any, else those present in the case.
+
+    Raises
+    ------
+    UserError
+        A prediction holds a label value the reference's ``dataset.json`` does not declare
+        (:func:`check_declared`), among the usual refusals (missing cases, mismatched grids).
     """
     refs = reference_files(Path(ref))
     preds = prediction_files(Path(pred_dir))
@@ -159,6 +182,8 @@ def evaluate_folder(pred_dir: Path, ref: Path, *, cases: Sequence[str] | None = 
     for case in track(todo, "evaluating", progress=progress):
         ref_vol, annotated, case_axis = load_reference(refs[case], axis=axis, ignore_value=ignore)
         pred_vol = read_label(preds[case])
+        if labels is not None:
+            check_declared(pred_vol, case=case, declared=labels)
         rows.extend(evaluate_case(pred_vol, ref_vol, case=case, axis=case_axis, labels=labels, annotated=annotated))
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df.attrs["missing"] = missing
@@ -192,24 +217,58 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(["_l", "_m"]).drop(columns=["_l", "_m"]).reset_index(drop=True)
 
 
-def write_metrics(df: pd.DataFrame, path: Path) -> Path:
-    """Write the tidy frame as CSV atomically, with a ``<stem>.json`` beside it (summary, missing).
+def metrics_paths(path: str | Path) -> tuple[Path, Path]:
+    """``(table, summary)``: the tidy CSV and the JSON beside it that ``-o path`` names.
 
-    Both or neither: the CSV is removed when the JSON cannot be written."""
-    from sparseslice.atomic import atomic_path, write_text
+    ``NAME.json`` names the pair ``NAME.csv`` + ``NAME.json`` (as ``plan -o`` does); any other
+    name is the table itself, with ``<stem>.json`` beside it.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        return path.with_suffix(".csv"), path
+    return path, path.with_suffix(".json")
+
+
+def is_written_metrics(path: str | Path) -> bool:
+    """Whether ``path`` is a table or summary :func:`write_metrics` wrote (its header, its keys)."""
+    from sparseslice.outputs import first_line_is, json_object_with
 
     path = Path(path)
-    with atomic_path(path) as tmp:
+    if path.suffix.lower() == ".json":
+        return json_object_with(path, SUMMARY_KEYS)
+    return first_line_is(path, ",".join(COLUMNS))
+
+
+def check_metrics_out(path: str | Path, *, inputs: Sequence[str | Path]) -> None:
+    """Refuse ``-o path`` before anything is scored: a folder, an input, or a file that is not an
+    earlier result of ``evaluate`` (see :func:`sparseslice.outputs.check_file_output`)."""
+    from sparseslice.outputs import check_file_output
+
+    check_file_output(metrics_paths(path), command="evaluate", ours=is_written_metrics, inputs=inputs,
+                      given=path, argument="--out")
+
+
+def write_metrics(df: pd.DataFrame, path: Path) -> Path:
+    """Write the tidy frame as CSV atomically, with the summary JSON beside it (:func:`metrics_paths`);
+    returns the CSV's path.
+
+    Both or neither: when the JSON cannot be written the CSV is removed, and so is an earlier
+    JSON, which would not describe the table any more."""
+    from sparseslice.atomic import atomic_path, write_text
+
+    table, summary_path = metrics_paths(path)
+    with atomic_path(table) as tmp:
         df.to_csv(tmp, index=False)
     summary = summarize(df)
     record = {"missing": list(df.attrs.get("missing", [])), "axis": df.attrs.get("axis"),
               "summary": json.loads(summary.to_json(orient="records"))}
     try:
-        write_text(path.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+        write_text(summary_path, json.dumps(record, indent=2) + "\n")
     except BaseException:
-        path.unlink(missing_ok=True)  # the table without its summary is no result
+        table.unlink(missing_ok=True)  # the table without its summary is no result
+        summary_path.unlink(missing_ok=True)
         raise
-    return path
+    return table
 
 
 def render_summary(summary: pd.DataFrame, console: object, *, title: str = "metrics") -> None:

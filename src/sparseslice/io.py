@@ -378,8 +378,8 @@ def check_same_space(image: Volume | Header, label: Volume | Header, *, name: st
     if not np.allclose(image.affine, label.affine, atol=atol):
         raise UserError(
             f"case {name!r}: label affine must match the image, got spacing {label.spacing} "
-            f"origin {tuple(np.round(label.affine[:3, 3], 3))} vs spacing {image.spacing} "
-            f"origin {tuple(np.round(image.affine[:3, 3], 3))}; resample the label onto the image"
+            f"origin {tuple(np.round(label.affine[:3, 3], 3).tolist())} vs spacing {image.spacing} "
+            f"origin {tuple(np.round(image.affine[:3, 3], 3).tolist())}; resample the label onto the image"
         )
 
 

@@ -146,6 +146,39 @@ def holds(argument: str, *, what: str) -> Callable[[F], F]:
     return decorate
 
 
+def remove_stale(folder: str | os.PathLike[str], *, name: str = LOCK_FILE) -> bool:
+    """Remove the lock file ``folder / name`` that a killed process left, when no process holds it.
+
+    A process killed after finishing its work but before removing its lock file leaves a
+    stale file that nothing would take over (a rerun that finds the work done never locks it
+    again). The file is locked first, so a lock still held is left alone.
+
+    Returns
+    -------
+    bool
+        Whether a stale lock file was removed.
+    """
+    path = Path(folder) / name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held by a process (or no locks on this file system): not ours to remove
+            return False
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            return False
+        if same:  # while holding it, as a holder that finishes does
+            path.unlink()
+        return same
+    finally:
+        os.close(fd)
+
+
 def read_holder(path: str | os.PathLike[str], *, tries: int = 10) -> Holder | None:
     """The holder recorded in a lock file; ``None`` when there is none (or it is unreadable).
 

@@ -11,6 +11,13 @@ claims it with :func:`claim_output` before touching anything:
   (:meth:`OutputFolder.path`), so even an interrupted run leaves a complete list of what it
   may have written, and a rerun deletes (:meth:`OutputFolder.clear`) or overwrites only those.
 
+The lock file of a folder a command locks while it writes (:data:`sparseslice.locking.LOCK_FILE`,
+e.g. a training run folder) is the command's own: it does not make the folder "not empty".
+
+Single files (``plan -o plan.json``, ``evaluate -o metrics.csv``) follow the same rule through
+:func:`check_file_output`: an output file that is a folder, an input, or a file the command
+does not recognise as its own earlier result is refused before anything is computed.
+
 Nothing depends on file permissions: root gets no exception.
 """
 
@@ -18,13 +25,14 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from sparseslice.atomic import write_json
 from sparseslice.errors import UserError
+from sparseslice.locking import LOCK_FILE
 
 MARKER = ".sparseslice-output.json"
 if TYPE_CHECKING:
@@ -74,6 +82,14 @@ class OutputFolder:
         self.files = []
         self._save()
 
+    def forget_if_unused(self) -> None:
+        """Remove the marker when none of the files it lists exists (a run that failed before writing).
+
+        The folder is then as the claim found it (or empty, for a caller to remove when it made it).
+        """
+        if not any(os.path.lexists(self.root / name) for name in self.files):
+            (self.root / MARKER).unlink(missing_ok=True)
+
     def _save(self) -> None:
         write_json(self.root / MARKER, {"command": self.command, "files": self.files})
 
@@ -106,7 +122,7 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
     if out.exists() and not out.is_dir():
         raise UserError(f"{argument} {str(out)!r} is a file; pass a folder ({FIX})")
     files: list[str] = []
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()):
         record = _read_marker(out)
         if record is None:
             raise UserError(f"{argument} {str(out)!r} is not empty and was not written by sparseslice {command}; "
@@ -116,7 +132,7 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
                             f"{command}; {FIX}")
         files = [str(f) for f in record.get("files", [])]
         if exclusive:
-            ours = {MARKER} | {PurePosixPath(f).parts[0] for f in files}
+            ours = {MARKER, LOCK_FILE} | {PurePosixPath(f).parts[0] for f in files}
             foreign = sorted(p.name for p in out.iterdir() if p.name not in ours)
             if foreign:
                 raise UserError(f"{argument} {str(out)!r} holds files {command} did not write, got {foreign[:3]}; "
@@ -128,8 +144,9 @@ def claim_output(out: str | os.PathLike[str], *, command: str, inputs: Iterable[
 
 
 def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]], *,
-                argument: str = "--out") -> None:
-    """Refuse an output that is, contains or lies inside an input (paths resolved, links followed)."""
+                argument: str = "--out", fix: str = FIX) -> None:
+    """Refuse an output that is, contains or lies inside an input (paths resolved, links followed);
+    ``fix`` (what to choose instead) ends the message with "outside the inputs"."""
     target = Path(out).resolve()
     for given in inputs:
         source = Path(given).resolve()
@@ -142,7 +159,66 @@ def check_apart(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[
         else:
             continue
         shown = f"{str(given)!r}" + ("" if Path(given).absolute() == source else f" ({source})")
-        raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {FIX} outside the inputs")
+        raise UserError(f"{argument} {str(out)!r} {how} the input {shown}; {fix} outside the inputs")
+
+
+def check_file_output(paths: Sequence[str | os.PathLike[str]], *, command: str, ours: Callable[[Path], bool],
+                      inputs: Iterable[str | os.PathLike[str]] = (), argument: str = "--out",
+                      given: str | os.PathLike[str] | None = None) -> None:
+    """Refuse single output files before anything is computed (the rule :func:`claim_output` is for folders).
+
+    Parameters
+    ----------
+    paths : sequence of path
+        Every file the command will write (``plan.json`` and ``plan.csv``...).
+    command : str
+        The command's name, for messages.
+    ours : callable
+        ``ours(path)`` tells whether an existing file is an earlier result of ``command`` (which
+        it may replace); anything else is refused.
+    inputs : iterable of path
+        Everything the command reads (see :func:`check_apart`).
+    argument : str
+        How the user named the output (for messages).
+    given : path, optional
+        The path as the user gave it, when ``paths`` are derived from it (same stem...).
+
+    Raises
+    ------
+    UserError
+        A path is a folder, is, holds or lies inside an input, or would overwrite a file that
+        is not an earlier result of ``command``.
+    """
+    inputs = list(inputs)
+    for path in map(Path, paths):
+        shown = str(given if given is not None else path)
+        where = "" if given is None or Path(given) == path else f" ({str(path)!r})"
+        if path.is_dir():
+            raise UserError(f"cannot write {argument} {shown!r}: Is a directory{where}; it is a folder where a file "
+                            "is expected: pass a file name")
+        check_apart(path, inputs, argument=argument, fix="choose a file name")
+        if os.path.lexists(path) and not _recognised(ours, path):
+            raise UserError(f"{argument} {shown!r} would overwrite {str(path)!r}, which is not a result of "
+                            f"sparseslice {command}; pass another {argument} or move that file")
+
+
+def _recognised(ours: Callable[[Path], bool], path: Path) -> bool:
+    try:
+        return bool(ours(path))
+    except (OSError, UnicodeDecodeError, ValueError, UserError):
+        return False
+
+
+def first_line_is(path: Path, line: str) -> bool:
+    """Whether the text file ``path`` starts with the line ``line`` (a CSV's header)."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return fh.readline().rstrip("\r\n") == line
+
+
+def json_object_with(path: Path, keys: Iterable[str]) -> bool:
+    """Whether ``path`` holds a JSON object with every one of ``keys``."""
+    record = json.loads(Path(path).read_text(encoding="utf-8"))
+    return isinstance(record, dict) and set(keys) <= set(record)
 
 
 def dataset_inputs(dataset: Dataset) -> list[Path]:

@@ -23,7 +23,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sparseslice.errors import UserError
 from sparseslice.io import Header, Volume, check_same_space, read_header, read_label, volume_suffix, write_volume
 from sparseslice.outputs import OutputFolder, claim_output, dataset_inputs
 from sparseslice.progress import track
-from sparseslice.select.plan import Plan
+from sparseslice.select.plan import Plan, PlanEntry
 from sparseslice.select.worklist import write_plan
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SIDECAR_SUFFIX, SparseLabel, extent_of, write_sparse
 
@@ -134,6 +134,25 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     if format not in FORMATS:
         raise UserError(f"format is unknown, got {format!r}; use one of {', '.join(FORMATS)}")
     out = Path(out)
+    values, channels, ignore_value = _check_inputs(dataset, plan, format=format, ignore_value=ignore_value,
+                                                   modality=modality)
+    folder = claim_output(out, command="simulate", inputs=dataset_inputs(dataset), argument="out", exclusive=True)
+    folder.clear()  # dataset.json (written last) goes first: the folder no longer looks complete
+    cases = [_simulate_case(dataset.case(entry.case_id), entry, plan, folder, values=values, format=format,
+                            border_slices=border_slices, ignore_value=ignore_value, copy_images=copy_images)
+             for entry in track(plan.entries, "simulating", progress=progress)]
+    _warn(cases, channels, format=format)
+    folder.path("plan.csv")
+    write_plan(plan, folder.path("plan.json"))
+    training = [c.training for c in cases]
+    write_json(folder.path("dataset.json"), _dataset_json(dataset, plan, values, training, channels, format=format,
+                                                   ignore_value=ignore_value, border_slices=border_slices))
+    return out
+
+
+def _check_inputs(dataset: Dataset, plan: Plan, *, format: str, ignore_value: int,
+                  modality: Sequence[str] | None) -> tuple[list[int], dict[str, str], int]:
+    """Check the plan, labels and ignore value before writing; the label values, channels and ignore value."""
     check_plan(plan, dataset)
     cases = plan.case_ids
     for cid in cases:
@@ -150,65 +169,76 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     elif ignore_value <= max(values):
         raise UserError(f"ignore_value must exceed every label value, got {ignore_value} with labels up to "
                         f"{max(values)}; use 255")
-    folder = claim_output(out, command="simulate", inputs=dataset_inputs(dataset), argument="out", exclusive=True)
-    folder.clear()  # dataset.json (written last) goes first: the folder no longer looks complete
+    return values, channels, ignore_value
 
-    training = []
-    wasted: list[str] = []
-    finer: list[str] = []
-    for entry in track(plan.entries, "simulating", progress=progress):
-        case = dataset.case(entry.case_id)
-        label = read_label(case.label)
-        head = read_header(case.images[0])
-        check_same_space(head, label, name=case.case_id)
-        extra_values = sorted(set(np.unique(label.array).tolist()) - set(values))
-        if extra_values:
-            raise UserError(f"case {case.case_id!r} holds label values {extra_values} that dataset.json does "
-                            f"not declare ({values}); fix the label or dataset.json")
-        sparse = SparseLabel.from_slices(label.array, entry.slices, axis=entry.axis)
-        if entry.extent is not None:  # the plan's clicks are known to whoever trains on this
-            sparse = replace(sparse, extent=entry.extent)
-        if border_slices:
-            ext = extent_of(label.array, axis=entry.axis)
-            if ext is not None:
-                sparse = sparse.with_border_slices(ext)
-                outside = [i for i in entry.slices if not ext[0] <= i <= ext[1]]
-                if outside:
-                    wasted.append(f"{case.case_id} {outside}")
-        label = _on_image_header(label, head)
-        order = nnunet_axis_order(entry.axis) if format == "nnunet" else (0, 1, 2)
-        if order != (0, 1, 2):  # nnU-Net 2D slices along the last NIfTI axis: put the annotated one there
-            sparse, label = _transposed(sparse, order), label.transposed(order)
-            if _finer_than_another(head.spacing, entry.axis):
-                finer.append(case.case_id)
-        images = _write_images(case, folder, nnunet=format == "nnunet", copy=copy_images, order=order)
-        label_path = folder.path(f"labelsTr/{case.case_id}.nii.gz")
-        folder.path(f"labelsTr/{case.case_id}{SIDECAR_SUFFIX}")
-        write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
-                     extra={"case": case.case_id, "strategy": plan.strategy, "seed": plan.seed,
-                            "plan_extent": list(entry.extent) if entry.extent else None,
-                            "source_label": str(Path(case.label).resolve()),
-                            **({"source_axis": entry.axis, "axis_order": list(order)}
-                               if order != (0, 1, 2) else {})})
-        training.append({"image": f"./imagesTr/{images[0].name}" if format == "msd" or len(images) == 1
-                         else [f"./imagesTr/{p.name}" for p in images],
-                         "label": f"./labelsTr/{label_path.name}"})
+
+@dataclass(frozen=True)
+class _Simulated:
+    """One case written: its ``dataset.json`` training entry and what the warnings report."""
+
+    case_id: str
+    training: dict[str, Any]
+    wasted: str | None = None  # "<case> [slices]" drawn outside the extent, when border slices were free
+    finer: bool = False  # annotated along an axis finer than another (nnU-Net 2d would slice that one)
+
+
+def _simulate_case(case: Case, entry: PlanEntry, plan: Plan, folder: OutputFolder, *, values: list[int],
+                   format: str, border_slices: bool, ignore_value: int, copy_images: bool) -> _Simulated:
+    """Write one case's images, sparse label and sidecar."""
+    label = read_label(case.label)
+    head = read_header(case.images[0])
+    check_same_space(head, label, name=case.case_id)
+    extra_values = sorted(set(np.unique(label.array).tolist()) - set(values))
+    if extra_values:
+        raise UserError(f"case {case.case_id!r} holds label values {extra_values} that dataset.json does "
+                        f"not declare ({values}); fix the label or dataset.json")
+    sparse = SparseLabel.from_slices(label.array, entry.slices, axis=entry.axis)
+    if entry.extent is not None:  # the plan's clicks are known to whoever trains on this
+        sparse = replace(sparse, extent=entry.extent)
+    wasted = None
+    if border_slices:
+        ext = extent_of(label.array, axis=entry.axis)
+        if ext is not None:
+            sparse = sparse.with_border_slices(ext)
+            outside = [i for i in entry.slices if not ext[0] <= i <= ext[1]]
+            if outside:
+                wasted = f"{case.case_id} {outside}"
+    label = _on_image_header(label, head)
+    order = nnunet_axis_order(entry.axis) if format == "nnunet" else (0, 1, 2)
+    finer = False
+    if order != (0, 1, 2):  # nnU-Net 2D slices along the last NIfTI axis: put the annotated one there
+        sparse, label = _transposed(sparse, order), label.transposed(order)
+        finer = _finer_than_another(head.spacing, entry.axis)
+    images = _write_images(case, folder, nnunet=format == "nnunet", copy=copy_images, order=order)
+    label_path = folder.path(f"labelsTr/{case.case_id}.nii.gz")
+    folder.path(f"labelsTr/{case.case_id}{SIDECAR_SUFFIX}")
+    write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
+                 extra={"case": case.case_id, "strategy": plan.strategy, "seed": plan.seed,
+                        "plan_extent": list(entry.extent) if entry.extent else None,
+                        "source_label": str(Path(case.label).resolve()),
+                        **({"source_axis": entry.axis, "axis_order": list(order)}
+                           if order != (0, 1, 2) else {})})
+    training = {"image": f"./imagesTr/{images[0].name}" if format == "msd" or len(images) == 1
+                else [f"./imagesTr/{p.name}" for p in images],
+                "label": f"./labelsTr/{label_path.name}"}
+    return _Simulated(case.case_id, training, wasted, finer)
+
+
+def _warn(cases: list[_Simulated], channels: dict[str, str], *, format: str) -> None:
+    """Warn (as :func:`simulate`'s caller) of finer axes, slices border slices gave for free, unknown modality."""
+    finer = [c.case_id for c in cases if c.finer]
+    wasted = [c.wasted for c in cases if c.wasted is not None]
     if finer:
         warnings.warn(f"{len(finer)} case(s) are annotated along an axis finer than another (e.g. {finer[0]}); "
                       "nnU-Net's 2d configuration slices along the coarsest axis, so train it with 3d_fullres "
-                      "or plan along the coarsest axis", UserWarning, stacklevel=2)
+                      "or plan along the coarsest axis", UserWarning, stacklevel=3)
     if wasted:
         warnings.warn(f"{len(wasted)} case(s) have drawn slices outside the structure extent, which border "
                       f"slices would have given for free (e.g. {wasted[0]}); plan with --extents so the "
-                      "budget goes inside the structure", UserWarning, stacklevel=2)
-    folder.path("plan.csv")
-    write_plan(plan, folder.path("plan.json"))
+                      "budget goes inside the structure", UserWarning, stacklevel=3)
     if format == "nnunet" and UNKNOWN_MODALITY in channels.values():
         warnings.warn("modality is not known (the source dataset.json names none): nnU-Net z-score normalises "
-                      "every channel; pass --modality CT for CT", UserWarning, stacklevel=2)
-    write_json(folder.path("dataset.json"), _dataset_json(dataset, plan, values, training, channels, format=format,
-                                                   ignore_value=ignore_value, border_slices=border_slices))
-    return out
+                      "every channel; pass --modality CT for CT", UserWarning, stacklevel=3)
 
 
 def nnunet_axis_order(axis: int) -> tuple[int, int, int]:

@@ -23,12 +23,151 @@ Rules (documented once here, reported in every plan):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from sparseslice.errors import UserError
 
 VOLUME_SELECTIONS = ("random", "diverse")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a slice budget is spread over the volumes of the selection order.
+
+    One of the modes of the module rules: ``block_fraction`` (``block`` strategy: a block of
+    this fraction of each volume), ``volumes`` (the first ``s`` volumes), ``rho=1`` (whole
+    volumes), ``rho`` below 1 (the fewest volumes reaching the budget) or none of them
+    (``spread``: as many volumes as the budget allows).
+
+    Parameters
+    ----------
+    rho : float, optional
+        Density, drawn / selectable slices per volume; exclusive with ``volumes``.
+    volumes : int, optional
+        Number of volumes.
+    block_fraction : float, optional
+        Block length as a fraction of each volume's selectable slices.
+    """
+
+    rho: float | None = None
+    volumes: int | None = None
+    block_fraction: float | None = None
+
+    @property
+    def mode(self) -> str:
+        """``"block_fraction"``, ``"volumes"``, ``"full"`` (``rho=1``), ``"rho"`` or ``"spread"``."""
+        if self.block_fraction is not None:
+            return "block_fraction"
+        if self.volumes is not None:
+            return "volumes"
+        if self.rho == 1:
+            return "full"
+        return "rho" if self.rho is not None else "spread"
+
+    def check(self, *, strategy: str) -> None:
+        """Refuse options that contradict each other or lie out of range (``strategy``: the slice strategy)."""
+        rho, volumes, block_fraction = self.rho, self.volumes, self.block_fraction
+        if rho is not None and volumes is not None:
+            raise UserError(f"rho and volumes are exclusive, got rho={rho}, volumes={volumes}; give one, the "
+                            "other follows from the budget")
+        if rho is not None and not 0 < rho <= 1:
+            raise UserError(f"rho must be a fraction in (0, 1], got {rho}; e.g. 0.1 annotates 10% of the slices")
+        if block_fraction is not None:
+            if strategy != "block":
+                raise UserError(f"block_fraction only applies to strategy 'block', got strategy {strategy!r}; "
+                                "drop block_fraction or use strategy='block'")
+            if rho is not None or volumes is not None:
+                raise UserError("block_fraction is exclusive with rho and volumes, got both; give one")
+            if not 0 < block_fraction <= 1:
+                raise UserError(f"block_fraction must be in (0, 1], got {block_fraction}; e.g. 0.2")
+
+    def block_lengths(self, capacities: Sequence[int]) -> list[int]:
+        """Each volume's block length in ``block_fraction`` mode (at least one slice)."""
+        if self.block_fraction is None:
+            raise ValueError("block_lengths needs block_fraction; this allocation has none")
+        return [max(1, int(round(self.block_fraction * c))) for c in capacities]
+
+    def spend(self, budget: int, capacities: Sequence[int]) -> tuple[int, list[int], str]:
+        """Spend ``budget`` over the leading volumes with selectable slices ``capacities`` (selection order).
+
+        Returns
+        -------
+        volumes : int
+            How many leading volumes receive slices.
+        counts : list of int
+            Slices of each of them.
+        note : str
+            The rule applied, in words (the plan's ``allocation``).
+        """
+        caps = list(capacities)
+        total = sum(caps)
+        if budget > total:
+            raise UserError(f"budget is larger than the data, got {budget} slices; the {len(caps)} volumes hold "
+                            f"{total} selectable slices: lower the budget")
+        mode = self.mode
+        if mode == "block_fraction":
+            return self._spend_blocks(budget, caps)
+        if mode == "full":
+            s = whole_volumes(budget, caps)
+            note = (f"rho=1 (full annotation): the {s} leading volumes that fit whole, every selectable slice; "
+                    f"{budget - sum(caps[:s])} of the {budget} budgeted slices unspent (no whole volume fits "
+                    "in them)")
+            return s, caps[:s], note
+        if mode == "volumes":
+            s = self._check_volumes(budget, caps)
+            how = f"{s} volumes requested"
+        elif mode == "rho":
+            s = volumes_for_rho(self.rho, caps, budget)  # type: ignore[arg-type]
+            how = f"rho={self.rho:g} needs {s} volumes"
+        else:
+            s = min(len(caps), budget)
+            how = f"no rho or volumes given: spread over {s} volumes (as many as the budget allows)"
+        counts = apportion(budget, caps[:s])
+        note = (f"{how}; one slice each, the other {budget - s} apportioned in proportion to each volume's "
+                "selectable slices (largest remainder, ties to earlier volumes)")
+        return s, counts, note
+
+    def _spend_blocks(self, budget: int, caps: list[int]) -> tuple[int, list[int], str]:
+        lengths = self.block_lengths(caps)
+        cumulative = np.cumsum(lengths)
+        if cumulative[-1] < budget:
+            raise UserError(f"budget exceeds what block_fraction={self.block_fraction} can use on {len(caps)} "
+                            f"volumes, got {budget} (at most {int(cumulative[-1])}); raise the fraction or "
+                            "lower the budget")
+        s = int(np.searchsorted(cumulative, budget) + 1)
+        counts = lengths[:s]
+        counts[-1] = budget - sum(counts[:-1])
+        note = (f"blocks of {self.block_fraction:g} x structure slices on {s} volumes; the last volume's block "
+                f"holds the remainder ({counts[-1]} of {lengths[s - 1]})")
+        return s, counts, note
+
+    def _check_volumes(self, budget: int, caps: list[int]) -> int:
+        s = self.volumes
+        if s is None or not 1 <= s <= len(caps):
+            raise UserError(f"volumes must be between 1 and the {len(caps)} candidate cases, got {s}; "
+                            "lower it or add cases")
+        if budget < s:
+            raise UserError(f"budget must give each of the {s} volumes at least one slice, got {budget}; "
+                            f"raise the budget to {s} or lower volumes")
+        if budget > sum(caps[:s]):
+            raise UserError(f"budget is larger than {s} volumes can hold, got {budget} (they have "
+                            f"{sum(caps[:s])} selectable slices); raise volumes or lower the budget")
+        return s
+
+    def budget_range(self, capacities: Sequence[int]) -> tuple[int, int]:
+        """Smallest and largest slice budget worth trying for volumes ``capacities`` (``budget_hours`` search)."""
+        caps = list(capacities)
+        if self.volumes is not None:
+            return self.volumes, sum(caps[:self.volumes])
+        if self.mode == "full":  # no budget below the first whole volume gives a plan
+            return caps[0], sum(caps)
+        if self.rho is not None:
+            return 1, int(np.floor(sum(self.rho * c for c in caps) + 1e-9))
+        if self.block_fraction is not None:
+            return 1, sum(self.block_lengths(caps))
+        return 1, sum(caps)
 
 
 def apportion(budget: int, capacities: Sequence[int]) -> list[int]:

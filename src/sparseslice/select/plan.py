@@ -20,11 +20,9 @@ from sparseslice.io import check_axis, read_header, read_label
 from sparseslice.progress import track
 from sparseslice.select.allocation import (
     VOLUME_SELECTIONS,
-    apportion,
+    Allocation,
     default_volume_encoder,
     order_volumes,
-    volumes_for_rho,
-    whole_volumes,
 )
 from sparseslice.select.cost import CostModel
 from sparseslice.select.strategies import SliceEncoder, check_strategy, default_slice_encoder, select_slices
@@ -207,55 +205,6 @@ class _Pool:
         return hi - lo + 1
 
 
-def _allocate(budget: int, order: list[str], pool: _Pool, *, rho: float | None, volumes: int | None,
-              block_fraction: float | None) -> tuple[list[str], list[int], str]:
-    caps = [pool.capacity(c) for c in order]
-    total = sum(caps)
-    if budget > total:
-        raise UserError(f"budget is larger than the data, got {budget} slices; the {len(order)} volumes hold "
-                        f"{total} selectable slices: lower the budget")
-    if block_fraction is not None:
-        lengths = [max(1, int(round(block_fraction * c))) for c in caps]
-        cumulative = np.cumsum(lengths)
-        s = int(np.searchsorted(cumulative, budget) + 1) if cumulative[-1] >= budget else len(order)
-        if cumulative[-1] < budget:
-            raise UserError(f"budget exceeds what block_fraction={block_fraction} can use on {len(order)} "
-                            f"volumes, got {budget} (at most {int(cumulative[-1])}); raise the fraction or "
-                            "lower the budget")
-        counts = lengths[:s]
-        counts[-1] = budget - sum(counts[:-1])
-        note = (f"blocks of {block_fraction:g} x structure slices on {s} volumes; the last volume's block "
-                f"holds the remainder ({counts[-1]} of {lengths[s - 1]})")
-        return order[:s], counts, note
-    if volumes is not None:
-        if not 1 <= volumes <= len(order):
-            raise UserError(f"volumes must be between 1 and the {len(order)} candidate cases, got {volumes}; "
-                            "lower it or add cases")
-        s = volumes
-        if budget < s:
-            raise UserError(f"budget must give each of the {s} volumes at least one slice, got {budget}; "
-                            f"raise the budget to {s} or lower volumes")
-        if budget > sum(caps[:s]):
-            raise UserError(f"budget is larger than {s} volumes can hold, got {budget} (they have "
-                            f"{sum(caps[:s])} selectable slices); raise volumes or lower the budget")
-        how = f"{s} volumes requested"
-    elif rho == 1:
-        s = whole_volumes(budget, caps)
-        note = (f"rho=1 (full annotation): the {s} leading volumes that fit whole, every selectable slice; "
-                f"{budget - sum(caps[:s])} of the {budget} budgeted slices unspent (no whole volume fits in them)")
-        return order[:s], caps[:s], note
-    elif rho is not None:
-        s = volumes_for_rho(rho, caps, budget)
-        how = f"rho={rho:g} needs {s} volumes"
-    else:
-        s = min(len(order), budget)
-        how = f"no rho or volumes given: spread over {s} volumes (as many as the budget allows)"
-    counts = apportion(budget, caps[:s])
-    note = (f"{how}; one slice each, the other {budget - s} apportioned in proportion to each volume's "
-            "selectable slices (largest remainder, ties to earlier volumes)")
-    return order[:s], counts, note
-
-
 def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: float | None = None,
               rho: float | None = None, volumes: int | None = None, strategy: str = "random", seed: int = 0,
               axis: int | None = None, cases: Sequence[str] | None = None,
@@ -322,6 +271,23 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
     >>> plan.budget, plan.volumes  # doctest: +SKIP
     (300, 84)
     """
+    _check_options(budget=budget, budget_hours=budget_hours, strategy=strategy, volume_selection=volume_selection)
+    allocation = Allocation(rho=rho, volumes=volumes, block_fraction=block_fraction)
+    allocation.check(strategy=strategy)
+    axis, pool = _make_pool(dataset, _candidates(dataset, cases), axis=axis, extents=extents, strategy=strategy)
+    order = _volume_order(dataset, pool.ids, selection=volume_selection, seed=seed, encoder=volume_encoder,
+                          progress=progress)
+    planner = _Planner(dataset=dataset, pool=pool, order=order, allocation=allocation, strategy=strategy,
+                       seed=int(seed), axis=axis, volume_selection=volume_selection, cost=cost or CostModel(),
+                       budget_hours=budget_hours, slice_encoder=slice_encoder or default_slice_encoder,
+                       progress=progress)
+    if budget is not None:
+        return planner.build(int(budget))
+    return _plan_by_time(planner.build, budget_hours * 60, planner.budget_range())  # type: ignore[operator]
+
+
+def _check_options(*, budget: int | None, budget_hours: float | None, strategy: str, volume_selection: str) -> None:
+    """Refuse an unknown strategy or volume selection and a missing, doubled or invalid budget."""
     check_strategy(strategy)
     if volume_selection not in VOLUME_SELECTIONS:
         raise UserError(f"volume_selection is unknown, got {volume_selection!r}; use one of "
@@ -333,32 +299,32 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
         raise UserError(f"budget must be a positive whole number of slices, got {budget!r}; e.g. 300")
     if budget_hours is not None and not budget_hours > 0:
         raise UserError(f"budget_hours must be positive, got {budget_hours}; e.g. 10")
-    if rho is not None and volumes is not None:
-        raise UserError(f"rho and volumes are exclusive, got rho={rho}, volumes={volumes}; give one, the "
-                        "other follows from the budget")
-    if rho is not None and not 0 < rho <= 1:
-        raise UserError(f"rho must be a fraction in (0, 1], got {rho}; e.g. 0.1 annotates 10% of the slices")
-    if block_fraction is not None:
-        if strategy != "block":
-            raise UserError(f"block_fraction only applies to strategy 'block', got strategy {strategy!r}; "
-                            "drop block_fraction or use strategy='block'")
-        if rho is not None or volumes is not None:
-            raise UserError("block_fraction is exclusive with rho and volumes, got both; give one")
-        if not 0 < block_fraction <= 1:
-            raise UserError(f"block_fraction must be in (0, 1], got {block_fraction}; e.g. 0.2")
-    cost = cost or CostModel()
 
+
+def _candidates(dataset: Dataset, cases: Sequence[str] | None) -> list[str]:
+    """The candidate case ids (distinct, in the order given; default every case), each known to ``dataset``."""
     ids = list(dict.fromkeys(cases)) if cases is not None else dataset.case_ids
     if not ids:
         raise UserError("cases is empty; give at least one case to plan for")
     for cid in ids:
         dataset.case(cid)  # raises for unknown cases
+    return ids
+
+
+def _make_pool(dataset: Dataset, ids: list[str], *, axis: int | None,
+               extents: Mapping[str, tuple[int, int]] | None, strategy: str) -> tuple[int, _Pool]:
+    """The plan's slice axis and the candidates' slices and extents (``block``: the labels' by default)."""
     heads = {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
     axis = plan_axis(dataset, axis=axis, cases=ids, headers=heads)
     n_slices = {cid: int(heads[cid].shape[axis]) for cid in ids}
-
     if extents is None and strategy == "block":
         extents = extents_from_labels(dataset, axis=axis, cases=ids)
+    return axis, _Pool(ids, n_slices, _checked_extents(dataset, extents, n_slices))
+
+
+def _checked_extents(dataset: Dataset, extents: Mapping[str, tuple[int, int]] | None,
+                     n_slices: Mapping[str, int]) -> dict[str, tuple[int, int]]:
+    """The extents of the candidate cases, checked against their slices; other known cases are dropped."""
     checked: dict[str, tuple[int, int]] = {}
     known = set(dataset.case_ids)
     for cid, ext in (extents or {}).items():
@@ -370,59 +336,76 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
                 checked[cid] = check_extent(ext, n_slices[cid])  # type: ignore[assignment]
             except UserError as exc:
                 raise UserError(f"case {cid!r}: {exc}") from None
-    pool = _Pool(ids, n_slices, checked)
+    return checked
 
+
+def _volume_order(dataset: Dataset, ids: list[str], *, selection: str, seed: int,
+                  encoder: Callable[[np.ndarray], np.ndarray] | None, progress: bool) -> list[str]:
+    """Candidate volumes in the order they receive annotation (``diverse`` embeds every volume first)."""
     embeddings = None
-    if volume_selection == "diverse":
-        enc = volume_encoder or default_volume_encoder
+    if selection == "diverse":
+        enc = encoder or default_volume_encoder
         embeddings = np.stack([np.asarray(enc(load_image(dataset.case(c)).array), float).ravel()
                                for c in track(ids, "embedding volumes", progress=progress)])
-    order = order_volumes(ids, selection=volume_selection, seed=seed, embeddings=embeddings)
-    features: dict[str, np.ndarray] = {}
+    return order_volumes(ids, selection=selection, seed=seed, embeddings=embeddings)
 
-    def build(b: int) -> Plan:
-        chosen, counts, note = _allocate(b, order, pool, rho=rho, volumes=volumes, block_fraction=block_fraction)
-        if strategy == "ual":
-            enc = slice_encoder or default_slice_encoder
-            for c in track([c for c in chosen if c not in features], "embedding slices", progress=progress):
-                features[c] = np.asarray(enc(load_image(dataset.case(c)).array, axis))
-        entries = []
-        for cid, k in zip(chosen, counts, strict=True):
-            lo, hi = pool.range_of(cid)
-            try:
-                slices = select_slices(strategy, k, lo, hi, rng=case_rng(seed, cid), features=features.get(cid))
-            except UserError as exc:
-                raise UserError(f"case {cid!r}: {exc}") from None
-            entries.append(PlanEntry(cid, axis, slices, n_slices[cid], pool.extents.get(cid)))
-        selectable = sum(pool.capacity(c) for c in chosen)
+
+@dataclass
+class _Planner:
+    """Everything fixed before the budget: builds the plan for any slice budget (``budget_hours`` tries several)."""
+
+    dataset: Dataset
+    pool: _Pool
+    order: list[str]
+    allocation: Allocation
+    strategy: str
+    seed: int
+    axis: int
+    volume_selection: str
+    cost: CostModel
+    budget_hours: float | None
+    slice_encoder: SliceEncoder
+    progress: bool
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # ual slice features, computed once per case
+
+    def build(self, budget: int) -> Plan:
+        """The plan spending ``budget`` slices."""
+        s, counts, note = self.allocation.spend(budget, [self.pool.capacity(c) for c in self.order])
+        chosen = self.order[:s]
+        if self.strategy == "ual":
+            self._embed([c for c in chosen if c not in self.features])
+        entries = [self._entry(cid, k) for cid, k in zip(chosen, counts, strict=True)]
+        selectable = sum(self.pool.capacity(c) for c in chosen)
         drawn = sum(counts)
-        has_ext = [c in pool.extents for c in chosen]
-        minutes = cost.plan_cost([(e.slices, x) for e, x in zip(entries, has_ext, strict=True)])
-        return Plan(entries=entries, strategy=strategy, seed=int(seed), budget=drawn,
+        has_ext = [c in self.pool.extents for c in chosen]
+        minutes = self.cost.plan_cost([(e.slices, x) for e, x in zip(entries, has_ext, strict=True)])
+        rho = self.allocation.rho
+        return Plan(entries=entries, strategy=self.strategy, seed=self.seed, budget=drawn,
                     rho=rho if rho is not None else round(drawn / selectable, 6), volumes=len(entries),
-                    volume_selection=volume_selection, axis=axis, block_fraction=block_fraction,
-                    rho_effective=round(drawn / selectable, 6),
+                    volume_selection=self.volume_selection, axis=self.axis,
+                    block_fraction=self.allocation.block_fraction, rho_effective=round(drawn / selectable, 6),
                     rho_of="extent" if all(has_ext) else ("volume" if not any(has_ext) else "extent where known"),
-                    allocation=note, minutes=minutes, budget_hours=budget_hours, cost=cost,
-                    dataset=str(dataset.root), full_volumes=rho == 1,
-                    unspent=b - drawn)
+                    allocation=note, minutes=minutes, budget_hours=self.budget_hours, cost=self.cost,
+                    dataset=str(self.dataset.root), full_volumes=rho == 1, unspent=budget - drawn)
 
-    if budget is not None:
-        return build(int(budget))
-    return _plan_by_time(build, budget_hours * 60, _budget_range(order, pool, rho=rho, volumes=volumes,
-                                                                  block_fraction=block_fraction))
+    def budget_range(self) -> tuple[int, int]:
+        """Smallest and largest slice budget the ``budget_hours`` search tries."""
+        return self.allocation.budget_range([self.pool.capacity(c) for c in self.order])
 
+    def _entry(self, cid: str, k: int) -> PlanEntry:
+        """Case ``cid``'s entry with ``k`` slices chosen by the strategy."""
+        lo, hi = self.pool.range_of(cid)
+        try:
+            slices = select_slices(self.strategy, k, lo, hi, rng=case_rng(self.seed, cid),
+                                   features=self.features.get(cid))
+        except UserError as exc:
+            raise UserError(f"case {cid!r}: {exc}") from None
+        return PlanEntry(cid, self.axis, slices, self.pool.n_slices[cid], self.pool.extents.get(cid))
 
-def _budget_range(order: list[str], pool: _Pool, *, rho: float | None, volumes: int | None,
-                  block_fraction: float | None) -> tuple[int, int]:
-    caps = [pool.capacity(c) for c in order]
-    if volumes is not None:
-        return volumes, sum(caps[:volumes])
-    if rho is not None:
-        return 1, int(np.floor(sum(rho * c for c in caps) + 1e-9))
-    if block_fraction is not None:
-        return 1, sum(max(1, int(round(block_fraction * c))) for c in caps)
-    return 1, sum(caps)
+    def _embed(self, cases: list[str]) -> None:
+        """Compute the ``ual`` slice features of ``cases``."""
+        for c in track(cases, "embedding slices", progress=self.progress):
+            self.features[c] = np.asarray(self.slice_encoder(load_image(self.dataset.case(c)).array, self.axis))
 
 
 def _plan_by_time(build: Callable[[int], Plan], minutes: float, bounds: tuple[int, int]) -> Plan:

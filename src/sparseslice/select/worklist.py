@@ -53,15 +53,31 @@ def plan_csv(plan: Plan) -> str:
 def check_plan_out(path: str | os.PathLike[str], *, keep: str | os.PathLike[str] | None,
                    inputs: Sequence[str | os.PathLike[str]] = ()) -> None:
     """Refuse a plan output whose ``plan.csv`` would overwrite ``keep`` (the annotators' extents file),
-    or whose files are, hold or lie inside ``inputs`` (:func:`sparseslice.outputs.check_apart`)."""
-    from sparseslice.outputs import check_apart
+    whose files are folders, are, hold or lie inside ``inputs``, or would overwrite files that are
+    not an earlier plan exactly as ``plan`` wrote it (:func:`sparseslice.outputs.check_file_output`):
+    a ``plan.csv`` the annotators filled in differs from its ``plan.json`` and is kept."""
+    from sparseslice.outputs import check_file_output
 
     json_path, csv_path = _plan_paths(path)
     if keep is not None and csv_path.resolve() == Path(keep).resolve():
         raise UserError(f"out {str(path)!r} would overwrite the extents file {str(keep)!r} (its plan.csv); "
                         "pass another --out, e.g. plan2.json")
-    for written in (json_path, csv_path):
-        check_apart(written, [*inputs, *([keep] if keep is not None else [])], argument="--out")
+    check_file_output([json_path, csv_path], command="plan", ours=is_written_plan, given=path,
+                      inputs=[*inputs, *([keep] if keep is not None else [])], argument="--out")
+
+
+def is_written_plan(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` (a ``.json`` or ``.csv``) is half of a plan as :func:`write_plan` wrote it: a
+    ``plan.json`` that reads as a plan, a ``plan.csv`` equal to the worklist of the ``plan.json`` beside it."""
+    json_path, csv_path = _plan_paths(path)
+    try:
+        plan = Plan.from_dict(json.loads(json_path.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, UserError):
+        return False
+    if Path(path).suffix.lower() == ".json":
+        return True
+    with open(csv_path, encoding="utf-8", newline="") as fh:
+        return fh.read() == plan_csv(plan)
 
 
 def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
@@ -72,7 +88,12 @@ def write_plan(plan: Plan, path: str | os.PathLike[str]) -> Path:
     """
     json_path, csv_path = _plan_paths(path)
     write_text(csv_path, plan_csv(plan))
-    write_json(json_path, plan.to_dict())
+    try:
+        write_json(json_path, plan.to_dict())
+    except BaseException:  # half a pair (or a new worklist beside an old plan) is no result
+        csv_path.unlink(missing_ok=True)
+        json_path.unlink(missing_ok=True)
+        raise
     return json_path
 
 

@@ -3,7 +3,7 @@
 An *arm* is a regime (every factor but the seed, :func:`~sparseslice.study.analysis.regime_label`).
 Uncertainty is a 95 % bootstrap confidence interval over **test cases**: each case is first
 averaged over the arm's seeds (and anything else pooled into the arm), so that seeds and
-repeated cases are not counted as independent samples (:func:`case_ci`).
+repeated cases are not counted as independent samples (:func:`~sparseslice.study.plotting.case_ci`).
 Figure functions take ``render`` like those of :mod:`sparseslice.study.figures`.
 """
 
@@ -14,50 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sparseslice.study.analysis import BOOTSTRAP_RESAMPLES as N_RESAMPLES
-from sparseslice.study.analysis import BOOTSTRAP_SEED, bootstrap_ci
-from sparseslice.study.figures import Render, _pyplot, png
-
-#: Confidence level of every interval in the report's figures.
-CONFIDENCE = 0.95
-#: Label value -> colour on example slices (value 1 takes the first colour; cycles beyond ten).
-LABEL_COLORS = ("#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3", "#ffff33", "#a65628", "#f781bf",
-                "#00ced1", "#999999")
-
-
-def label_color(value: int) -> str:
-    """Colour of label ``value`` (>= 1) on the example slices."""
-    return LABEL_COLORS[(int(value) - 1) % len(LABEL_COLORS)]
+from sparseslice.study.plotting import (  # LABEL_COLORS, label_color: still importable from curves
+    CONFIDENCE,
+    LABEL_COLORS,  # noqa: F401
+    Render,
+    case_ci,
+    label_color,  # noqa: F401
+    png,
+    pyplot,
+)
 
 
 # ------------------------------------------------------------------------------------------ numbers
-def case_ci(cases: pd.DataFrame, *, by: list[str], value: str = "dice", confidence: float = CONFIDENCE,
-            n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
-    """Mean and bootstrap CI over test cases of ``value`` per group ``by``.
-
-    Each case is averaged over every row of its group first (the seeds, and any factor
-    pooled into the group); the mean and its interval are then taken over those per-case
-    means, so the sample size is the number of test cases.
-
-    Returns
-    -------
-    DataFrame
-        ``by`` columns, ``mean``, ``lo``, ``hi``, ``n_cases``.
-    """
-    rows = cases.dropna(subset=[value])
-    columns = [*by, "mean", "lo", "hi", "n_cases"]
-    if rows.empty:
-        return pd.DataFrame(columns=columns)
-    per_case = rows.groupby([*by, "case"], dropna=False)[value].mean().reset_index()
-    out = []
-    for key, grp in per_case.groupby(by, dropna=False):
-        v = grp[value].to_numpy(float)
-        lo, hi = bootstrap_ci(v, confidence=confidence, resamples=n_resamples, seed=seed)
-        key = key if isinstance(key, tuple) else (key,)
-        out.append([*key, float(v.mean()), lo, hi, int(v.size)])
-    return pd.DataFrame(out, columns=columns)
-
-
 def with_arm(table: pd.DataFrame) -> pd.DataFrame:
     """``table`` with an ``arm`` column: the regime's short name."""
     from sparseslice.study.analysis import REGIME_COLUMNS, regime_label
@@ -179,7 +147,7 @@ def learning_curve_figure(history: pd.DataFrame, *, render: Render = png) -> byt
     """Training loss and validation Dice per epoch, a line per run, coloured by arm (seeds: line styles)."""
     if history.empty or "epoch" not in history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     colors = arm_colors(history["arm"])
     styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -216,7 +184,7 @@ def hours_figure(cases: pd.DataFrame, hours: pd.Series, *, render: Render = png)
     arm_of = rows.drop_duplicates("run_id").set_index("run_id")["arm"]
     span = hours.groupby(arm_of.reindex(hours.index)).agg(h_mean="mean", h_min="min", h_max="max")
     colors = arm_colors(ci.index)
-    plt = _pyplot()
+    plt = pyplot()
     import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -249,7 +217,7 @@ def label_figure(labels: pd.DataFrame, names: dict[int, str] | None = None, *,
     arms = sorted(per_case["arm"].unique(), reverse=True)
     colors = arm_colors(arms)
     names = names or {}
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(values), figsize=(3.6 * len(values) + 3.2, 0.32 * len(arms) + 1.6),
                              squeeze=False, sharey=True)
     rng = np.random.default_rng(0)

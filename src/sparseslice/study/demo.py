@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sparseslice.study.engine import StudySummary, run_study
+from sparseslice.study.orchestrate import StudySummary, run_study
 from sparseslice.study.report import write_report
 from sparseslice.study.spec import load_spec
 from sparseslice.synthetic import write_phantom_dataset

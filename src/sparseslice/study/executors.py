@@ -10,7 +10,7 @@ writes the results and the ``done`` marker, or records the error of a run that c
 that the grid goes on.
 
 Locks: the process running the study holds the study folder's lock (see
-:func:`~sparseslice.study.engine.run_study`); each worker also holds the lock of the run it
+:func:`~sparseslice.study.orchestrate.run_study`); each worker also holds the lock of the run it
 writes (``STUDY/runs/.<run_id>.lock``) while it empties and fills that run's folder only. A
 worker left running by a study process that was killed thus keeps its run: a new study
 process skips it (reported as failed, its folder untouched) instead of emptying it.
@@ -36,6 +36,11 @@ EXECUTORS = ("local", "ray")
 
 #: ``run_fn(run, config, run_dir) -> RunOutput``: what one run does.
 RunFunction = Callable[[RunSpec, dict[str, Any], Path], RunOutput]
+
+
+def run_lock_name(run_id: str) -> str:
+    """The name of run ``run_id``'s lock file in ``STUDY/runs``."""
+    return f".{run_id}.lock"
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ def execute(task: Task, run_fn: RunFunction) -> Outcome:
     store = StudyStore(task.root)
     run_id = task.run.run_id
     try:
-        with hold(store.root / "runs", what=f"run {run_id} in", name=f".{run_id}.lock",
+        with hold(store.root / "runs", what=f"run {run_id} in", name=run_lock_name(run_id),
                   fix="another process still writes this run; rerun the study once it is gone"):
             return _execute(task, run_fn, store)
     except UserError as exc:  # the run belongs to another process: leave its folder alone

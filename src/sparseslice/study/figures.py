@@ -1,45 +1,24 @@
 """The report's figures, drawn with matplotlib's Agg backend and returned as PNG bytes.
 
 Seeds are shown as individual points around their mean, never averaged away; error bars are
-95 % bootstrap intervals over test cases (:func:`sparseslice.study.curves.case_ci`), not the
+95 % bootstrap intervals over test cases (:func:`sparseslice.study.plotting.case_ci`), not the
 spread of a few seeds.
 
 Every figure function takes ``render`` (keyword): what the drawn figure is turned into,
-:func:`png` bytes by default; ``render=lambda fig: fig`` gives the matplotlib figure itself
-(its axes, lines and legends can then be read). ``None`` means there was nothing to draw.
+:func:`~sparseslice.study.plotting.png` bytes by default; ``render=lambda fig: fig`` gives the
+matplotlib figure itself (its axes, lines and legends can then be read). ``None`` means there was nothing to draw.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-#: What a drawn figure is turned into (see the module docstring).
-Render = Callable[[Any], Any]
+from sparseslice.study.plotting import Render, case_ci, label_color, png, pyplot
 
 COLORS = ("#1b6ca8", "#e4572e", "#29a36a", "#9b5de5", "#f3a712", "#5c6b73")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def png(fig) -> bytes:  # noqa: ANN001 - a matplotlib Figure
-    """The figure as PNG bytes (96 dpi, tight box); the figure is closed."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=96, bbox_inches="tight")
-    _pyplot().close(fig)
-    return buffer.getvalue()
 
 
 def _measure(per_run: pd.DataFrame) -> tuple[str, str]:
@@ -50,8 +29,6 @@ def _measure(per_run: pd.DataFrame) -> tuple[str, str]:
 
 def _case_errorbars(ax, cases: pd.DataFrame, runs: pd.DataFrame, x_col: str, value: str, **style) -> None:
     """Mean over test cases with its 95 % CI (each case averaged over seeds first) at each ``x_col``."""
-    from sparseslice.study.curves import case_ci
-
     rows = cases[cases["run_id"].isin(runs["run_id"])]
     rows = rows.assign(_x=rows["run_id"].map(runs.set_index("run_id")[x_col]))
     ci = case_ci(rows, by=["_x"], value=value).sort_values("_x")
@@ -74,7 +51,7 @@ def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int, r
         return None
     value, ylabel = _measure(per_run)
     models = sorted(runs["model"].unique())
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False, sharey=True)
     rng = np.random.default_rng(0)
     for ax, model in zip(axes[0], models, strict=True):
@@ -116,7 +93,7 @@ def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, render: 
         return None
     value, ylabel = _measure(per_run)
     models = sorted(runs["model"].unique())
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.6), squeeze=False, sharey=True)
     for ax, model in zip(axes[0], models, strict=True):
         sub = runs[runs["model"] == model]
@@ -144,7 +121,7 @@ def strategy_figure(cases: pd.DataFrame, *, render: Render = png) -> bytes | Non
     groups = [(s, v) for s, v in groups if v.size]
     if not groups:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.6 * len(groups) + 2.5, 3.6))
     ax.boxplot([v for _, v in groups], showfliers=False)
     ax.set_xticks(range(1, len(groups) + 1), [s for s, _ in groups])
@@ -164,7 +141,7 @@ def regime_figure(per_run: pd.DataFrame, regimes: pd.DataFrame, *, measure: str 
     if regimes.empty:
         return None
     order = regimes["regime"].tolist()[::-1]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 0.34 * len(order) + 1.4))
     lookup = per_run.copy()
     from sparseslice.study.analysis import regime_label
@@ -186,7 +163,7 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
     """Image, truth and prediction on the slice with most truth foreground, one row per case.
 
     ``examples``: ``(title, image path, label path, prediction path, slice axis, dice)``.
-    Label values are drawn in fixed colours (:func:`~sparseslice.study.curves.label_color`)
+    Label values are drawn in fixed colours (:func:`~sparseslice.study.plotting.label_color`)
     with a legend naming each value (``label_names``, e.g. from ``dataset.json``).
     """
     from sparseslice.io import read_label, read_volume
@@ -212,9 +189,8 @@ def example_figure(examples: list[tuple[str, Path, Path, Path, int, float]], *,
     from matplotlib.colors import BoundaryNorm, ListedColormap
     from matplotlib.patches import Patch
 
-    from sparseslice.study.curves import label_color
 
-    plt = _pyplot()
+    plt = pyplot()
     vmax = max([1, *(int(max(t.max(), p.max())) for _, _, t, p in rows)])
     cmap = ListedColormap([label_color(v) for v in range(1, vmax + 1)])
     norm = BoundaryNorm(np.arange(0.5, vmax + 1.5), cmap.N)

@@ -494,3 +494,17 @@ def _spec_text(spec: str | os.PathLike[str]) -> tuple[str, Path | None]:
         return resources.files("sparseslice").joinpath("presets", f"{name}.yaml").read_text(), None
     raise unknown_choice("spec", name, PRESETS, cutoff=0.0, problem="is neither a file nor a preset",
                          more=f"pass a YAML file or a preset ({', '.join(PRESETS)})")
+
+
+def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) -> dict[str, Any]:
+    """The resolved configuration of one run, as written to its ``config.json``."""
+    return {
+        "study": spec.name,
+        "run_id": run.run_id,
+        "run": run.to_dict(),
+        "dataset": spec.dataset.to_dict(),
+        "training": spec.training_config(run),
+        "evaluation": dict(spec.evaluation),
+        "metrics": list(spec.metrics),
+        "execution": {"executor": executor, "threads": threads},
+    }

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from sparseslice.atomic import write_json, write_text
-from sparseslice.datasets import discover_dataset
+from sparseslice.datasets import Dataset, discover_dataset
 from sparseslice.errors import UserError
 from sparseslice.inference import Window, classes, model_inputs, window_size
-from sparseslice.locking import holds
+from sparseslice.locking import hold
 from sparseslice.model import (
     Checkpoint,
     ModelSpec,
@@ -44,6 +44,7 @@ from sparseslice.model import (
     save_checkpoint,
     save_plain,
 )
+from sparseslice.outputs import OutputFolder, check_apart, claim_output, dataset_inputs
 from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
@@ -136,7 +137,7 @@ class TrainState:
 class _Run:
     """What a run fixes when it starts: its folder, resolved configuration, data and network shape."""
 
-    run_dir: Path
+    output: OutputFolder  # the claimed run folder: every file written there is registered first
     config: TrainConfig  # resolved: axis, normalization, patch, batch and epoch sizes, device are set
     spec: ModelSpec
     normalization: Normalization
@@ -147,6 +148,14 @@ class _Run:
     val_cases: list[CaseArrays]
     device: torch.device
     prefetch: bool  # batches prepared ahead in a background thread (:func:`_epoch_batches`)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output.root
+
+    def file(self, name: str) -> Path:
+        """The path of ``name`` in the run folder, registered as this run's output before it is written."""
+        return self.output.path(name)
 
     @property
     def axis(self) -> int:
@@ -210,7 +219,6 @@ class _Clock:
         return self.phase1 if phase == 1 else self.budget
 
 
-@holds("run_dir", what="run folder")
 def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, val_dir: str | Path | None = None,
           progress: bool = True, resume: bool = False, prefetch: bool | None = None) -> TrainResult:
     """Train a 2D or 3D network on a (sparse) dataset.
@@ -223,7 +231,11 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
         they hold the ignore value 255 (then slices free of it are annotated).
     run_dir : path
         Output folder (``config.json``, ``split.json``, ``history.csv``, ``best.pt``, ``last.pt``),
-        locked while training (:mod:`sparseslice.locking`): a second process is refused.
+        locked while training (:mod:`sparseslice.locking`): a second process is refused. It is
+        claimed as :mod:`sparseslice.outputs` claims every output folder: new, empty, or an earlier
+        run folder of ``train`` (its marker lists the files it wrote, the only ones a new run
+        replaces); a folder that is, holds or lies inside an input is refused before anything
+        is touched.
     config : TrainConfig
         The run's settings; unset sizes are resolved from the data.
     val_dir : path, optional
@@ -254,20 +266,37 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     >>> result = train(data, "run", config=TrainConfig(model="2d", epochs=5))  # doctest: +SKIP
     >>> result.best_val_dice  # doctest: +SKIP
     """
-    from sparseslice.outputs import check_apart
-
-    t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    check_apart(run_dir, [sparse_dir, *([val_dir] if val_dir is not None else [])], argument="run_dir")
+    inputs = [Path(sparse_dir), *([Path(val_dir)] if val_dir is not None else [])]
+    check_apart(run_dir, inputs, argument="run_dir")  # before the lock makes the folder
+    with hold(run_dir, what="run folder"):
+        dataset = discover_dataset(sparse_dir, require_labels=True)
+        output = claim_output(run_dir, command="train", inputs=[*inputs, *dataset_inputs(dataset)],
+                              argument="run_dir")
+        try:
+            return _train_claimed(dataset, output, config=config, val_dir=val_dir, progress=progress,
+                                  resume=resume, prefetch=prefetch)
+        except BaseException:
+            output.forget_if_unused()  # a run that wrote nothing leaves no trace (the lock removes the folder)
+            raise
+
+
+def _train_claimed(dataset: Dataset, output: OutputFolder, *, config: TrainConfig, val_dir: str | Path | None,
+                   progress: bool, resume: bool, prefetch: bool | None) -> TrainResult:
+    """:func:`train` in its locked, claimed run folder."""
+    t0 = time.perf_counter()
+    run_dir = output.root
     if (run_dir / "last.pt").exists() and not resume:
         raise UserError(f"run_dir already holds a run, got {str(run_dir)!r} with last.pt; pass --resume to "
                         "continue it or choose a new folder")
+    if not (run_dir / "last.pt").exists():  # a fresh start: nothing an earlier run left may pass for this one's
+        output.clear()
     if config.num_threads:  # once, for the whole run (the thread that trains)
         torch.set_num_threads(config.num_threads)
     device = pick_device(config.device)
     _seed_everything(config.seed)
     rng = np.random.default_rng(config.seed)
-    run = _set_up(sparse_dir, run_dir, config, val_dir=val_dir, device=device, progress=progress,
+    run = _set_up(dataset, output, config, val_dir=val_dir, device=device, progress=progress,
                   prefetch=_prefetches(device) if prefetch is None else prefetch)
     learner = _new_learner(run, rng)
     state = _start_or_resume(run, learner, resume=resume)
@@ -284,10 +313,9 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
                        cut_short_reason=", ".join(state.cut_short) if cut_short else "")
 
 
-def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_dir: str | Path | None,
+def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_dir: str | Path | None,
             device: torch.device, progress: bool, prefetch: bool) -> _Run:
     """Read the data, split it, and resolve what the configuration leaves to the data."""
-    dataset = discover_dataset(sparse_dir, require_labels=True)
     axis = resolve_axis(dataset, config.axis)
     scheme = config.normalization
     if scheme == "auto":
@@ -328,7 +356,7 @@ def _set_up(sparse_dir: str | Path, run_dir: Path, config: TrainConfig, *, val_d
     label_names = {str(k): v for k, v in dataset.label_names.items()}
     split = {"train": train_ids, "val": val_ids, "labels": list(labels), "label_names": label_names,
              "val_dir": str(val_dir) if val_dir is not None else None}
-    return _Run(run_dir=run_dir, config=resolved, spec=spec, normalization=norm, labels=labels,
+    return _Run(output=output, config=resolved, spec=spec, normalization=norm, labels=labels,
                 label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device,
                 prefetch=prefetch)
 
@@ -365,8 +393,8 @@ def _start_or_resume(run: _Run, learner: _Learner, *, resume: bool) -> TrainStat
     last_path = run.run_dir / "last.pt"
     if resume and last_path.exists():
         return _resume(run, learner, last_path)
-    write_json(run.run_dir / "config.json", run.config.to_dict())
-    write_json(run.run_dir / "split.json", run.split)
+    write_json(run.file("config.json"), run.config.to_dict())
+    write_json(run.file("split.json"), run.split)
     return TrainState()
 
 
@@ -550,7 +578,7 @@ def _validate_and_save(run: _Run, learner: _Learner, state: TrainState, clock: _
         "epoch": state.epoch, "phase": state.phase, "lr": lr, "loss": float(np.mean(losses)), "val_dice": dice,
         **run.dice_columns(per_class), "samples": seen, "train_seconds": train_seconds,
         "val_seconds": val_seconds, "elapsed_seconds": state.elapsed})
-    _write_history(run.run_dir / "history.csv", state.history)
+    _write_history(run.file("history.csv"), state.history)
     _save_last(run, learner, state)
     return dice
 
@@ -667,13 +695,13 @@ def _save_best(run: _Run, model: torch.nn.Module, *, epoch: int, dice: float, pe
                       metrics={"val_dice": dice, **run.dice_columns(per_class)},
                       extra={"config": run.config.to_dict(), "model": run.config.model,
                              "label_names": run.label_names})
-    save_checkpoint(run.run_dir / "best.pt", ckpt)
+    save_checkpoint(run.file("best.pt"), ckpt)
 
 
 def _save_last(run: _Run, learner: _Learner, state: TrainState) -> None:
     """``last.pt``: everything resuming needs (weights, optimiser, schedule, counters, random states),
     tensors and plain data only, so it loads with ``weights_only``."""
-    save_plain(run.run_dir / "last.pt", {
+    save_plain(run.file("last.pt"), {
         "model": learner.model.state_dict(), "optimizer": learner.optimizer.state_dict(),
         "scheduler": learner.scheduler.state_dict(), "state": state.to_dict(), "config": run.config.to_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": learner.rng.bit_generator.state,

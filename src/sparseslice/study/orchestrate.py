@@ -1,4 +1,7 @@
-"""Running a study: expand the grid, skip finished runs, execute the rest, collect results."""
+"""A whole study: expand the grid, skip finished runs, hand the rest to an executor, collect results.
+
+One run is :mod:`sparseslice.study.pipeline`; where runs execute is :mod:`sparseslice.study.executors`.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from sparseslice.errors import UserError
-from sparseslice.locking import holds
+from sparseslice.locking import holds, remove_stale
 from sparseslice.study.executors import (
     EXECUTORS,
     Outcome,
     RunFunction,
     Task,
     run_local,
+    run_lock_name,
     run_ray,
     threads_per_worker,
 )
 from sparseslice.study.results import check_results_format, write_results
-from sparseslice.study.spec import RunSpec, StudySpec
+from sparseslice.study.spec import StudySpec, run_config
 from sparseslice.study.store import StudyStore
 
 
@@ -35,20 +39,6 @@ class StudySummary:
     @property
     def ok(self) -> bool:
         return not self.failed
-
-
-def run_config(spec: StudySpec, run: RunSpec, *, threads: int, executor: str) -> dict[str, Any]:
-    """The resolved configuration of one run, as written to its ``config.json``."""
-    return {
-        "study": spec.name,
-        "run_id": run.run_id,
-        "run": run.to_dict(),
-        "dataset": spec.dataset.to_dict(),
-        "training": spec.training_config(run),
-        "evaluation": dict(spec.evaluation),
-        "metrics": list(spec.metrics),
-        "execution": {"executor": executor, "threads": threads},
-    }
 
 
 @holds("out", what="study folder")
@@ -68,7 +58,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         naming the holder; the lock a killed process left is taken over.
     run_fn : callable, optional
         ``run_fn(run, config, run_dir) -> RunOutput``; defaults to the full pipeline
-        (:func:`~sparseslice.study.runner.run_pipeline`), after checking the spec against the
+        (:func:`~sparseslice.study.pipeline.run_pipeline`), after checking the spec against the
         dataset. Tests pass a fast fake.
     executor : {"local", "ray"}
         Where runs execute.
@@ -97,7 +87,7 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         raise UserError(f"address only applies to --executor ray, got address {address!r}; add --executor ray")
     check_results_format(results_format)
     if run_fn is None:
-        from sparseslice.study.runner import preflight, run_pipeline
+        from sparseslice.study.pipeline import preflight, run_pipeline
 
         preflight(spec)
         run_fn = run_pipeline
@@ -109,6 +99,8 @@ def run_study(spec: StudySpec, out: str | os.PathLike[str], *, run_fn: RunFuncti
         config = run_config(spec, run, threads=threads, executor=executor)
         if store.is_done(run.run_id, config):
             summary.skipped.append(run.run_id)
+            # a worker killed after done.json but before removing its lock left the file: remove it (if not held)
+            remove_stale(store.root / "runs", name=run_lock_name(run.run_id))
         else:
             tasks.append(Task(run, config, store.root))
     if executor == "ray":

@@ -25,7 +25,7 @@ import numpy as np
 
 from sparseslice.datasets import Dataset, Split, discover_dataset, split_cases
 from sparseslice.errors import UserError
-from sparseslice.study.spec import RunSpec, StudySpec
+from sparseslice.study.spec import RunSpec, StudySpec, run_config
 from sparseslice.study.store import METRIC_COLUMNS, RunOutput
 
 
@@ -61,7 +61,6 @@ def preflight(spec: StudySpec) -> None:
     the cheap ``random`` (or ``block``) strategy.
     """
     from sparseslice.select import make_plan
-    from sparseslice.study.engine import run_config
     from sparseslice.train import TrainConfig
 
     runs = spec.runs()
@@ -134,7 +133,7 @@ def _suffix(path: Path) -> str:
 def run_pipeline(run: RunSpec, config: dict[str, Any], run_dir: Path) -> RunOutput:
     """Plan, simulate, interpolate, train, predict and evaluate one run in ``run_dir``.
 
-    This is the default run function of :func:`~sparseslice.study.engine.run_study`.
+    This is the default run function of :func:`~sparseslice.study.orchestrate.run_study`.
     """
     import torch
 

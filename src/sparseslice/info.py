@@ -1,8 +1,15 @@
-"""``sparseslice info``: what a dataset holds, read fast (headers for images, labels in full)."""
+"""``sparseslice info``: what a dataset holds, read fast (headers for images, labels in full).
+
+:func:`describe_dataset` reads image headers only: what that leaves unchecked is
+:data:`NOT_CHECKED`, and ``info`` says so. :func:`check_dataset` (``info --check``) reads
+everything, as nnU-Net's ``--verify_dataset_integrity`` does, and lists every problem found.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,8 +19,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sparseslice.datasets import Case, dataset_slice_axis, discover_dataset
-from sparseslice.io import check_axis, check_same_space, default_slice_axis, read_header, read_label
+from sparseslice.datasets import Case, Dataset, dataset_slice_axis, discover_dataset
+from sparseslice.errors import UserError
+from sparseslice.io import (
+    Volume,
+    check_axis,
+    check_same_space,
+    default_slice_axis,
+    read_header,
+    read_label,
+    read_volume,
+    strip_suffix,
+    volume_suffix,
+)
 from sparseslice.progress import track
 from sparseslice.sparse import fewest_partial_axis, known_slices, read_sidecar, structure_slices
 
@@ -47,6 +65,8 @@ class DatasetDescription:
     label_names: dict[int, str]
     ignore_value: int | None = None
     """nnU-Net's ignore label from dataset.json: its voxels are unknown, not a class."""
+    checked: bool = False
+    """Whether :func:`check_dataset` read everything and found no problem (else headers only)."""
 
     @property
     def label_values(self) -> tuple[int, ...]:
@@ -131,7 +151,9 @@ def description_record(desc: DatasetDescription) -> dict:
     (``min``/``max``/``median``/``total`` per case along the slice axis, or None), and
     ``cases``: one dict per case with ``case``, ``shape``, ``spacing`` (mm), ``channels``,
     ``dtype``, ``labels``, ``structure_slices``, ``annotated_slices`` (count, or None when
-    fully annotated), ``annotated`` and ``partial`` (slice indices; with an ignore value only).
+    fully annotated), ``annotated`` and ``partial`` (slice indices; with an ignore value only),
+    ``checked`` (``"everything"`` after :func:`check_dataset` passed, else ``"headers"``) and
+    ``not_checked`` (what was not, :data:`NOT_CHECKED`; empty after a check).
     """
     shapes = np.array([c.shape for c in desc.cases])
 
@@ -154,6 +176,8 @@ def description_record(desc: DatasetDescription) -> dict:
         "shape_min": shapes.min(axis=0).tolist(), "shape_max": shapes.max(axis=0).tolist(),
         "structure_slices": stats([c["structure_slices"] for c in cases if c["structure_slices"] is not None]),
         "annotated_slices": stats([c["annotated_slices"] for c in cases if c["annotated_slices"] is not None]),
+        "checked": "everything" if desc.checked else "headers",
+        "not_checked": [] if desc.checked else list(NOT_CHECKED),
         "cases": cases,
     }
 
@@ -190,6 +214,11 @@ def render_description(desc: DatasetDescription, console: Console, *, rows: int 
         lines.extend(_ignore_lines(desc, rows=rows))
     elif (st := rec["annotated_slices"]) is not None:
         lines.append(f"annotated slices (sidecars) per case {st['min']}-{st['max']} (median {int(st['median'])})")
+    if desc.checked:
+        lines.append(f"checked everything: {', '.join(CHECKED)}; no problem found")
+    else:
+        lines.append(escape(f"read image headers only (labels in full); not checked: {'; '.join(NOT_CHECKED)} "
+                            "(info --check reads everything)"))
     for line in lines:
         console.print(line, soft_wrap=True)
 
@@ -220,3 +249,161 @@ def _ranges(indices: tuple[int, ...]) -> str:
             out.append(str(start) if start == v else f"{start}-{v}")
             start = None
     return ",".join(out)
+
+
+# --- info --check: read everything -------------------------------------------------------
+
+#: What :func:`describe_dataset` does not check (it reads image headers; labels in full).
+NOT_CHECKED = (
+    "image voxels (a truncated or corrupt image passes)",
+    "non-finite intensities (NaN, inf)",
+    "channel counts equal across cases",
+    "labels dataset.json lists that are missing (those cases count as unlabelled)",
+    "label values against dataset.json's labels",
+    "label files without an image",
+)
+#: What :func:`check_dataset` checks, for the message of a dataset that passes.
+CHECKED = ("every file dataset.json lists exists", "every image and label decodes in full",
+           "channel counts are equal", "each label lies on its image's grid (shape, spacing, origin, direction)",
+           "label values are declared", "intensities are finite")
+#: Tolerance (mm for spacing and origin, cosines for direction) within which grids are equal,
+#: as training and prediction accept them (:func:`sparseslice.io.check_same_space`).
+GRID_ATOL = 1e-3
+
+
+def check_dataset(data: str | os.PathLike[str], *, workers: int = 4, progress: bool = False) -> list[str]:
+    """Read everything in a dataset, as nnU-Net's ``--verify_dataset_integrity`` does; one line per problem.
+
+    Checked: every file ``dataset.json`` lists exists (and ``numTraining`` counts them), every
+    image and label decodes in full (truncated files are caught), every case has the same
+    number of image channels (dataset.json's ``channel_names``/``modality`` when declared),
+    every label and channel file lies on its image's grid (shape, spacing, origin, direction
+    within :data:`GRID_ATOL`), label values are among dataset.json's labels (plus its ignore
+    value), intensities are finite, and no label file is without an image.
+
+    Returns
+    -------
+    list of str
+        The problems found, each naming the case or file (empty: the dataset passed).
+    """
+    root = Path(data)
+    problems = _listing_problems(root)
+    try:
+        ds = discover_dataset(root)
+    except UserError as exc:
+        return problems or [" ".join(str(exc).split())]
+    declared = {0, *ds.label_names} if ds.label_names else None
+    if declared is not None and ds.ignore_value is not None:
+        declared.add(ds.ignore_value)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(track(pool.map(lambda c: _check_case(c, declared=declared), ds.cases), "checking cases",
+                           progress=progress, total=len(ds.cases)))
+    for _, case_problems in found:
+        problems.extend(case_problems)
+    problems.extend(_channel_problems(ds, [channels for channels, _ in found]))
+    problems.extend(_orphan_labels(ds))
+    return [" ".join(p.split()) for p in problems]  # one line each, whatever a decoder's message held
+
+
+def _listing_problems(root: Path) -> list[str]:
+    """Files ``root/dataset.json`` lists that do not exist, and a ``numTraining`` that miscounts."""
+    meta_path = root / "dataset.json"
+    if not meta_path.is_file():
+        return []
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"file {str(meta_path)!r} is not valid JSON ({exc}); fix or remove it"]
+    training = meta.get("training") if isinstance(meta, dict) else None
+    if not isinstance(training, list):
+        return []
+    problems = []
+    for n, entry in enumerate(training):
+        if not isinstance(entry, dict):
+            continue
+        images = entry.get("image") if isinstance(entry.get("image"), list) else [entry.get("image")]
+        for kind, listed in [*(("image", i) for i in images), ("label", entry.get("label"))]:
+            if not listed:
+                continue
+            path = Path(str(listed).strip())
+            path = path if path.is_absolute() else root / path
+            sibling = path.parent / f"{strip_suffix(path)}_0000{volume_suffix(path) or '.nii.gz'}"  # nnU-Net v1
+            if not path.exists() and not (kind == "image" and sibling.exists()):
+                problems.append(f"dataset.json training entry {n} lists {kind} {str(listed)!r}, which does not "
+                                f"exist ({str(path)!r})")
+    count = meta.get("numTraining")
+    if isinstance(count, int) and count != len(training):
+        problems.append(f"dataset.json numTraining is {count}, but its training list has {len(training)} entries")
+    return problems
+
+
+def _check_case(case: Case, *, declared: set[int] | None) -> tuple[int | None, list[str]]:
+    """(image channels or None when unreadable, problems) of one case, every voxel read."""
+    problems: list[str] = []
+    volumes: list[Volume] = []
+    for path in case.images:
+        try:
+            vol = read_volume(path)
+        except UserError as exc:
+            problems.append(f"case {case.case_id!r}: {exc}")
+            continue
+        if np.issubdtype(vol.array.dtype, np.floating) and (bad := int(np.count_nonzero(~np.isfinite(vol.array)))):
+            problems.append(f"case {case.case_id!r}: image {path.name!r} has {bad} non-finite voxel(s) (NaN or inf)")
+        if volumes:
+            problems.extend(_grid_problems(volumes[0], vol, case=case.case_id, what=f"channel {path.name!r}"))
+        volumes.append(vol)
+    channels = None
+    if len(volumes) == len(case.images):
+        channels = len(volumes) if len(volumes) > 1 else (volumes[0].array.shape[3] if volumes[0].array.ndim > 3
+                                                          else 1)
+    if case.label is not None:
+        try:
+            label = read_label(case.label)
+        except UserError as exc:
+            problems.append(f"case {case.case_id!r}: {exc}")
+        else:
+            if volumes:
+                problems.extend(_grid_problems(volumes[0], label, case=case.case_id, what="label"))
+            values = {int(v) for v in np.unique(label.array)}
+            if declared is not None and (extra := sorted(values - declared)):
+                problems.append(f"case {case.case_id!r}: label holds value {', '.join(map(str, extra[:5]))}, which "
+                                f"dataset.json does not declare (labels {', '.join(map(str, sorted(declared)))})")
+    return channels, problems
+
+
+def _grid_problems(image: Volume, other: Volume, *, case: str, what: str) -> list[str]:
+    """How ``other`` (a label or channel file) lies off ``image``'s grid: shape, spacing, origin, direction."""
+    if image.shape[:3] != other.shape[:3]:
+        return [f"case {case!r}: {what} shape {other.shape[:3]} differs from the image's {image.shape[:3]}"]
+    facts = []
+    for vol in (image, other):
+        spacing = np.linalg.norm(vol.affine[:3, :3], axis=0)
+        facts.append({"spacing": spacing, "origin": vol.affine[:3, 3], "direction": vol.affine[:3, :3] / spacing})
+    return [f"case {case!r}: {what} {name} {tuple(np.round(facts[1][name], 4).ravel().tolist())} differs from the "
+            f"image's {tuple(np.round(facts[0][name], 4).ravel().tolist())}"
+            for name in ("spacing", "origin", "direction")
+            if not np.allclose(facts[0][name], facts[1][name], atol=GRID_ATOL)]
+
+
+def _channel_problems(ds: Dataset, counts: list[int | None]) -> list[str]:
+    """Cases whose channel count differs from dataset.json's declared channels, else from most cases'."""
+    known = [c for c in counts if c is not None]
+    if not known:
+        return []
+    meta_path = Path(ds.root) / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    names = (meta.get("channel_names") or meta.get("modality")) if isinstance(meta, dict) else None
+    expected, source = (len(names), "dataset.json declares") if isinstance(names, dict) and names else \
+        (Counter(known).most_common(1)[0][0], "most cases have")
+    return [f"case {case.case_id!r}: {n} image channel(s), but {source} {expected}"
+            for case, n in zip(ds.cases, counts, strict=True) if n is not None and n != expected]
+
+
+def _orphan_labels(ds: Dataset) -> list[str]:
+    """Label files in a labels folder (apart from the images) that no case uses."""
+    used = {Path(c.label).resolve() for c in ds.cases if c.label is not None}
+    image_dirs = {Path(p).parent.resolve() for c in ds.cases for p in c.images}
+    folders = {p.parent for p in used} - image_dirs
+    return [f"label {str(path)!r} has no image (no case {strip_suffix(path)!r}); add its image or remove it"
+            for folder in sorted(folders) for path in sorted(folder.iterdir())
+            if path.is_file() and volume_suffix(path) and not path.name.startswith(".") and path.resolve() not in used]
