@@ -159,3 +159,16 @@ def test_a_3d_patch_larger_than_every_case_is_padded_and_said_once(fine, tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the default patch (rounded up to the divisor) says nothing
         train(fine, tmp_path / "run2", config=cfg.updated(patch_size=None), progress=False)
+
+
+def test_default_3d_patch_is_capped_at_128_in_plane_and_48_slices():
+    from sparseslice.train.data import CaseArrays, default_patch_size
+
+    def case(shape, axis):
+        return CaseArrays("c", np.zeros((1, *shape), np.float32), np.zeros(shape, np.uint8),
+                          np.ones(shape[axis], np.float32), axis)
+
+    assert default_patch_size([case((150, 100, 88), 2)], model="3d", axis=2, divisor=8) == (128, 104, 48)
+    assert default_patch_size([case((88, 150, 100), 0)], model="3d", axis=0, divisor=8) == (48, 128, 104)
+    assert default_patch_size([case((35, 50, 36), 0)], model="3d", axis=0, divisor=8) == (40, 56, 40)  # as before
+    assert default_patch_size([case((300, 300, 88), 2)], model="2d", axis=2, divisor=8) == (256, 256)

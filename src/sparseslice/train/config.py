@@ -74,7 +74,8 @@ class TrainConfig:
         Default 16 (2D) or 2 (3D).
     patch_size : tuple of int, optional
         2D: in-plane size; 3D: block size. Default: the largest case (in-plane for 2D) rounded
-        up to a multiple of the network divisor, capped at 256 (2D) or 96 (3D) per axis.
+        up to a multiple of the network divisor, capped at 256 (2D), or 128 in-plane and 48
+        along the slice axis (3D).
     spacing : tuple of float, optional
         In-plane spacing (mm, the two axes across the slice axis in order) that images and
         labels are resampled to (:mod:`sparseslice.resample`; slices stay whole, unknown stays
@@ -148,7 +149,7 @@ class TrainConfig:
     batch_size: int | None = option(None, "Batch size.", unset="16 (2d), 2 (3d)")
     patch_size: tuple[int, ...] | None = option(None, "Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).",
                                                 unset="the largest case rounded up to the network divisor, "
-                                                      "at most 256 (2d) or 96 (3d)")
+                                                      "at most 256 (2d), 128 in-plane x 48 slices (3d)")
     spacing: tuple[float, float] | None = option(
         None, "In-plane spacing (mm) to resample to, e.g. 1.25,1.25 (the slice axis is never resampled).",
         unset="the cases' median, coarsened so the median case is at most 128 voxels in-plane")
