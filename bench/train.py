@@ -30,11 +30,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from sparseslice.datasets import discover_dataset, load_image, load_label, split_cases
+from sparseslice.datasets import discover_dataset, load_image, load_label, slice_axis_of, split_cases
 from sparseslice.io import Volume
 from sparseslice.sparse import SparseLabel, write_sparse
 from sparseslice.study.pipeline import link_cases
@@ -87,38 +88,30 @@ def predict_2d(run_dir: Path, image: Volume) -> np.ndarray:
 
 
 def test_dice(run_dir: Path, src: Path, case_ids: list[str], *, tta: bool = False) -> dict[str, float]:
-    """Mean Dice per foreground label over the test cases (a label absent from both counts 1).
+    """Mean Dice per foreground label over the test cases (a label absent from both counts 1),
+    with ``sparseslice.predict``'s defaults (largest component, hole filling) and flip TTA when
+    ``tta``; also the per-case Dice of the mean over labels (``"cases"``) and its std."""
+    from sparseslice.model import load_checkpoint
+    from sparseslice.predict import predict_volume
 
-    With ``sparseslice.predict``: its defaults (largest component, hole filling) and flip TTA
-    when ``tta``; without it, a plain slice-wise argmax (no TTA).
-    """
     ds = discover_dataset(src)
-    try:
-        from sparseslice.model import load_checkpoint
-        from sparseslice.predict import predict_volume
-
-        model, ckpt = load_checkpoint(run_dir)
-
-        def predict(image: Volume) -> np.ndarray:
-            return predict_volume(model, ckpt, image, tta=tta)
-        how = f"sparseslice.predict.predict_volume(tta={tta})"
-    except ImportError:
-        def predict(image: Volume) -> np.ndarray:
-            return predict_2d(run_dir, image)
-        how = "slice-wise argmax in bench"
-    scores: dict[str, list[float]] = {"1": [], "2": []}
+    model, ckpt = load_checkpoint(run_dir)
+    labels = sorted(v for v in ds.label_names if v != 0) or [1]
+    scores: dict[str, list[float]] = {str(v): [] for v in labels}
     for cid in case_ids:
         case = ds.case(cid)
-        image = load_image(case)
+        pred = predict_volume(model, ckpt, load_image(case), tta=tta)
         ref = load_label(case).array
-        pred = predict(image)
-        for lab in (1, 2):
+        for lab in labels:
             p, r = pred == lab, ref == lab
             denom = p.sum() + r.sum()
-            scores[str(lab)].append(1.0 if denom == 0 else 2 * (p & r).sum() / denom)
-    out = {k: float(np.mean(v)) for k, v in scores.items()}
-    out["mean"] = float(np.mean([out["1"], out["2"]]))
-    out["inference"] = how
+            scores[str(lab)].append(1.0 if denom == 0 else float(2 * (p & r).sum() / denom))
+    per_case = np.mean([scores[str(v)] for v in labels], axis=0)
+    out: dict[str, Any] = {k: float(np.mean(v)) for k, v in scores.items()}
+    out["mean"] = float(per_case.mean())
+    out["std"] = float(per_case.std())
+    out["cases"] = dict(zip(case_ids, per_case.round(4).tolist(), strict=True))
+    out["inference"] = f"sparseslice.predict.predict_volume(tta={tta})"
     return out
 
 
@@ -224,50 +217,84 @@ def augment_cost(bs: int, patch: tuple[int, ...]) -> None:
           f"{monai * 1e3:.1f} ms (ratio {monai / ours_one:.1f}x)")
 
 
+def quality_split(ds, args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Train, validation and test case ids: ``--holdout K`` keeps the last K case ids (sorted) for
+    testing and the last ``--val`` of the others for validation; without it, ``split_cases(seed=0)``."""
+    if args.holdout is None:
+        split = split_cases(ds.case_ids, seed=0)
+        return list(split.train), list(split.val), list(split.test)
+    ids = sorted(ds.case_ids)
+    rest, test = ids[:-args.holdout], ids[-args.holdout:]
+    return rest[:-args.val], rest[-args.val:], test
+
+
+def quality_config(args: argparse.Namespace) -> TrainConfig:
+    """The benchmark's training configuration: fixed epochs x samples (equal steps for every arm),
+    ``--minutes`` only as a safety cap, ``--set key=value`` (YAML values) for anything else."""
+    import yaml
+
+    settings: dict[str, Any] = {"model": args.model, "epochs": args.epochs, "num_threads": args.threads, "seed": 0,
+                                "patience": args.patience, "lr": args.lr, "batch_size": args.batch_size,
+                                "samples_per_epoch": args.samples_per_epoch, "max_minutes": args.minutes}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings[key] = yaml.safe_load(value)
+    return TrainConfig.from_dict({k: v for k, v in settings.items() if v is not None})
+
+
 def quality(args: argparse.Namespace) -> None:
-    ds = discover_dataset(HIPPO)
-    split = split_cases(ds.case_ids, seed=0)
+    src = Path(args.data)
+    ds = discover_dataset(src)
+    train_ids, val_ids, test_ids = quality_split(ds, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"cores visible: {os.cpu_count()}, torch threads: {args.threads}, load average at start: "
-          f"{os.getloadavg()}")
-    train_dir = link_cases(ds, split.train, out / "full") if not (out / "full").exists() else out / "full"
-    val_dir = link_cases(ds, split.val, out / "val") if not (out / "val").exists() else out / "val"
+    print(f"data {src} ({len(train_ids)} train, {len(val_ids)} val, {len(test_ids)} test: {test_ids[0]}.."
+          f"{test_ids[-1]}), cores visible: {os.cpu_count()}, torch threads: {args.threads}, load average at "
+          f"start: {os.getloadavg()}")
+    train_dir = link_cases(ds, train_ids, out / "full") if not (out / "full").exists() else out / "full"
+    val_dir = link_cases(ds, val_ids, out / "val") if not (out / "val").exists() else out / "val"
     sparse_dir = out / "sparse10"
-    if not sparse_dir.exists():
-        write_sparse_subset(HIPPO, sparse_dir, list(split.train), axis=0, fraction=0.1)
-    config = TrainConfig(model="2d", epochs=200, max_minutes=args.minutes, num_threads=args.threads, seed=0,
-                         patience=15, lr=args.lr, batch_size=args.batch_size)
-    report = {}
+    axis = slice_axis_of(ds.case(c).images[0] for c in train_ids)
+    if "interval10" in args.runs and not sparse_dir.exists():
+        write_sparse_subset(src, sparse_dir, train_ids, axis=axis, fraction=0.1)
+    config = quality_config(args)
+    print(f"config: {config.to_dict()}")
+    report: dict[str, Any] = {"config": config.to_dict(), "train": train_ids, "val": val_ids, "test": test_ids}
     for name, data in (("full", train_dir), ("interval10", sparse_dir)):
         if name not in args.runs:
             continue
         t = time.perf_counter()
-        res = train(data, out / f"run_{name}", config=config, val_dir=val_dir, progress=False, resume=True)
+        res = train(data, out / f"run_{name}_{args.model}", config=config, val_dir=val_dir, progress=False,
+                    resume=True)
         wall = time.perf_counter() - t
         import csv
 
         rows = list(csv.DictReader((res.run_dir / "history.csv").open()))
         loop = float(rows[-1]["elapsed_seconds"])  # the training loop, across resumes
         samples = sum(int(r["samples"]) for r in rows)
+        curve = [round(float(r["val_dice"]), 4) for r in rows]
         report[name] = {"best_val_dice": res.best_val_dice, "epochs": res.epochs, "this_call_wall_s": wall,
-                        "training_loop_s": loop, "samples": samples, "load_average": os.getloadavg()}
+                        "training_loop_s": loop, "samples": samples, "load_average": os.getloadavg(),
+                        "val_curve": curve}
         print(f"{name}: val Dice {res.best_val_dice:.4f}, {res.epochs} epochs, {samples} samples, training loop "
-              f"{loop:.0f} s ({samples / loop:.0f} samples/s incl. validation), this call {wall:.0f} s wall "
+              f"{loop:.0f} s ({samples / loop:.1f} samples/s incl. validation), this call {wall:.0f} s wall "
               f"(run folder {res.run_dir}), load {os.getloadavg()[0]:.1f}")
-        for tta in (False, True):
-            scores = test_dice(res.run_dir, HIPPO, list(split.test), tta=tta)
-            report[name][f"test_dice_tta{int(tta)}"] = scores
-            print(f"  test Dice label1 {scores['1']:.4f} label2 {scores['2']:.4f} mean {scores['mean']:.4f} "
-                  f"(inference: {scores['inference']})")
+        print(f"  validation curve (per epoch): {curve}")
+        for tta in args.tta:
+            t = time.perf_counter()
+            scores = test_dice(res.run_dir, src, test_ids, tta=bool(tta))
+            report[name][f"test_dice_tta{tta}"] = scores
+            per_label = " ".join(f"label{k} {v:.4f}" for k, v in scores.items() if k.isdigit())
+            print(f"  test Dice {per_label} mean {scores['mean']:.4f} std {scores['std']:.4f} "
+                  f"({scores['inference']}, {time.perf_counter() - t:.0f} s)")
         sys.stdout.flush()
     if "full" in report and "interval10" in report:
-        for tta in (0, 1):
+        for tta in args.tta:
             key = f"test_dice_tta{tta}"
             ratio = report["interval10"][key]["mean"] / report["full"][key]["mean"]
             report[f"ratio_tta{tta}"] = ratio
             print(f"10% interval / full mean Dice (tta={bool(tta)}): {ratio:.3f} (goal >= 0.95)")
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / f"report_{args.model}.json").write_text(json.dumps(report, indent=2))
 
 
 def main() -> None:
@@ -281,15 +308,27 @@ def main() -> None:
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     a.add_argument("--model", choices=MODELS, default="2d")
     b = sub.add_parser("quality")
-    b.add_argument("--minutes", type=float, default=5.0)
+    b.add_argument("--data", default=str(HIPPO), help="dataset (default: MSD hippocampus in ../shared)")
+    b.add_argument("--holdout", type=int, default=None,
+                   help="test on the last K case ids (e.g. 15 for left atrium: la_045..la_059); default split_cases")
+    b.add_argument("--val", type=int, default=5, help="with --holdout: validation cases, the last of the others")
+    b.add_argument("--model", choices=MODELS, default="2d")
+    b.add_argument("--epochs", type=int, default=200)
+    b.add_argument("--samples-per-epoch", type=int, default=None)
+    b.add_argument("--patience", type=int, default=15)
+    b.add_argument("--minutes", type=float, default=5.0, help="wall-clock cap of each run (0: none)")
     b.add_argument("--out", default="/tmp/sparseslice-bench-train")
     b.add_argument("--runs", nargs="+", default=["full", "interval10"])
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--batch-size", type=int, default=None, help="default: the trainer's (16 for 2D)")
+    b.add_argument("--tta", type=int, nargs="+", default=[0, 1], help="test with TTA off (0) and/or on (1)")
+    b.add_argument("--set", action="append", default=[], help="any TrainConfig key=value (YAML value)")
     args = parser.parse_args()
-    if not HIPPO.is_dir():
-        sys.exit(f"hippocampus data not found at {HIPPO}")
+    if args.what == "quality":
+        args.minutes = args.minutes or None
+        if not Path(args.data).is_dir():
+            sys.exit(f"data not found at {args.data}")
     throughput(args) if args.what == "throughput" else quality(args)
 
 

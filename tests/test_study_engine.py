@@ -264,3 +264,27 @@ def test_cli_study_run_reports_bad_spec_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["study", "run", "quick", "-o", str(tmp_path / "out"),
                                       "--data", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_fixed_test_cases_are_the_test_split_and_the_rest_is_split_by_seed():
+    from sparseslice.datasets import split_cases
+
+    ids = [f"la_{i:03d}" for i in range(20)]
+    split = split_cases(ids, seed=0, val=0.1, test_cases=ids[15:])
+    assert split.test == tuple(ids[15:])
+    assert len(split.val) == 2 and len(split.train) == 13
+    assert not set(split.train) & set(split.val) and set(split.train) | set(split.val) == set(ids[:15])
+    assert split_cases(list(reversed(ids)), seed=0, val=0.1, test_cases=ids[15:]) == split
+    with pytest.raises(UserError, match=r"test_cases must name cases of the dataset, got 'la_0200'; did you mean"):
+        split_cases(ids, seed=0, test_cases=["la_0200"])
+    with pytest.raises(UserError, match="test_cases must leave cases for training"):
+        split_cases(ids, seed=0, val=0.1, test_cases=ids[1:])
+    base = {"name": "s", "grid": [{"budget": [10], "rho": [0.5], "strategy": ["random"]}]}
+    spec = parse_spec({**base, "dataset": {"split": {"test_cases": ["la_018", "la_019"]}}})
+    assert spec.dataset.test_cases == ("la_018", "la_019")
+    assert spec.dataset.to_dict()["split"]["test_cases"] == ["la_018", "la_019"]
+    assert "test_cases" not in parse_spec(base).dataset.to_dict()["split"]  # older specs keep their fingerprint
+    with pytest.raises(UserError, match="both test and test_cases"):
+        parse_spec({**base, "dataset": {"split": {"test": 0.2, "test_cases": ["a"]}}})
+    with pytest.raises(UserError, match="test_cases must be a list of case ids"):
+        parse_spec({**base, "dataset": {"split": {"test_cases": "la_018"}}})

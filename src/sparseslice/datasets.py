@@ -25,13 +25,13 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from sparseslice.errors import UserError
+from sparseslice.errors import UserError, unknown_choice
 from sparseslice.io import (
     Volume,
     check_same_space,
@@ -391,18 +391,25 @@ class Split:
         return {"train": list(self.train), "val": list(self.val), "test": list(self.test)}
 
 
-def split_cases(case_ids: list[str], *, seed: int, val: float = 0.1, test: float = 0.2) -> Split:
+def split_cases(case_ids: list[str], *, seed: int, val: float = 0.1, test: float = 0.2,
+                test_cases: Sequence[str] | None = None) -> Split:
     """Deterministic random split of case ids by ``seed``.
 
     The result depends only on the set of ids and the seed (ids are sorted first), so
-    re-listing a folder in another order gives the same split.
+    re-listing a folder in another order gives the same split. ``test_cases`` fixes the
+    test cases (``test`` is then unused); validation cases (``val`` of all cases) are drawn
+    from the others.
 
     Examples
     --------
     >>> s = split_cases([f"c{i}" for i in range(10)], seed=0)
     >>> len(s.train), len(s.val), len(s.test)
     (7, 1, 2)
+    >>> split_cases([f"c{i}" for i in range(10)], seed=0, test_cases=["c8", "c9"]).test
+    ('c8', 'c9')
     """
+    if test_cases is not None:
+        return _split_with_test_cases(case_ids, seed=seed, val=val, test_cases=test_cases)
     for name, frac in (("val", val), ("test", test)):
         if not 0 <= frac < 1:
             raise UserError(f"{name} must be a fraction in [0, 1), got {frac}; e.g. 0.1")
@@ -419,6 +426,23 @@ def split_cases(case_ids: list[str], *, seed: int, val: float = 0.1, test: float
         val=tuple(sorted(shuffled[n_test:n_test + n_val])),
         test=tuple(sorted(shuffled[:n_test])),
     )
+
+
+def _split_with_test_cases(case_ids: list[str], *, seed: int, val: float, test_cases: Sequence[str]) -> Split:
+    ids = sorted(set(case_ids))
+    test = sorted(set(test_cases))
+    missing = [c for c in test if c not in ids]
+    if missing:
+        raise unknown_choice("test_cases", missing[0], ids, problem="must name cases of the dataset",
+                             otherwise=f"e.g. test_cases: [{ids[-1]}]")
+    rest = [c for c in ids if c not in set(test)]
+    n_val = int(round(val * len(ids)))
+    if len(rest) - n_val < 1:
+        raise UserError(f"test_cases must leave cases for training, got {len(test)} of {len(ids)} cases "
+                        f"(and {n_val} for validation); name fewer test cases")
+    order = np.random.default_rng(seed).permutation(len(rest))
+    shuffled = [rest[i] for i in order]
+    return Split(train=tuple(sorted(shuffled[n_val:])), val=tuple(sorted(shuffled[:n_val])), test=tuple(test))
 
 
 def slice_axis_of(paths: Iterable[str | os.PathLike[str]]) -> int:

@@ -131,6 +131,8 @@ class Checkpoint:
     epoch: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: In-plane spacing (mm) the network was trained at; None: each image's own grid.
+    spacing: tuple[float, float] | None = None
 
 
 _PLAIN = (str, int, float, bool, type(None))
@@ -189,6 +191,7 @@ def save_checkpoint(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "axis": int(ckpt.axis),
         "labels": [int(v) for v in ckpt.labels],
         "patch_size": [int(v) for v in ckpt.patch_size],
+        "spacing": None if ckpt.spacing is None else [float(v) for v in ckpt.spacing],
         "state_dict": ckpt.state_dict,
         "epoch": int(ckpt.epoch),
         "metrics": {k: float(v) for k, v in ckpt.metrics.items()},
@@ -219,7 +222,8 @@ def read_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
                       normalization=Normalization(norm["scheme"], tuple(norm["window"]), tuple(norm["clip"])),
                       axis=payload["axis"], labels=tuple(payload["labels"]),
                       patch_size=tuple(payload["patch_size"]), state_dict=payload["state_dict"],
-                      epoch=payload["epoch"], metrics=payload["metrics"], extra=payload["extra"])
+                      epoch=payload["epoch"], metrics=payload["metrics"], extra=payload["extra"],
+                      spacing=None if payload.get("spacing") is None else tuple(payload["spacing"]))
 
 
 def load_checkpoint(

@@ -26,6 +26,7 @@ from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalize
 from sparseslice.outputs import MARKER
 from sparseslice.progress import track
+from sparseslice.resample import needs_resampling, resample_image, resample_probabilities, resampled_shape
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
@@ -157,13 +158,19 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
     Returns
     -------
     numpy.ndarray
-        Integer label map with the image's spatial shape (values from ``ckpt.labels``).
+        Integer label map with the image's spatial shape (values from ``ckpt.labels``); a
+        network trained at another in-plane spacing (``ckpt.spacing``) sees the image
+        resampled to it, and its probabilities are resampled back before the argmax.
     """
     if not 0 <= overlap < 1:
         raise UserError(f"overlap must lie in [0, 1), got {overlap}; e.g. 0.5")
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}; e.g. 16")
     x = _prepare(image, ckpt)
+    grid = x.shape[1:]
+    resampled = needs_resampling(image.spacing, ckpt.spacing, axis=ckpt.axis)
+    if resampled:  # to the spacing the network was trained at, and the probabilities back
+        x = resample_image(x, resampled_shape(grid, image.spacing, ckpt.spacing, axis=ckpt.axis), axis=ckpt.axis)
     flips = _flip_sets(_check_tta_axes(tta_axes, ckpt)) if tta else [()]
     prob = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
     for flip in flips:
@@ -171,6 +178,8 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
         xf = np.flip(x, dims) if dims else x
         p = predict_probabilities(model, ckpt, xf, overlap=overlap, batch_size=batch_size)
         prob += np.flip(p, dims) if dims else p
+    if resampled:
+        prob = resample_probabilities(prob, grid, axis=ckpt.axis)
     labels = narrow_label_dtype(_label_values(ckpt)[np.argmax(prob, axis=0)])
     return postprocess(labels, fill_holes=fill_holes, largest_component=largest_component)
 
@@ -220,6 +229,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
         "device": str(device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
+        "spacing": None if ckpt.spacing is None else list(ckpt.spacing),
     }
     written: list[Path] = []
     nonfinite = ckpt.extra.get("config", {}).get("nonfinite", "error")  # read images as training did

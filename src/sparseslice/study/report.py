@@ -20,6 +20,7 @@ import pandas as pd
 from sparseslice.atomic import write_text
 from sparseslice.study import analysis, curves, figures
 from sparseslice.study.results import collect_results, load_study, run_table
+from sparseslice.study.spec import StudySpec
 from sparseslice.study.store import StudyStore
 
 
@@ -404,7 +405,7 @@ def render_report(root: str | os.PathLike[str]) -> str:
     parts = [f"<h1>Study report: {html.escape(spec.name)}</h1>",
              f"<p>{html.escape(spec.description)}</p>" if spec.description else "",
              f"<p>Dataset <code>{html.escape(str(spec.dataset.path))}</code>; split seed {spec.dataset.split_seed} "
-             f"(val {spec.dataset.val:g}, test {spec.dataset.test:g}); {len(runs)} runs "
+             f"(val {spec.dataset.val:g}, {_test_text(spec)}); {len(runs)} runs "
              f"({(runs['status'] == 'done').sum()} finished); seeds {', '.join(map(str, spec.seeds))}; "
              f"main measure: test-set {html.escape(measure_name(cases, label) if not cases.empty else 'Dice')}, "
              f"ranked and recommended by it; {n_cases} test cases (the unit of every test).</p>",
@@ -527,3 +528,11 @@ def _yaml(data: dict) -> str:
 def write_report(root: str | os.PathLike[str]) -> Path:
     """Write ``root/report.html`` atomically and return its path."""
     return write_text(Path(root) / "report.html", render_report(root))
+
+
+def _test_text(spec: StudySpec) -> str:
+    """How the study's test cases were chosen: a fraction, or fixed cases."""
+    fixed = spec.dataset.test_cases
+    if fixed is None:
+        return f"test {spec.dataset.test:g}"
+    return f"test: {len(fixed)} fixed cases, {fixed[0]} .. {fixed[-1]}" if len(fixed) > 1 else f"test: {fixed[0]}"

@@ -64,7 +64,7 @@ _TOP_KEYS = ("name", "description", "dataset", "grid", "seeds", "baseline", "tra
 #: ``analysis.label``: the label the report ranks and recommends by (default: the mean over labels).
 _ANALYSIS_KEYS = ("label",)
 _DATASET_KEYS = ("path", "split", "max_cases", "axis")
-_SPLIT_KEYS = ("seed", "val", "test")
+_SPLIT_KEYS = ("seed", "val", "test", "test_cases")
 _FACTORS = ("budget", "rho", "volumes", "strategy", "block_fraction", "interpolation",
             "border_slices", "model", "schedule", "mask_channel")
 _EVALUATION_KEYS = ("tta", "fill_holes", "largest_component")
@@ -111,10 +111,14 @@ class DatasetSpec:
     test: float = 0.2
     max_cases: int | None = None
     axis: int | None = None
+    #: Fixed test cases (``split.test_cases``); ``test`` is then unused.
+    test_cases: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path) if self.path else None,
-                "split": {"seed": self.split_seed, "val": self.val, "test": self.test},
+        split: dict[str, Any] = {"seed": self.split_seed, "val": self.val, "test": self.test}
+        if self.test_cases is not None:  # only when set, so specs without it keep their fingerprint
+            split["test_cases"] = list(self.test_cases)
+        return {"path": str(self.path) if self.path else None, "split": split,
                 "max_cases": self.max_cases, "axis": self.axis}
 
 
@@ -300,7 +304,10 @@ def _parse_dataset(raw: Any, base: Path | None) -> DatasetSpec:
         path = (p if p.is_absolute() or base is None else base / p).resolve()
     val, test = _fraction(split.get("val", 0.1), "dataset.split.val"), _fraction(split.get("test", 0.2),
                                                                                "dataset.split.test")
-    if test <= 0:
+    test_cases = _test_cases(split)
+    if test_cases is not None:
+        test = 0.0
+    elif test <= 0:
         raise UserError(f"dataset.split.test must leave test cases, got {test}; e.g. 0.2")
     if val + test >= 1:
         raise UserError(f"dataset.split val + test must be below 1, got {val} + {test}; lower them")
@@ -310,7 +317,22 @@ def _parse_dataset(raw: Any, base: Path | None) -> DatasetSpec:
     axis = ds.get("axis")
     if axis is not None and axis not in (0, 1, 2):
         raise UserError(f"dataset.axis must be 0, 1 or 2, got {axis!r}; or leave it out for the default axis")
-    return DatasetSpec(path, _integer(split.get("seed", 0), "dataset.split.seed"), val, test, max_cases, axis)
+    return DatasetSpec(path, _integer(split.get("seed", 0), "dataset.split.seed"), val, test, max_cases, axis,
+                       test_cases)
+
+
+def _test_cases(split: dict[str, Any]) -> tuple[str, ...] | None:
+    """``dataset.split.test_cases``: a non-empty list of case ids, exclusive with ``test``."""
+    raw = split.get("test_cases")
+    if raw is None:
+        return None
+    if "test" in split:
+        raise UserError("dataset.split has both test and test_cases, got both; give the test fraction or the "
+                        "test cases")
+    if not isinstance(raw, list) or not raw or not all(isinstance(c, str) for c in raw):
+        raise UserError(f"dataset.split.test_cases must be a list of case ids, got {raw!r}; "
+                        "e.g. test_cases: [la_045, la_046]")
+    return tuple(raw)
 
 
 def _parse_grid(blocks: Any) -> tuple[dict[str, tuple[Any, ...]], ...]:

@@ -74,7 +74,16 @@ class TrainConfig:
         Default 16 (2D) or 2 (3D).
     patch_size : tuple of int, optional
         2D: in-plane size; 3D: block size. Default: the largest case (in-plane for 2D) rounded
-        up to a multiple of the network divisor, capped at 256 (2D) or 96 (3D) per axis.
+        up to a multiple of the network divisor, capped at 256 (2D), or 128 in-plane and 48
+        along the slice axis (3D).
+    spacing : tuple of float, optional
+        In-plane spacing (mm, the two axes across the slice axis in order) that images and
+        labels are resampled to (:mod:`sparseslice.resample`; slices stay whole, unknown stays
+        unknown); ``predict`` resamples back to each image's grid. Default: the training
+        cases' median in-plane spacing (nnU-Net's target), coarsened so that the median case
+        is at most 128 voxels in-plane (:data:`sparseslice.resample.MAX_INPLANE`).
+    foreground_fraction : float
+        3D: share of patches centred on a known foreground voxel (nnU-Net oversamples a third).
     lr : float
         Adam learning rate.
     weight_decay : float
@@ -90,7 +99,9 @@ class TrainConfig:
     patience : int
         Early stopping: stop a step after this many epochs without a better validation Dice.
     mask_channel : bool
-        Give the network the annotated-slice mask as an extra last input channel.
+        Give the network the annotated-slice mask as an extra last input channel. At inference
+        it is all ones; so that the network has seen that input, half of the 3D training
+        patches get it too (losses keep the true weights).
     interpolated_weight : float
         Weight of voxels in interpolated slices (sidecar ``"interpolated"``) in both losses;
         0 ignores them.
@@ -138,7 +149,11 @@ class TrainConfig:
     batch_size: int | None = option(None, "Batch size.", unset="16 (2d), 2 (3d)")
     patch_size: tuple[int, ...] | None = option(None, "Patch size, e.g. 64,64 (2d) or 64,64,32 (3d).",
                                                 unset="the largest case rounded up to the network divisor, "
-                                                      "at most 256 (2d) or 96 (3d)")
+                                                      "at most 256 (2d), 128 in-plane x 48 slices (3d)")
+    spacing: tuple[float, float] | None = option(
+        None, "In-plane spacing (mm) to resample to, e.g. 1.25,1.25 (the slice axis is never resampled).",
+        unset="the cases' median, coarsened so the median case is at most 128 voxels in-plane")
+    foreground_fraction: float = option(0.33, "3d: share of patches centred on a foreground voxel.")
     lr: float = option(1e-3, "Adam learning rate.")
     weight_decay: float = option(1e-5, "Adam weight decay.")
     schedule: str = option("one-step", "Learning-rate schedule.", choices=f"{__name__}:SCHEDULES")
@@ -193,6 +208,12 @@ class TrainConfig:
             raise UserError(f"lr must be positive, got {self.lr}; e.g. lr: 0.001")
         if not 0 <= self.interpolated_weight <= 1:
             raise UserError(f"interpolated_weight must lie in [0, 1], got {self.interpolated_weight}; e.g. 0.5")
+        if not 0 <= self.foreground_fraction <= 1:
+            raise UserError(f"foreground_fraction must lie in [0, 1], got {self.foreground_fraction}; e.g. 0.33")
+        if self.spacing is not None:
+            from sparseslice.resample import check_target
+
+            object.__setattr__(self, "spacing", check_target(self.spacing))
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must lie in [0, 1), got {self.val_fraction}; e.g. 0.1")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
@@ -332,7 +353,8 @@ def _example(value: Any, hint: Any, default: Any) -> str:
         if math.isfinite(number) and (base is float or number.is_integer()):
             return str(int(number)) if base is int else repr(number)
     if default is None or default is MISSING:
-        default = {int: 8, float: 1.0, str: "cpu"}.get(base, [64, 64])
+        floats = typing.get_origin(base) is tuple and typing.get_args(base)[0] is float
+        default = {int: 8, float: 1.0, str: "cpu"}.get(base, [1.0, 1.0] if floats else [64, 64])
     if isinstance(default, bool):
         return "true" if default else "false"
     if isinstance(default, tuple | list):

@@ -24,6 +24,7 @@ from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
 from sparseslice.io import Volume, check_same_space
 from sparseslice.model import Normalization, normalize
+from sparseslice.resample import needs_resampling, resample_image, resample_label, resampled_shape
 from sparseslice.sparse import ignore_axis, read_label_file, read_sidecar
 
 
@@ -102,6 +103,22 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
     return ignore_axis((c.label for c in dataset.labelled), ignore_value=dataset.ignore_value, default=default)
 
 
+def resolve_spacing(dataset: Dataset, case_ids: list[str], *, axis: int,
+                    spacing: tuple[float, float] | None) -> tuple[float, float]:
+    """The in-plane spacing training runs at: ``spacing`` if given (checked against every case),
+    else :func:`sparseslice.resample.default_spacing` of the cases' headers."""
+    from sparseslice.io import read_header
+    from sparseslice.resample import check_target, default_spacing
+
+    heads = [(cid, read_header(dataset.case(cid).images[0])) for cid in case_ids]
+    if spacing is None:
+        spacing = default_spacing([h.spacing for _, h in heads], [h.shape[:3] for _, h in heads], axis=axis)
+    target = check_target(spacing)
+    for cid, head in heads:
+        resampled_shape(head.shape[:3], head.spacing, target, axis=axis, name=f"case {cid!r}")
+    return target
+
+
 def read_case_label(case_label: object, *, axis: int, ignore_value: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume, np.ndarray | None]:
     """Read a label file as ``(label, annotated, interpolated, volume, partial)``.
@@ -123,14 +140,15 @@ def read_case_label(case_label: object, *, axis: int, ignore_value: int | None =
 
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
-               progress: bool = False, nonfinite: str = "error", channels: int | None = None
-               ) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               progress: bool = False, nonfinite: str = "error", channels: int | None = None,
+               spacing: tuple[float, float] | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
     ``labels`` defaults to the dataset's label names plus every value found in known voxels;
     ``nonfinite`` is :func:`~sparseslice.datasets.load_image`'s. Every case must have the same
     number of image channels (``channels`` when given: those of the training cases, for
-    validation cases).
+    validation cases). ``spacing`` (two in-plane spacings in mm) resamples each case across
+    the slice axis (:mod:`sparseslice.resample`): slice weights are those of the file.
     """
     raw = []
     found: set[int] = set()
@@ -153,6 +171,10 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         if partial is not None:
             found.update(np.unique(label[partial]).tolist())
         img = normalize(np.moveaxis(arr, -1, 0), normalization)
+        if needs_resampling(image.spacing, spacing, axis=axis):
+            grid = resampled_shape(label.shape, image.spacing, spacing, axis=axis, name=f"case {cid!r}")
+            img = resample_image(img, grid, axis=axis)
+            label, partial = resample_label(label, grid, axis=axis, known=partial)
         raw.append((cid, img, label, weight, interpolated, partial))
     _check_channels(raw, expected=channels)
     if labels is None:
@@ -226,13 +248,20 @@ def pad_center(array: np.ndarray, shape: tuple[int, ...], value: float = 0) -> t
     return (np.pad(array, pads, constant_values=value) if any(p[0] or p[1] for p in pads) else array), tuple(before)
 
 
+#: Default 3D patch caps: in-plane and along the slice axis.
+PATCH_3D_INPLANE, PATCH_3D_SLICES = 128, 48
+
+
 def default_patch_size(cases: list[CaseArrays], *, model: str, axis: int, divisor: int) -> tuple[int, ...]:
-    """Largest case (in-plane for 2D) rounded up to ``divisor``, capped at 256 (2D) / 96 (3D)."""
+    """Largest case (in-plane for 2D) rounded up to ``divisor``, capped at 256 (2D), or at 128 in-plane and
+    48 along the slice axis (3D: Specktor-Fadida et al.'s 128 x 128 x 48 blocks, about 0.2 s per patch
+    and step on 2 CPU cores)."""
     shapes = np.array([c.label.shape for c in cases])
     top = shapes.max(axis=0)
     if model == "2d":
         return tuple(min(round_up(int(s), divisor), 256) for a, s in enumerate(top) if a != axis)
-    return tuple(min(round_up(int(s), divisor), 96) for s in top)
+    return tuple(min(round_up(int(s), divisor), PATCH_3D_SLICES if a == axis else PATCH_3D_INPLANE)
+                 for a, s in enumerate(top))
 
 
 class SliceSampler:
@@ -303,22 +332,33 @@ class SliceSampler:
 class BlockSampler:
     """3D samples: blocks of ``patch_size`` that contain at least one known slice.
 
-    A case is drawn uniformly, then one of its known slices, then a block position that
-    contains that slice (Specktor-Fadida et al.'s non-empty blocks). Along an axis where the
+    A case is drawn uniformly. With probability ``foreground`` the block is centred on a known
+    voxel of a foreground class (class drawn uniformly among those the case's known voxels
+    hold, then one of its voxels: nnU-Net's foreground oversampling, which draws a third of
+    its patches so); otherwise one of the case's known slices is drawn, then a block position
+    that contains it (Specktor-Fadida et al.'s non-empty blocks). Along an axis where the
     volume is smaller than the block, the volume lands at a random offset inside the block
     (inference pads such volumes symmetrically; a fixed corner would teach a position);
     padding is unknown.
+
+    The ``annotated`` map of a sample (the mask channel's input) is the known-slice mask; in a
+    share ``mask_as_inference`` of samples it is what inference gives instead, ones inside the
+    volume, so a network with a mask channel has seen at training the input it gets at
+    inference (losses keep the true weights).
     """
 
-    def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int, int]) -> None:
+    def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int, int], foreground: float = 0.0,
+                 mask_as_inference: float = 0.0) -> None:
         self.cases = [c for c in cases if c.known_slices.size]
         if not self.cases:
             raise UserError("training data has no annotated slice, got 0 known slices; "
                             "check the sparse labels and their sidecars")
         self.patch_size = tuple(int(p) for p in patch_size)
+        self.foreground, self.mask_as_inference = float(foreground), float(mask_as_inference)
         self.images, self.labels, self.slice_weights = [], [], []
         self.voxel_weights: list[np.ndarray | None] = []  # only for cases with partly labelled slices
         self.margins = []
+        self.foreground_voxels = [foreground_voxels(c) for c in self.cases]
         for c in self.cases:
             margin = tuple(max(0, p - s) for p, s in zip(self.patch_size, c.label.shape, strict=True))
             shape = tuple(s + 2 * m for s, m in zip(c.label.shape, margin, strict=True))
@@ -333,19 +373,34 @@ class BlockSampler:
     def __len__(self) -> int:
         return len(self.cases)
 
+    def _start(self, i: int, rng: np.random.Generator) -> tuple[list[int], np.ndarray | None]:
+        """A block's corner in case ``i``'s padded arrays, and the foreground voxel it is centred on
+        (None for a block drawn around a known slice)."""
+        case, margins = self.cases[i], self.margins[i]
+        classes = self.foreground_voxels[i]
+        centred = bool(classes) and self.foreground > 0 and rng.random() < self.foreground
+        if centred:
+            voxels = classes[int(rng.integers(len(classes)))]
+            centre = voxels[int(rng.integers(len(voxels)))].astype(int)
+            s = int(centre[case.axis])
+        else:
+            known = case.known_slices
+            s = int(known[rng.integers(known.size)])
+        start = []
+        for a, (p, n, m) in enumerate(zip(self.patch_size, case.label.shape, margins, strict=True)):
+            lo, hi = 0, n + 2 * m - p
+            if a == case.axis:
+                lo, hi = max(0, s + m - p + 1), min(s + m, hi)
+            if centred:
+                start.append(int(np.clip(int(centre[a]) + m - p // 2, lo, hi)))
+            else:
+                start.append(int(rng.integers(lo, hi + 1)))
+        return start, centre if centred else None
+
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         i = int(rng.integers(len(self.cases)))
         case = self.cases[i]
-        known = case.known_slices
-        s = int(known[rng.integers(known.size)])
-        start = []
-        for a, (p, n, m) in enumerate(zip(self.patch_size, case.label.shape, self.margins[i], strict=True)):
-            hi = n + 2 * m - p
-            if a == case.axis:
-                lo, hi = max(0, s + m - p + 1), min(s + m, hi)
-            else:
-                lo = 0
-            start.append(int(rng.integers(lo, hi + 1)))
+        start, _ = self._start(i, rng)
         sl = tuple(slice(b, b + p) for b, p in zip(start, self.patch_size, strict=True))
         label = self.labels[i][sl]
         inside = np.zeros(label.shape, np.float32)  # 1 inside the volume, 0 in padding
@@ -354,7 +409,10 @@ class BlockSampler:
         view = [-1 if a == case.axis else 1 for a in range(3)]
         per_slice = self.slice_weights[i][sl[case.axis]].reshape(view)
         weight = inside * (per_slice if self.voxel_weights[i] is None else self.voxel_weights[i][sl])
-        return (self.images[i][(slice(None), *sl)], label, weight, (weight > 0).astype(np.float32))
+        annotated = (weight > 0).astype(np.float32)
+        if self.mask_as_inference > 0 and rng.random() < self.mask_as_inference:
+            annotated = inside
+        return (self.images[i][(slice(None), *sl)], label, weight, annotated)
 
     def epoch(self, samples: int, batch_size: int, rng: np.random.Generator):
         """Yield ``ceil(samples / batch_size)`` batches of random blocks."""
@@ -363,6 +421,26 @@ class BlockSampler:
             img, lab, w, ann = (np.stack(p) for p in zip(*parts, strict=True))
             yield Batch(torch.from_numpy(img), torch.from_numpy(lab).long(), torch.from_numpy(w),
                         torch.from_numpy(ann))
+
+
+#: At most this many voxels per foreground class and case are kept for oversampling (nnU-Net keeps 10,000).
+FOREGROUND_VOXELS = 10_000
+
+
+def foreground_voxels(case: CaseArrays) -> list[np.ndarray]:
+    """Per foreground class present in ``case``'s known voxels, their coordinates ``(n, 3)``.
+
+    At most :data:`FOREGROUND_VOXELS` per class, taken at an even stride (no random choice).
+    """
+    known = case.voxel_weight() > 0
+    found = []
+    for value in np.unique(case.label[known]):
+        if value == 0:
+            continue
+        where = np.argwhere((case.label == value) & known)
+        step = max(1, -(-len(where) // FOREGROUND_VOXELS))
+        found.append(where[::step].astype(np.int32))
+    return found
 
 
 def prefetch(batches: Iterator[Batch], *, transform: Callable[[Batch], Batch] | None = None, depth: int = 2,

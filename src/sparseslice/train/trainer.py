@@ -57,10 +57,16 @@ from sparseslice.train.data import (
     load_cases,
     prefetch,
     resolve_axis,
+    resolve_spacing,
+    round_up,
     warn_missing_classes,
 )
 from sparseslice.train.losses import masked_dice_scores, selective_loss
 from sparseslice.train.schedule import make_optimizer, make_scheduler, step_scheduler
+
+#: With a mask channel, the share of 3D patches whose mask input is what inference gives (ones inside
+#: the volume) instead of the known-slice mask, so inference never shows the network something new.
+MASK_AS_INFERENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -316,14 +322,16 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
         scheme = "ct" if "ct" in dataset.modality.lower() else "zscore"
     norm = Normalization(scheme, window=config.ct_window)
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
+    spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing)
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
-                                     interpolated_weight=config.interpolated_weight, progress=progress)
+                                     interpolated_weight=config.interpolated_weight, progress=progress,
+                                     spacing=spacing)
     if val_dataset is dataset and val_ids == train_ids:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
                                   nonfinite=config.nonfinite,
-                                  channels=train_cases[0].image.shape[0],
+                                  channels=train_cases[0].image.shape[0], spacing=spacing,
                                   interpolated_weight=config.interpolated_weight, progress=progress)
     warn_missing_classes(train_cases, labels, dataset.label_names)
     spec = ModelSpec(dims=2 if config.model == "2d" else 3,
@@ -333,22 +341,40 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
                      dropout=config.dropout)
     patch = config.patch_size or default_patch_size(train_cases, model=config.model, axis=axis,
                                                     divisor=spec.divisor)
+    _warn_if_patch_exceeds(train_cases, patch, model=config.model, axis=axis, divisor=spec.divisor)
     if spec.dims == 2:
         sampler: SliceSampler | BlockSampler = SliceSampler(train_cases, patch_size=patch)
         batch_size = config.batch_size or 16
         samples = config.samples_per_epoch or min(len(sampler), 100 * batch_size)
     else:
-        sampler = BlockSampler(train_cases, patch_size=patch)
+        sampler = BlockSampler(train_cases, patch_size=patch, foreground=config.foreground_fraction,
+                               mask_as_inference=MASK_AS_INFERENCE if config.mask_channel else 0.0)
         batch_size = config.batch_size or 2
         samples = config.samples_per_epoch or min(4 * len(train_cases), 100 * batch_size)
     resolved = config.updated(axis=axis, normalization=scheme, patch_size=tuple(patch), batch_size=batch_size,
-                              samples_per_epoch=samples, device=str(device))
+                              samples_per_epoch=samples, device=str(device), spacing=spacing)
     label_names = {str(k): v for k, v in dataset.label_names.items()}
     split = {"train": train_ids, "val": val_ids, "labels": list(labels), "label_names": label_names,
              "val_dir": str(val_dir) if val_dir is not None else None}
     return _Run(output=output, config=resolved, spec=spec, normalization=norm, labels=labels,
                 label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device,
                 prefetch=prefetch)
+
+
+def _warn_if_patch_exceeds(cases: list[CaseArrays], patch: tuple[int, ...], *, model: str, axis: int,
+                           divisor: int) -> None:
+    """Say once when the patch is larger than every training case along an axis, beyond rounding up to the
+    network's divisor (cases are padded)."""
+    shapes = np.array([c.label.shape for c in cases])
+    if model == "2d":
+        shapes = shapes[:, [a for a in range(3) if a != axis]]
+    largest = shapes.max(axis=0)
+    over = [a for a, (p, n) in enumerate(zip(patch, largest, strict=True)) if p > round_up(int(n), divisor)]
+    if over:
+        warnings.warn(f"patch_size {tuple(patch)} is larger than every training case along patch axis "
+                      f"{', '.join(map(str, over))} (largest case {tuple(int(n) for n in largest)} at the training "
+                      "spacing); cases are padded with unknown voxels there: a smaller patch trains faster",
+                      UserWarning, stacklevel=3)
 
 
 def _new_learner(run: _Run, rng: np.random.Generator) -> _Learner:
@@ -664,7 +690,7 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
 def _save_best(run: _Run, model: torch.nn.Module, *, epoch: int, dice: float, per_class: list[float]) -> None:
     """``best.pt``: what inference needs (:class:`~sparseslice.model.Checkpoint`), plain data only."""
     ckpt = Checkpoint(spec=run.spec, normalization=run.normalization, axis=run.axis, labels=run.labels,
-                      patch_size=run.patch,
+                      patch_size=run.patch, spacing=run.config.spacing,
                       state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, epoch=epoch,
                       metrics={"val_dice": dice, **run.dice_columns(per_class)},
                       extra={"config": run.config.to_dict(), "model": run.config.model,

@@ -1,0 +1,174 @@
+"""Large structures: training at another in-plane spacing, 3D foreground oversampling, the mask channel."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from sparseslice.datasets import discover_dataset
+from sparseslice.errors import UserError
+from sparseslice.io import read_header, read_label
+from sparseslice.model import Normalization, load_checkpoint
+from sparseslice.predict import predict_folder
+from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.synthetic import write_phantom_dataset
+from sparseslice.train import TrainConfig, train
+from sparseslice.train.data import BlockSampler, load_cases
+
+torch.set_num_threads(1)
+TINY = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1, "num_threads": 1, "val_fraction": 0.0,
+        "augment": False, "patience": 100}
+
+
+@pytest.fixture(scope="module")
+def fine(tmp_path_factory):
+    """Phantoms at 0.5 mm in-plane (48 x 40 voxels), 2.5 mm slices."""
+    return write_phantom_dataset(tmp_path_factory.mktemp("fine") / "d", cases=2, seed=3, shape=(48, 40, 10),
+                                 spacing=(0.5, 0.5, 2.5))
+
+
+def _sparse(full, out, slices):
+    ds = discover_dataset(full)
+    (out / "imagesTr").mkdir(parents=True)
+    for case in ds.cases:
+        label = read_label(case.label)
+        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
+        write_sparse(SparseLabel.from_slices(label.array, slices, axis=2), out / "labelsTr" / case.label.name,
+                     like=label)
+    (out / "dataset.json").write_text((full / "dataset.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("model", ["2d", "3d"])
+def test_a_run_at_another_spacing_predicts_on_each_images_own_grid(fine, tmp_path, model):
+    extra = {"patch_size": (16, 16, 8)} if model == "3d" else {}
+    cfg = TrainConfig(model=model, epochs=2, batch_size=2, samples_per_epoch=4, spacing=(1.0, 1.25),
+                      **TINY, **extra)
+    result = train(fine, tmp_path / "run", config=cfg, progress=False)
+    _, ckpt = load_checkpoint(result.run_dir)
+    assert ckpt.spacing == (1.0, 1.25)
+    assert json.loads((result.run_dir / "config.json").read_text())["spacing"] == [1.0, 1.25]
+    written = predict_folder(result.run_dir, fine, tmp_path / "pred", progress=False)
+    for path in written:
+        image = read_header(fine / "imagesTr" / path.name)
+        pred = read_header(path)
+        assert pred.shape == image.shape
+        np.testing.assert_allclose(pred.affine, image.affine)
+    assert json.loads((tmp_path / "pred" / "predict.json").read_text())["spacing"] == [1.0, 1.25]
+
+
+def test_default_spacing_keeps_small_images_and_coarsens_large_ones(fine, tmp_path):
+    small = write_phantom_dataset(tmp_path / "small", cases=1, seed=0, shape=(24, 24, 8))
+    cfg = TrainConfig(model="2d", epochs=1, batch_size=2, samples_per_epoch=2, **TINY)
+    run = train(small, tmp_path / "r1", config=cfg, progress=False)
+    assert json.loads((run.run_dir / "config.json").read_text())["spacing"] == [1.0, 1.0]
+    big = write_phantom_dataset(tmp_path / "big", cases=1, seed=0, shape=(160, 144, 4), spacing=(0.5, 0.5, 3))
+    run = train(big, tmp_path / "r2", config=cfg, progress=False)
+    size = read_header(next((big / "imagesTr").iterdir())).shape[0]  # the phantom's largest in-plane size
+    expected = pytest.approx([0.5 * size / 128] * 2)  # the median case coarsened to 128 voxels
+    assert json.loads((run.run_dir / "config.json").read_text())["spacing"] == expected
+
+
+def test_resampled_training_cases_keep_their_annotated_slices(fine, tmp_path):
+    sparse = _sparse(fine, tmp_path / "sp", [2, 5, 7])
+    ds = discover_dataset(sparse)
+    cases, _ = load_cases(ds, [c.case_id for c in ds.cases], axis=2, normalization=Normalization("zscore"),
+                          spacing=(1.0, 1.0))
+    for case in cases:
+        nx, ny, nz = read_header(ds.case(case.case_id).images[0]).shape
+        assert case.image.shape[1:] == case.label.shape == (round(nx / 2), round(ny / 2), nz)
+        assert case.known_slices.tolist() == [2, 5, 7]
+    with pytest.raises(UserError, match="spacing is larger than case .* extent"):
+        load_cases(ds, [ds.cases[0].case_id], axis=2, normalization=Normalization("zscore"), spacing=(30.0, 1.0))
+
+
+def test_bad_spacing_is_refused_naming_it():
+    for bad in ([0, 1], [-1.0, 1.0]):
+        with pytest.raises(UserError, match="spacing must be two positive"):
+            TrainConfig.from_dict({"spacing": bad})
+    with pytest.raises(UserError, match=r"'spacing' must be a list of 2 numbers or null, got \[1.0\]; "
+                                        r"write e.g. spacing: \[1.0, 1.0\]"):
+        TrainConfig.from_dict({"spacing": [1.0]})
+    with pytest.raises(UserError, match=r"foreground_fraction must lie in \[0, 1\]"):
+        TrainConfig.from_dict({"foreground_fraction": 1.5})
+
+
+def _block_cases(fine, tmp_path):
+    sparse = _sparse(fine, tmp_path / "sp", [1, 2, 3, 4, 5, 6])
+    ds = discover_dataset(sparse)
+    cases, _ = load_cases(ds, [c.case_id for c in ds.cases], axis=2, normalization=Normalization("zscore"))
+    return cases
+
+
+@pytest.mark.parametrize("share", [0.0, 0.33, 1.0])
+def test_3d_foreground_oversampling_centres_the_stated_share_on_foreground(fine, tmp_path, share):
+    cases = _block_cases(fine, tmp_path)
+    sampler = BlockSampler(cases, patch_size=(16, 16, 8), foreground=share)
+    rng = np.random.default_rng(0)
+    n = 3000
+    centred = 0
+    for _ in range(n):
+        i = int(rng.integers(len(sampler)))
+        start, centre = sampler._start(i, rng)
+        if centre is not None:
+            centred += 1
+            case = sampler.cases[i]
+            assert case.label[tuple(centre)] > 0 and case.voxel_weight()[tuple(centre)] > 0  # known foreground
+            # the block holds the voxel (near the middle unless clipped at the padded volume's edge)
+            offset = [c + m - b for c, m, b in zip(centre, sampler.margins[i], start, strict=True)]
+            assert all(0 <= o < p for o, p in zip(offset, sampler.patch_size, strict=True))
+    sd = np.sqrt(share * (1 - share) / n)
+    assert abs(centred / n - share) <= 4 * sd + 1e-9
+    # every block still contains a known slice, and the foreground share of voxels rises with the share
+    batch = next(sampler.epoch(64, 64, np.random.default_rng(1)))
+    assert (batch.weight.flatten(1).sum(1) > 0).all()
+
+
+def test_foreground_oversampling_raises_the_foreground_in_blocks(fine, tmp_path):
+    cases = _block_cases(fine, tmp_path)
+    fractions = []
+    for share in (0.0, 1.0):
+        sampler = BlockSampler(cases, patch_size=(16, 16, 8), foreground=share)
+        batch = next(sampler.epoch(200, 200, np.random.default_rng(0)))
+        known = batch.weight > 0
+        fractions.append(float((batch.label[known] > 0).float().mean()))
+    assert fractions[1] > fractions[0] + 0.05
+
+
+def test_mask_channel_input_is_what_inference_gives_in_the_stated_share(fine, tmp_path):
+    cases = _block_cases(fine, tmp_path)
+    sampler = BlockSampler(cases, patch_size=(16, 16, 16), mask_as_inference=0.5)
+    batch = next(sampler.epoch(400, 400, np.random.default_rng(0)))
+    inside_all = [bool(torch.equal(ann, (img[0] != 0).float()) or ann.sum() > (w > 0).sum())
+                  for ann, img, w in zip(batch.annotated, batch.image, batch.weight, strict=True)]
+    share = float(np.mean(inside_all))
+    assert 0.4 < share < 0.6
+    # the loss weights never change: unknown slices stay unknown
+    assert torch.all(batch.weight[batch.annotated == 0] == 0)
+
+
+def test_a_3d_patch_larger_than_every_case_is_padded_and_said_once(fine, tmp_path):
+    cfg = TrainConfig(model="3d", epochs=1, batch_size=1, samples_per_epoch=1, patch_size=(16, 16, 32), **TINY)
+    with pytest.warns(UserWarning, match=r"larger than every training case along patch axis 2") as seen:
+        train(fine, tmp_path / "run", config=cfg, progress=False)
+    assert sum("larger than every training case" in str(w.message) for w in seen) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the default patch (rounded up to the divisor) says nothing
+        train(fine, tmp_path / "run2", config=cfg.updated(patch_size=None), progress=False)
+
+
+def test_default_3d_patch_is_capped_at_128_in_plane_and_48_slices():
+    from sparseslice.train.data import CaseArrays, default_patch_size
+
+    def case(shape, axis):
+        return CaseArrays("c", np.zeros((1, *shape), np.float32), np.zeros(shape, np.uint8),
+                          np.ones(shape[axis], np.float32), axis)
+
+    assert default_patch_size([case((150, 100, 88), 2)], model="3d", axis=2, divisor=8) == (128, 104, 48)
+    assert default_patch_size([case((88, 150, 100), 0)], model="3d", axis=0, divisor=8) == (48, 128, 104)
+    assert default_patch_size([case((35, 50, 36), 0)], model="3d", axis=0, divisor=8) == (40, 56, 40)  # as before
+    assert default_patch_size([case((300, 300, 88), 2)], model="2d", axis=2, divisor=8) == (256, 256)
