@@ -22,9 +22,16 @@ import torch
 
 from sparseslice.datasets import Dataset, load_image, slice_axis_of
 from sparseslice.errors import UserError
-from sparseslice.io import Volume, check_same_space
+from sparseslice.io import Volume, check_same_space, read_header
 from sparseslice.model import Normalization, normalize
-from sparseslice.resample import needs_resampling, resample_image, resample_label, resampled_shape
+from sparseslice.resample import (
+    check_target,
+    default_spacing,
+    needs_resampling,
+    resample_image,
+    resample_label,
+    resampled_shape,
+)
 from sparseslice.sparse import ignore_axis, read_label_file, read_sidecar
 
 
@@ -107,9 +114,6 @@ def resolve_spacing(dataset: Dataset, case_ids: list[str], *, axis: int,
                     spacing: tuple[float, float] | None) -> tuple[float, float]:
     """The in-plane spacing training runs at: ``spacing`` if given (checked against every case),
     else :func:`sparseslice.resample.default_spacing` of the cases' headers."""
-    from sparseslice.io import read_header
-    from sparseslice.resample import check_target, default_spacing
-
     heads = [(cid, read_header(dataset.case(cid).images[0])) for cid in case_ids]
     if spacing is None:
         spacing = default_spacing([h.spacing for _, h in heads], [h.shape[:3] for _, h in heads], axis=axis)
