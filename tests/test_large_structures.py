@@ -172,3 +172,32 @@ def test_default_3d_patch_is_capped_at_128_in_plane_and_48_slices():
     assert default_patch_size([case((88, 150, 100), 0)], model="3d", axis=0, divisor=8) == (48, 128, 104)
     assert default_patch_size([case((35, 50, 36), 0)], model="3d", axis=0, divisor=8) == (40, 56, 40)  # as before
     assert default_patch_size([case((300, 300, 88), 2)], model="2d", axis=2, divisor=8) == (256, 256)
+
+
+def test_full_arm_with_border_slices_draws_the_extent_and_knows_the_whole_volume(tmp_path):
+    """Partial-annotation design: "full" = every structure slice drawn (the extent, clicked) with the
+    slices outside it free background, so 6 full volumes and 30 x 20 % blocks cost the same."""
+    from sparseslice.datasets import load_label, split_cases
+    from sparseslice.sparse import read_sparse
+    from sparseslice.study.pipeline import _sparse_training_data
+    from sparseslice.study.spec import parse_spec
+
+    root = write_phantom_dataset(tmp_path / "d", cases=4, seed=2, shape=(24, 24, 16))
+    ds = discover_dataset(root)
+    split = split_cases(ds.case_ids, seed=0, val=0.25, test=0.25)
+    extents = {}
+    for cid in split.train:
+        z = np.flatnonzero(load_label(ds.case(cid)).array.any(axis=(0, 1)))
+        extents[cid] = (int(z[0]), int(z[-1]))
+    assert all(b - a + 1 < 16 for a, b in extents.values())  # the phantoms leave slices outside the extent
+    drawn = sum(b - a + 1 for a, b in extents.values())
+    spec = parse_spec({"dataset": {"path": str(root), "split": {"seed": 0, "val": 0.25, "test": 0.25}},
+                       "grid": [{"budget": [drawn], "rho": [1.0], "strategy": ["random"], "border_slices": [True]}],
+                       "seeds": [0], "baseline": False})
+    sparse_dir, info = _sparse_training_data(ds, split, spec.runs()[0], tmp_path / "run", axis=2)
+    assert info["slices"] == drawn and info["n_volumes"] == len(extents)  # the budget counts structure slices
+    for cid, (a, b) in extents.items():
+        sparse, _ = read_sparse(sparse_dir / "labelsTr" / f"{cid}.nii.gz")
+        assert sparse.annotated.all()  # drawn inside the extent, border background outside it
+        assert sparse.border.sum() == sparse.annotated.size - (b - a + 1)
+        np.testing.assert_array_equal(sparse.label, load_label(ds.case(cid)).array)

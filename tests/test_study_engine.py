@@ -60,8 +60,6 @@ def test_spec_expands_to_stable_unique_run_ids():
     ({"training": {"preset": "quick", "model": "3d"}}, "set by the grid"),
     ({"metrics": ["hd95"]}, "must include 'dice'"),
     ({"training": "quick"}, "training must be a mapping"),
-    ({"grid": [{"budget": [12], "rho": [0.5], "strategy": ["random"], "border_slices": [True]}]},
-     "border_slices needs strategy block"),
 ])
 def test_spec_rejects_bad_input_naming_the_fix(bad, message):
     with pytest.raises(UserError, match=message):

@@ -182,8 +182,15 @@ def _sparse_training_data(dataset: Dataset, split: Split, run: RunSpec, run_dir:
     from sparseslice.select import make_plan, write_plan
     from sparseslice.simulate import simulate
 
+    extents = None
+    if run.border_slices and run.strategy != "block":  # the annotator clicked the extent: plan inside it
+        from sparseslice.select.plan import extents_from_labels, plan_axis
+
+        train_ids = list(split.train)
+        extents = extents_from_labels(dataset, axis=plan_axis(dataset, axis=axis, cases=train_ids), cases=train_ids)
     plan = make_plan(dataset, budget=run.budget, rho=run.rho, volumes=run.volumes, strategy=run.strategy,
-                     seed=run.seed, axis=axis, cases=list(split.train), block_fraction=run.block_fraction)
+                     seed=run.seed, axis=axis, cases=list(split.train), block_fraction=run.block_fraction,
+                     extents=extents)
     write_plan(plan, run_dir / "plan.json")
     sparse_dir = simulate(dataset, plan, run_dir / "sparse", border_slices=run.border_slices)
     per_volume = [len(e.slices) for e in plan.entries]

@@ -425,9 +425,6 @@ def _parse_block(block: Any, where: str) -> dict[str, tuple[Any, ...]]:
                             f"{list(out['block_fraction'])}; remove it or use strategy: [block]")
         if not (has_rho or has_vols):
             raise UserError(f"{where} needs rho (density) or volumes (count), got neither; e.g. rho: [0.1, 0.5]")
-        if True in out["border_slices"]:
-            raise UserError(f"{where}.border_slices needs strategy block (the extent clicks), got true; "
-                            "remove it or use strategy: [block]")
     return out
 
 
