@@ -665,12 +665,24 @@ study_app = typer.Typer(help="Run a grid of experiments (a study) and report on 
 app.add_typer(study_app, name="study")
 
 
+def _case_list(text: str | None) -> list[str] | None:
+    """``a,b,c`` or a file with one case id per line (blank lines and ``#`` comments skipped)."""
+    if text is None:
+        return None
+    path = Path(text)
+    items = path.read_text().splitlines() if path.is_file() else text.split(",")
+    return [s.strip() for s in items if s.strip() and not s.strip().startswith("#")]
+
+
 @command(study_app, name="run")
 def study_run(
     spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset."),
                     Choices("sparseslice.study.spec:PRESETS", strict=False, label="Presets")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Study folder (resumed if it holds this study).")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder; replaces the spec's dataset.path.")] = None,
+    test_cases: Annotated[str | None, typer.Option(
+        help="Test cases held out: comma-separated ids, or a text file with one per line; replaces the "
+             "spec's split.test.")] = None,
     executor: Annotated[str, typer.Option(help="Where runs execute: local (worker processes) or ray."),
                         Choices("sparseslice.study.executors:EXECUTORS")] = "local",
     workers: Annotated[int, typer.Option(help="Local worker processes; torch threads are split among them.")] = 1,
@@ -685,7 +697,8 @@ def study_run(
     """Run every unfinished run of a study; finished runs are skipped, crashed runs recorded (exit 1)."""
     from sparseslice.study import load_spec, run_study
 
-    summary = run_study(load_spec(spec, data=data), out, executor=executor, workers=workers, address=address,
+    study = load_spec(spec, data=data, test_cases=_case_list(test_cases))
+    summary = run_study(study, out, executor=executor, workers=workers, address=address,
                         force=force, results_format=results_format, progress=progress)
     console.print(f"study {out}: {len(summary.ran) - len(summary.failed)} runs finished, "
                   f"{len(summary.skipped)} already done, {len(summary.failed)} failed")
