@@ -303,6 +303,7 @@ def test_test_cases_from_the_command_line_replace_the_spec_split(tmp_path):
     spec = load_spec("partial-annotation", data=tmp_path, test_cases=["la_045", "la_046"])
     assert spec.dataset.test_cases == ("la_045", "la_046") and spec.dataset.test == 0.0
     assert spec.fingerprint() != load_spec("partial-annotation", data=tmp_path).fingerprint()
+    assert parse_spec(spec.to_dict()).dataset == spec.dataset  # what a study folder stores reads back
     listed = tmp_path / "test.txt"
     listed.write_text("# held out\nla_045\n\nla_046\n")
     assert _case_list(str(listed)) == _case_list("la_045, la_046") == ["la_045", "la_046"]

@@ -118,6 +118,7 @@ class DatasetSpec:
     def to_dict(self) -> dict[str, Any]:
         split: dict[str, Any] = {"seed": self.split_seed, "val": self.val, "test": self.test}
         if self.test_cases is not None:  # only when set, so specs without it keep their fingerprint
+            del split["test"]  # exclusive with test_cases: the written spec reads back
             split["test_cases"] = list(self.test_cases)
         return {"path": str(self.path) if self.path else None, "split": split,
                 "max_cases": self.max_cases, "axis": self.axis}
