@@ -519,6 +519,43 @@ def simulate(
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 
+# --- collect (issue 15) ---
+
+
+@command()
+def collect(
+    data: Annotated[Path, typer.Argument(help="Dataset the plan was made for (images; labels not needed).")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json the annotators followed.")],
+    annotations: Annotated[Path, typer.Argument(help="Folder of the annotators' files: <case>.nii.gz, .nrrd or "
+                                                     "Slicer .seg.nrrd (zeros off the drawn slices).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sparse dataset folder (an earlier collect output is "
+                                                          "merged into).")],
+    preannotations: Annotated[Path | None, typer.Option(
+        help="Folder of the masks annotators started from (predict --plan): their slices are recorded as "
+             "corrected (default: none, every slice was drawn).")] = None,
+    allow_missing: Annotated[bool, typer.Option(help="Collect the files there are when planned cases have "
+                                                     "none yet.")] = False,
+    ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels.")] = 255,
+    copy_images: Annotated[bool, typer.Option(
+        help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Turn what annotators saved into sparse labels: planned slices annotated, the rest unknown.
+
+    Off-plan slices are kept and listed; planned slices that look forgotten are listed and left unknown.
+    """
+    from sparseslice.collect import collect as run_collect
+    from sparseslice.collect import render_collect
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import read_plan
+
+    ds = discover_dataset(data)
+    report = run_collect(ds, read_plan(plan_file), annotations, out, plan_path=plan_file,
+                         preannotations=preannotations, allow_missing=allow_missing, ignore_value=ignore_value,
+                         copy_images=copy_images, progress=progress)
+    render_collect(report, console)
+
+
 # --- interpolate (issue 4) ---
 
 

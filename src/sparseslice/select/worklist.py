@@ -107,7 +107,10 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
     except json.JSONDecodeError as exc:
         raise UserError(f"plan {str(json_path)!r} is not valid JSON ({exc}); rewrite it with "
                         "sparseslice plan") from None
-    return Plan.from_dict(data)
+    try:
+        return Plan.from_dict(data)
+    except UserError as exc:  # a hand-edited plan: say which file
+        raise UserError(f"plan {str(json_path)!r}: {exc}") from None
 
 
 def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
