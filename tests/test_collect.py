@@ -123,3 +123,184 @@ def test_collect_twice_gives_the_same_folder(loop, tmp_path: Path) -> None:
     assert after == before
     for c in CASES:
         assert np.array_equal(read_label(tmp / "sparse" / "labelsTr" / f"{c}.nii.gz").array, arrays[c])
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def small(phantom_dataset: Path, tmp_path: Path):
+    """A plan over two of four phantoms and correct annotation files for it (NIfTI)."""
+    from sparseslice.select import make_plan, write_plan
+
+    ds = discover_dataset(phantom_dataset)
+    plan = make_plan(ds, budget=6, volumes=2, strategy="interval", seed=0)
+    write_plan(plan, tmp_path / "plan.json")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for entry in plan.entries:
+        annotate(ds, entry, notes, kind="nifti")
+    return ds, plan, notes, tmp_path
+
+
+def refused(small, *extra: object, plan: Path | None = None, notes: Path | None = None):
+    """Run collect that must fail: exit 2, one error line, no output folder left behind."""
+    ds, _, default_notes, tmp = small
+    out = tmp / "out"
+    res = invoke("collect", ds.root, plan or tmp / "plan.json", notes or default_notes, "-o", out, *extra)
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert not out.exists()
+    return " ".join(res.output.split())
+
+
+def test_a_file_for_a_case_not_in_the_plan_is_refused(small) -> None:
+    ds, plan, notes, _ = small
+    other = next(c for c in ds.case_ids if c not in plan.case_ids)
+    write_volume(read_label(ds.case(other).label), notes / f"{other}.nii.gz")
+    text = refused(small)
+    assert f"{other}.nii.gz" in text and f"is for case '{other}', which is not in the plan" in text
+
+
+def test_an_undeclared_label_value_is_refused(small) -> None:
+    ds, plan, notes, _ = small
+    entry = plan.entries[0]
+    path = notes / f"{entry.case_id}.nii.gz"
+    vol = read_label(path)
+    arr = vol.array.copy()
+    index = [slice(0, 2)] * 3
+    index[entry.axis] = entry.slices[0]
+    arr[tuple(index)] = 7
+    write_volume(vol.like(arr), path)
+    text = refused(small)
+    assert f"case '{entry.case_id}' file" in text and path.name in text and "label value(s) [7]" in text
+
+
+def test_an_annotation_on_another_grid_is_refused(small) -> None:
+    ds, plan, notes, _ = small
+    entry = plan.entries[1]
+    path = notes / f"{entry.case_id}.nii.gz"
+    vol = read_label(path)
+    resampled = Volume(vol.array[::2, ::2].copy(), vol.affine @ np.diag([2.0, 2.0, 1.0, 1.0]))
+    write_volume(resampled, path)
+    text = refused(small)
+    assert f"case '{entry.case_id}' file" in text and path.name in text and "on another grid" in text
+
+
+def test_a_missing_file_is_refused_unless_allowed(small) -> None:
+    ds, plan, notes, tmp = small
+    gone = plan.entries[0].case_id
+    (notes / f"{gone}.nii.gz").unlink()
+    text = refused(small)
+    assert f"case '{gone}' has no annotation file" in text and "--allow-missing" in text
+    res = invoke("collect", ds.root, tmp / "plan.json", notes, "-o", tmp / "out", "--allow-missing")
+    assert res.exit_code == 0, res.output
+    assert f"missing (no file yet): {gone}" in res.output
+    # the second annotator's file arrives: merged in, the first case is kept
+    annotate(ds, plan.entries[0], notes, kind="nifti")
+    (notes / f"{plan.entries[1].case_id}.nii.gz").unlink()
+    res = invoke("collect", ds.root, tmp / "plan.json", notes, "-o", tmp / "out")
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp / "out" / "dataset.json").read_text())
+    assert sorted(t["label"] for t in meta["training"]) == sorted(f"./labelsTr/{c}.nii.gz" for c in plan.case_ids)
+    for entry in plan.entries:
+        sparse, _ = read_sparse(tmp / "out" / "labelsTr" / f"{entry.case_id}.nii.gz")
+        assert sparse.annotated_indices == list(entry.slices)
+
+
+def _two_layer_segmentation(path: Path, like: Volume, a: np.ndarray, b: np.ndarray, names: tuple[str, str]) -> None:
+    """A .seg.nrrd as Slicer writes overlapping segments: one layer each (a vector image)."""
+    import SimpleITK as sitk
+
+    stacked = np.stack([a, b], axis=-1).astype(np.uint8)
+    img = sitk.GetImageFromArray(np.transpose(stacked, (2, 1, 0, 3)), isVector=True)
+    lps = np.diag([-1.0, -1.0, 1.0])
+    img.SetSpacing([float(s) for s in like.spacing])
+    img.SetOrigin([float(v) for v in lps @ like.affine[:3, 3]])
+    img.SetDirection([float(v) for v in (lps @ like.affine[:3, :3] / np.asarray(like.spacing)).ravel()])
+    for i, name in enumerate(names):
+        img.SetMetaData(f"Segment{i}_Name", name)
+        img.SetMetaData(f"Segment{i}_LabelValue", "1")
+        img.SetMetaData(f"Segment{i}_Layer", str(i))
+    sitk.WriteImage(img, str(path), useCompression=True)
+
+
+def test_overlapping_or_misnamed_segments_are_refused(small) -> None:
+    ds, plan, notes, _ = small
+    entry = plan.entries[0]
+    (notes / f"{entry.case_id}.nii.gz").unlink()
+    path = notes / f"{entry.case_id}.seg.nrrd"
+    true = read_label(ds.case(entry.case_id).label)
+    head = read_header(ds.case(entry.case_id).images[0])
+    like = Volume(true.array, head.affine)
+    a = (true.array == 1).astype(np.uint8)
+    b = a.copy()  # the same voxels painted into the second segment too
+    _two_layer_segmentation(path, like, a, b, ("part1", "part2"))
+    text = refused(small)
+    assert f"case '{entry.case_id}' file" in text and path.name in text
+    assert "segments 'part1' and 'part2' overlap" in text
+    write_segmentation(path, np.zeros_like(true.array), like=like, names={1: "part1", 2: "Part 2"})
+    text = refused(small)
+    assert "has segment 'Part 2', which the dataset does not name" in text and "'part2'" in text
+
+
+@pytest.mark.parametrize("edit", ["out of range", "duplicate"])
+def test_a_hand_edited_plan_is_refused_naming_case_and_file(small, edit: str) -> None:
+    _, plan, _, tmp = small
+    record = json.loads((tmp / "plan.json").read_text())
+    entry = record["entries"][0]
+    entry["slices"].append(entry["n_slices"] + 3 if edit == "out of range" else entry["slices"][0])
+    bad = tmp / "edited.json"
+    bad.write_text(json.dumps(record))
+    text = refused(small, plan=bad)
+    assert f"plan '{bad}'" in text and f"case '{entry['case']}'" in text and "fix the plan" in text
+
+
+def test_collect_refuses_a_folder_it_did_not_write(small) -> None:
+    ds, _, notes, tmp = small
+    (tmp / "other").mkdir()
+    (tmp / "other" / "keep.txt").write_text("mine")
+    res = invoke("collect", ds.root, tmp / "plan.json", notes, "-o", tmp / "other")
+    assert res.exit_code == 2 and "was not written by sparseslice collect" in " ".join(res.output.split())
+    assert sorted(p.name for p in (tmp / "other").iterdir()) == ["keep.txt"]
+
+
+def test_a_cropped_segmentation_is_placed_on_the_image_grid(small) -> None:
+    """Slicer may save a .seg.nrrd cropped to its segments' extent: the offset grid is padded back."""
+    ds, plan, notes, tmp = small
+    entry = plan.entries[0]
+    full = read_label(notes / f"{entry.case_id}.nii.gz")
+    (notes / f"{entry.case_id}.nii.gz").unlink()
+    head = read_header(ds.case(entry.case_id).images[0])
+    crop = full.array[2:-3, 4:, :].copy()
+    affine = head.affine.copy()
+    affine[:3, 3] = (head.affine @ np.array([2, 4, 0, 1.0]))[:3]
+    assert full.array[:2].sum() == 0 and full.array[-3:].sum() == 0 and full.array[:, :4].sum() == 0
+    write_segmentation(notes / f"{entry.case_id}.seg.nrrd", crop, like=Volume(crop, affine), names=ds_names(ds))
+    res = invoke("collect", ds.root, tmp / "plan.json", notes, "-o", tmp / "out")
+    assert res.exit_code == 0, res.output
+    sparse, _ = read_sparse(tmp / "out" / "labelsTr" / f"{entry.case_id}.nii.gz")
+    known = sparse.known_mask()
+    assert np.array_equal(sparse.label[known], full.array[known]) and sparse.annotated_indices == list(entry.slices)
+
+
+def test_a_written_segmentation_opens_in_simpleitk_with_slicer_keys(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    arr = np.zeros((6, 7, 8), np.uint8)
+    arr[2:4, 2:4, 3] = 1
+    arr[2:4, 2:4, 5] = 2
+    like = Volume(arr, np.diag([-1.0, -1.5, 2.0, 1.0]))
+    path = write_segmentation(tmp_path / "c.seg.nrrd", arr, like=like, names={0: "background", 1: "a", 2: "b"},
+                              planned=[3, 5], axis=2)
+    img = sitk.ReadImage(str(path))
+    meta = {k: img.GetMetaData(k) for k in img.GetMetaDataKeys()}
+    assert (meta["Segment0_Name"], meta["Segment0_LabelValue"], meta["Segment0_Layer"]) == ("a", "1", "0")
+    assert (meta["Segment1_Name"], meta["Segment1_LabelValue"]) == ("b", "2")
+    assert meta["Segment0_Extent"] == "2 3 2 3 3 3" and meta["Segment2_Name"].startswith("planned slices")
+    assert meta["sparseslice_planned_slices"] == "3 5" and meta["sparseslice_planned_slices_1based"] == "4 6"
+    values = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    assert np.array_equal(values[values < 3], arr[values < 3]) and set(np.unique(values)) == {0, 1, 2, 3}
+    assert np.allclose(img.GetSpacing(), (1.0, 1.5, 2.0))
+    assert (values == 3).sum() == 2 * (2 * 6 + 2 * 7 - 4)  # the frame of the two planned slices
