@@ -304,3 +304,66 @@ def test_a_written_segmentation_opens_in_simpleitk_with_slicer_keys(tmp_path: Pa
     assert np.array_equal(values[values < 3], arr[values < 3]) and set(np.unique(values)) == {0, 1, 2, 3}
     assert np.allclose(img.GetSpacing(), (1.0, 1.5, 2.0))
     assert (values == 3).sum() == 2 * (2 * 6 + 2 * 7 - 4)  # the frame of the two planned slices
+
+
+# ------------------------------------------------------------------------------------------ rounds
+
+
+def test_a_second_round_plans_only_new_slices_and_collect_merges_it(loop, tmp_path: Path) -> None:
+    import shutil
+
+    from sparseslice.select.worklist import sha256_of
+
+    tmp, ds = loop["tmp"], loop["ds"]
+    sparse = tmp_path / "sparse"
+    shutil.copytree(tmp / "sparse", sparse, symlinks=True)
+    first = {c: read_sparse(sparse / "labelsTr" / f"{c}.nii.gz")[0] for c in CASES}
+    res = invoke("plan", ds.root, "--cases", ",".join(CASES), "--budget", 9, "--volumes", 3, "--strategy", "interval",
+                 "--extents", "labels", "--exclude", sparse, "-o", tmp_path / "round2.json")
+    assert res.exit_code == 0, res.output
+    round2 = read_plan(tmp_path / "round2.json")
+    assert round2.budget == 9
+    for e in round2.entries:
+        assert not set(e.slices) & set(first[e.case_id].annotated_indices), e
+    assert [p["kind"] for p in round2.parents] == ["sparse dataset"]
+    assert round2.parents[0]["plan_sha256"] == sha256_of(tmp / "plan.json")
+    # the round-2 annotator draws the new slices (files hold zeros on round 1's slices)
+    notes = tmp_path / "notes2"
+    notes.mkdir()
+    for e in round2.entries:
+        annotate(ds, e, notes, kind="nifti")
+    res = invoke("collect", ds.root, tmp_path / "round2.json", notes, "-o", sparse)
+    assert res.exit_code == 0, res.output
+    report = json.loads((sparse / "collect.json").read_text())
+    assert [r["plan_sha256"] for r in report["rounds"]] == [sha256_of(tmp / "plan.json"),
+                                                             sha256_of(tmp_path / "round2.json")]
+    assert report["review"]["forgotten"] == [list(loop["forgotten"])]  # still to draw: round 2 did not plan it
+    for e in round2.entries:
+        merged, _ = read_sparse(sparse / "labelsTr" / f"{e.case_id}.nii.gz")
+        before = first[e.case_id]
+        assert set(merged.annotated_indices) == set(before.annotated_indices) | set(e.slices)
+        true = read_label(ds.case(e.case_id).label).array
+        assert np.array_equal(merged.label[merged.known_mask()], true[merged.known_mask()])
+
+
+def test_exclude_drops_volumes_annotated_in_full_and_records_the_parent_plan(phantom_dataset: Path,
+                                                                            tmp_path: Path) -> None:
+    from sparseslice.select import Exclusion, make_plan, read_exclusions, write_plan
+    from sparseslice.select.worklist import sha256_of
+
+    ds = discover_dataset(phantom_dataset)
+    full = make_plan(ds, budget=10, volumes=1, seed=0)
+    whole = full.entries[0]
+    done = Exclusion(whole.axis, {whole.case_id: list(range(whole.n_slices))})
+    again = make_plan(ds, budget=8, volumes=2, seed=0, exclude=done)
+    assert whole.case_id not in again.case_ids and again.budget == 8
+    write_plan(full, tmp_path / "r1.json")
+    excl = read_exclusions([tmp_path / "r1.json"])
+    assert excl.slices == {whole.case_id: list(whole.slices)}
+    assert excl.parents == [{"path": str((tmp_path / "r1.json").resolve()), "kind": "plan",
+                             "sha256": sha256_of(tmp_path / "r1.json")}]
+    for strategy in ("random", "interval", "block", "ual"):
+        later = make_plan(ds, budget=12, volumes=4, seed=1, strategy=strategy, exclude=excl)
+        for e in later.entries:
+            assert not set(e.slices) & set(excl.slices.get(e.case_id, [])), (strategy, e)
+        assert later.budget == 12 and later.parents == excl.parents

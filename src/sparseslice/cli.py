@@ -454,16 +454,31 @@ def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file: NAME.json or NAME.csv (both are written, "
                                                           "same stem), or a folder.")] = Path("plan.json"),
     rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
+    exclude: Annotated[list[Path] | None, typer.Option(
+        help="A later round: a previous plan.json or sparse dataset (collect's output) whose slices are not "
+             "planned again; repeatable; recorded as the plan's parents (default: none, a first round).")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
     from sparseslice.datasets import discover_dataset
     from sparseslice.outputs import dataset_inputs
-    from sparseslice.select import CostModel, extent_advice, make_plan, read_extents, render_plan, write_plan
+    from sparseslice.select import (
+        CostModel,
+        extent_advice,
+        make_plan,
+        read_exclusions,
+        read_extents,
+        render_plan,
+        write_plan,
+    )
     from sparseslice.select.worklist import check_plan_out
 
     ds = discover_dataset(data)
-    check_plan_out(out, keep=extents if extents not in (None, "labels") else None, inputs=dataset_inputs(ds))
+    check_plan_out(out, keep=extents if extents not in (None, "labels") else None,
+                   inputs=[*dataset_inputs(ds), *(exclude or [])])
+    excluded = read_exclusions(exclude) if exclude else None
+    if axis is None and excluded is not None:  # a later round slices as the earlier ones did
+        axis = excluded.axis
     ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
     ext = None
     if extents == "labels":
@@ -477,7 +492,7 @@ def plan(
                      consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
     result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
-                       block_fraction=block_fraction, cost=cost, progress=progress)
+                       block_fraction=block_fraction, cost=cost, exclude=excluded, progress=progress)
     path = write_plan(result, out)  # before any output: a path that cannot be written is the only line
     render_plan(result, console, rows=rows)
     advice = extent_advice(result, ds, progress=progress)

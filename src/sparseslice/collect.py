@@ -32,7 +32,6 @@ the file and the fix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -50,7 +49,7 @@ from sparseslice.outputs import MARKER, OutputFolder, claim_output, dataset_inpu
 from sparseslice.progress import track
 from sparseslice.segnrrd import is_segmentation, read_segmentation
 from sparseslice.select.plan import Plan, PlanEntry
-from sparseslice.select.worklist import write_plan
+from sparseslice.select.worklist import sha256_of, write_plan
 from sparseslice.simulate import channel_names, check_plan, sparse_dataset_json, write_case_images
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SIDECAR_SUFFIX, SparseLabel, read_sparse, write_sparse
 
@@ -103,15 +102,6 @@ class CollectReport:
     @property
     def forgotten(self) -> list[tuple[str, int]]:
         return [(r.case, s) for r in self.records for s in r.forgotten]
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ files
