@@ -44,9 +44,32 @@ def annotate(ds, entry, folder: Path, *, kind: str, skip: int | None = None, ext
     if kind == "seg":
         return write_segmentation(folder / f"{entry.case_id}.seg.nrrd", drawn, like=like, names=ds_names(ds),
                                   planned=list(entry.slices), axis=entry.axis)
+    if kind == "slicer":  # paint into the worklist's segmentation, as Slicer's Segment Editor, and save it
+        return paint_in_slicer(folder.parent / "worklist" / f"{entry.case_id}.seg.nrrd", drawn, ds,
+                               folder / f"{entry.case_id}.seg.nrrd")
     if kind == "nifti":  # ITK-SNAP saves labels as 16-bit integers
         return write_volume(like.like(drawn.astype(np.int16)), folder / f"{entry.case_id}.nii.gz")
     return write_volume(like, folder / f"{entry.case_id}.nrrd")
+
+
+def paint_in_slicer(handout: Path, drawn: np.ndarray, ds, target: Path) -> Path:
+    """The worklist's .seg.nrrd with ``drawn`` painted over it (segment values by name), header kept."""
+    import SimpleITK as sitk
+
+    img = sitk.ReadImage(str(handout))
+    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    keys = set(img.GetMetaDataKeys())
+    value = {img.GetMetaData(f"Segment{i}_Name"): int(img.GetMetaData(f"Segment{i}_LabelValue"))
+             for i in range(10) if f"Segment{i}_Name" in keys}
+    for v, name in ds.label_names.items():
+        if v:
+            arr[drawn == v] = value[name]
+    out = sitk.GetImageFromArray(np.transpose(arr, (2, 1, 0)))
+    out.CopyInformation(img)
+    for key in img.GetMetaDataKeys():
+        out.SetMetaData(key, img.GetMetaData(key))
+    sitk.WriteImage(out, str(target), useCompression=True)
+    return target
 
 
 def ds_names(ds) -> dict[int, str]:
@@ -66,6 +89,8 @@ def loop(hippocampus: Path, tmp_path_factory: pytest.TempPathFactory):
     assert res.exit_code == 0, res.output
     ds = discover_dataset(hippocampus)
     plan = read_plan(tmp / "plan.json")
+    res = invoke("worklist", hippocampus, tmp / "plan.json", "-o", tmp / "worklist")
+    assert res.exit_code == 0, res.output
     first, second, third = plan.entries
     forgotten = first.slices[len(first.slices) // 2]  # inside the extent: both neighbours hold the structure
     true2 = read_label(ds.case(second.case_id).label).array
@@ -74,7 +99,7 @@ def loop(hippocampus: Path, tmp_path_factory: pytest.TempPathFactory):
     notes.mkdir()
     annotate(ds, first, notes, kind="nifti", skip=forgotten)
     annotate(ds, second, notes, kind="nrrd", extra=off_plan)
-    annotate(ds, third, notes, kind="seg")
+    annotate(ds, third, notes, kind="slicer")
     res = invoke("collect", hippocampus, tmp / "plan.json", notes, "-o", tmp / "sparse")
     assert res.exit_code == 0, res.output
     sim = invoke("simulate", hippocampus, tmp / "plan.json", "-o", tmp / "sim")
@@ -367,3 +392,43 @@ def test_exclude_drops_volumes_annotated_in_full_and_records_the_parent_plan(pha
         for e in later.entries:
             assert not set(e.slices) & set(excl.slices.get(e.case_id, [])), (strategy, e)
         assert later.budget == 12 and later.parents == excl.parents
+
+
+# ---------------------------------------------------------------------------------------- worklist
+
+
+def test_the_worklist_lists_image_slices_and_labels_and_its_segmentation_frames_the_plan(loop) -> None:
+    import csv
+
+    import SimpleITK as sitk
+
+    tmp, ds, plan = loop["tmp"], loop["ds"], loop["plan"]
+    with (tmp / "worklist" / "worklist.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["case"] for r in rows] == plan.case_ids
+    for row, e in zip(rows, plan.entries, strict=True):
+        assert Path(row["image"]) == Path(ds.case(e.case_id).images[0]).resolve()
+        assert row["step"] == "draw" and row["labels"] == "1=Anterior; 2=Posterior"
+        assert [int(s) for s in row["slices"].split()] == list(e.slices)
+        assert [int(s) - 1 for s in row["slices_1based"].split()] == list(e.slices)
+        img = sitk.ReadImage(str(tmp / "worklist" / row["segmentation"]))
+        assert img.GetMetaData("sparseslice_planned_slices") == row["slices"]
+        arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+        assert arr.shape == read_header(ds.case(e.case_id).images[0]).shape[:3]
+        framed = [s for s in range(arr.shape[e.axis]) if np.take(arr, s, axis=e.axis).any()]
+        assert framed == list(e.slices)  # only the planned slices carry the frame
+
+
+def test_a_block_plan_without_extents_asks_for_the_clicks_first(phantom_dataset: Path, tmp_path: Path) -> None:
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(phantom_dataset / "imagesTr", pool / "imagesTr")
+    res = invoke("plan", pool, "--budget", 6, "--volumes", 2, "--strategy", "block", "-o", tmp_path / "plan.json")
+    assert res.exit_code == 0, res.output
+    assert "Extent step first" in " ".join(res.output.split())  # plan asks for the clicks
+    res = invoke("worklist", pool, tmp_path / "plan.json", "-o", tmp_path / "wl")
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "wl" / "worklist.json").read_text())
+    assert {c["step"] for c in record["cases"]} == {"extent"} and all(c["slices"] == "" for c in record["cases"])
+    assert record["steps"][0].startswith("extent:") and "--extents plan.csv" in record["steps"][0]

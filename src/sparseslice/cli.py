@@ -534,7 +534,27 @@ def simulate(
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
 
 
-# --- collect (issue 15) ---
+# --- worklist / collect (issue 15) ---
+
+
+@command()
+def worklist(
+    data: Annotated[Path, typer.Argument(help="Dataset the plan was made for.")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json from sparseslice plan.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for worklist.csv/.json and one <case>.seg.nrrd "
+                                                          "per case (3D Slicer).")],
+    progress: ProgressOption = True,
+) -> None:
+    """Write what annotators follow: worklist.csv (image, slices 0- and 1-based, labels) and Slicer files."""
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import read_plan
+    from sparseslice.select.handout import write_handout
+
+    the_plan = read_plan(plan_file)
+    path = write_handout(the_plan, discover_dataset(data), out, plan_path=plan_file, progress=progress)
+    console.print(f"wrote {path}, {path.with_suffix('.json').name} and {the_plan.volumes} .seg.nrrd files to {out}")
+
+
 
 
 @command()

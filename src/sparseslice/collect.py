@@ -48,6 +48,7 @@ from sparseslice.io import Header, Volume, read_header, read_label, strip_suffix
 from sparseslice.outputs import MARKER, OutputFolder, claim_output, dataset_inputs
 from sparseslice.progress import track
 from sparseslice.segnrrd import is_segmentation, read_segmentation
+from sparseslice.select.handout import segment_names
 from sparseslice.select.plan import Plan, PlanEntry
 from sparseslice.select.worklist import sha256_of, write_plan
 from sparseslice.simulate import channel_names, check_plan, sparse_dataset_json, write_case_images
@@ -366,7 +367,7 @@ def _prepare(dataset: Dataset, plan: Plan, annotations: Path, *, preannotations:
              ignore_value: int) -> tuple[_Context, dict[str, Path]]:
     """Check the plan against the dataset and find the files; the run's context and case -> file."""
     check_plan(plan, dataset)
-    names = {0: "background", **dataset.label_names}
+    names = segment_names(dataset)
     allowed = sorted(names) if dataset.label_names else None
     if allowed is not None and ignore_value <= max(allowed):
         raise UserError(f"ignore_value must exceed every label value, got {ignore_value} with labels up to "

@@ -367,8 +367,8 @@ def _make_pool(dataset: Dataset, ids: list[str], *, axis: int | None,
     heads = {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
     axis = plan_axis(dataset, axis=axis, cases=ids, headers=heads)
     n_slices = {cid: int(heads[cid].shape[axis]) for cid in ids}
-    if extents is None and strategy == "block":
-        extents = extents_from_labels(dataset, axis=axis, cases=ids)
+    if extents is None and strategy == "block":  # unlabelled cases wait for the annotators' extent clicks
+        extents = extents_from_labels(dataset, axis=axis, cases=[c for c in ids if dataset.case(c).label is not None])
     return axis, _excluded(_Pool(ids, n_slices, _checked_extents(dataset, extents, n_slices)), exclude, axis=axis)
 
 
