@@ -432,3 +432,56 @@ def test_a_block_plan_without_extents_asks_for_the_clicks_first(phantom_dataset:
     record = json.loads((tmp_path / "wl" / "worklist.json").read_text())
     assert {c["step"] for c in record["cases"]} == {"extent"} and all(c["slices"] == "" for c in record["cases"])
     assert record["steps"][0].startswith("extent:") and "--extents plan.csv" in record["steps"][0]
+
+
+# ---------------------------------------------------------------------------------- pre-annotation
+
+
+def test_predict_with_a_plan_writes_masks_on_the_planned_slices_only(small, tmp_path: Path) -> None:
+    import torch
+
+    from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, save_checkpoint
+
+    ds, plan, _, tmp = small
+    torch.manual_seed(0)
+    spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
+    save_checkpoint(tmp_path / "run" / "best.pt", Checkpoint(
+        spec=spec, normalization=Normalization("zscore"), axis=2, labels=(0, 1, 2), patch_size=(16, 16),
+        state_dict=build_model(spec).state_dict()))
+    res = invoke("predict", tmp_path / "run", ds.root, "-o", tmp_path / "full", "--no-largest-component",
+                 "--no-fill-holes")
+    assert res.exit_code == 0, res.output
+    res = invoke("predict", tmp_path / "run", ds.root, "-o", tmp_path / "pre", "--plan", tmp / "plan.json",
+                 "--no-largest-component", "--no-fill-holes")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "pre").glob("*.nii.gz")) == sorted(f"{c}.nii.gz" for c in plan.case_ids)
+    for e in plan.entries:
+        pre = read_label(tmp_path / "pre" / f"{e.case_id}.nii.gz").array
+        full = read_label(tmp_path / "full" / f"{e.case_id}.nii.gz").array
+        for s in range(e.n_slices):
+            expected = np.take(full, s, axis=e.axis) if s in e.slices else 0
+            assert np.array_equal(np.take(pre, s, axis=e.axis), np.broadcast_to(expected, pre.shape[:2]))
+    record = json.loads((tmp_path / "pre" / "predict.json").read_text())
+    assert record["planned_slices"] == {e.case_id: list(e.slices) for e in plan.entries}
+
+
+def test_collect_records_corrected_and_unchanged_pre_annotated_slices(small) -> None:
+    ds, plan, notes, tmp = small
+    pre = tmp / "pre"
+    pre.mkdir()
+    entry = plan.entries[0]
+    true = read_label(ds.case(entry.case_id).label)
+    accepted, fixed, blank = entry.slices[0], entry.slices[1], entry.slices[2]
+    guess = np.zeros_like(true.array)
+    for s, how in ((accepted, "same"), (fixed, "wrong")):
+        index = [slice(None)] * 3
+        index[entry.axis] = s
+        guess[tuple(index)] = true.array[tuple(index)] if how == "same" else (true.array[tuple(index)] > 0)
+    assert not np.array_equal(np.take(guess, fixed, axis=entry.axis), np.take(true.array, fixed, axis=entry.axis))
+    write_volume(true.like(guess), pre / f"{entry.case_id}.nii.gz")
+    res = invoke("collect", ds.root, tmp / "plan.json", notes, "-o", tmp / "out", "--preannotations", pre)
+    assert res.exit_code == 0, res.output
+    side = json.loads((tmp / "out" / "labelsTr" / f"{entry.case_id}.sparse.json").read_text())
+    assert side["corrected"] == sorted([accepted, fixed]) and side["unchanged"] == [accepted]
+    record = json.loads((tmp / "out" / "collect.json").read_text())["rounds"][0]["cases"][entry.case_id]
+    assert blank not in record["corrected"] and set(record["drawn"]).isdisjoint({accepted, fixed})

@@ -665,6 +665,9 @@ def predict(
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Windows or slices per forward pass.")] = 16,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", help="Pre-annotation: predict only the plan's cases, keeping only their planned slices, for "
+                       "annotators to correct (default: every case, every slice).")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Predict label maps for a folder of images, in each image's own space."""
@@ -676,9 +679,12 @@ def predict(
             axes = [int(a) for a in tta_axes.split(",") if a.strip()]
         except ValueError:
             raise UserError(f"--tta-axes must be comma-separated integers, got {tta_axes!r}; e.g. 0,1") from None
+    from sparseslice.select import read_plan
+
     written = predict_folder(run, images, out, cases=_case_list(cases), tta=tta, fill_holes=fill_holes,
                              largest_component=largest_component, device=device, tta_axes=axes,
-                             overlap=overlap, batch_size=batch_size, progress=progress)
+                             overlap=overlap, batch_size=batch_size, progress=progress,
+                             plan=read_plan(plan) if plan is not None else None)
     console.print(f"wrote {len(written)} label maps to {out}")
 
 
