@@ -485,3 +485,22 @@ def test_collect_records_corrected_and_unchanged_pre_annotated_slices(small) -> 
     assert side["corrected"] == sorted([accepted, fixed]) and side["unchanged"] == [accepted]
     record = json.loads((tmp / "out" / "collect.json").read_text())["rounds"][0]["cases"][entry.case_id]
     assert blank not in record["corrected"] and set(record["drawn"]).isdisjoint({accepted, fixed})
+
+
+def test_the_worklist_starts_from_the_pre_annotations_when_given(small, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    ds, plan, notes, tmp = small
+    entry = plan.entries[0]
+    pre = tmp_path / "pre"
+    pre.mkdir()
+    mask = read_label(notes / f"{entry.case_id}.nii.gz")  # the truth on the planned slices, as a prediction
+    write_volume(mask, pre / f"{entry.case_id}.nii.gz")
+    res = invoke("worklist", ds.root, tmp / "plan.json", "--preannotations", pre, "-o", tmp_path / "wl")
+    assert res.exit_code == 0, res.output
+    img = sitk.ReadImage(str(tmp_path / "wl" / f"{entry.case_id}.seg.nrrd"))
+    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    assert np.array_equal(np.where(arr == 3, 0, arr), mask.array)  # the masks, plus the frame (value 3)
+    other = plan.entries[1].case_id  # no pre-annotation: empty segments
+    img = sitk.ReadImage(str(tmp_path / "wl" / f"{other}.seg.nrrd"))
+    assert set(np.unique(sitk.GetArrayFromImage(img)).tolist()) == {0, 3}

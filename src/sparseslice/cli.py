@@ -543,6 +543,9 @@ def worklist(
     plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json from sparseslice plan.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for worklist.csv/.json and one <case>.seg.nrrd "
                                                           "per case (3D Slicer).")],
+    preannotations: Annotated[Path | None, typer.Option(
+        help="Folder from predict --plan: each .seg.nrrd starts from its case's mask, to correct (default: "
+             "empty segments).")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Write what annotators follow: worklist.csv (image, slices 0- and 1-based, labels) and Slicer files."""
@@ -551,7 +554,8 @@ def worklist(
     from sparseslice.select.handout import write_handout
 
     the_plan = read_plan(plan_file)
-    path = write_handout(the_plan, discover_dataset(data), out, plan_path=plan_file, progress=progress)
+    path = write_handout(the_plan, discover_dataset(data), out, plan_path=plan_file, preannotations=preannotations,
+                         progress=progress)
     console.print(f"wrote {path}, {path.with_suffix('.json').name} and {the_plan.volumes} .seg.nrrd files to {out}")
 
 

@@ -251,7 +251,7 @@ def collect_case(ctx: _Context, entry: PlanEntry, path: Path, previous: SparseLa
     corrected, unchanged = _corrected(vol.array, pre, new, axis=axis)
     annotated = before | new
     record = CaseRecord(
-        entry.case_id, str(path), sorted(planned), np.flatnonzero(annotated).tolist(),
+        entry.case_id, str(path.resolve()), sorted(planned), np.flatnonzero(annotated).tolist(),
         drawn=[int(s) for s in np.flatnonzero(new & occupied) if s not in corrected],
         empty=[s for s in empty if s not in forgotten], off_plan=off_plan, forgotten=forgotten,
         corrected=corrected, unchanged=unchanged,

@@ -29,7 +29,8 @@ import numpy as np
 
 from sparseslice.atomic import write_json, write_text
 from sparseslice.datasets import Dataset
-from sparseslice.io import Volume, read_header
+from sparseslice.errors import UserError
+from sparseslice.io import Header, Volume, check_same_space, read_header, read_label
 from sparseslice.outputs import claim_output, dataset_inputs
 from sparseslice.progress import track
 from sparseslice.segnrrd import write_segmentation
@@ -76,18 +77,22 @@ def worklist_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_handout(plan: Plan, dataset: Dataset, out: str | os.PathLike[str], *,
-                  plan_path: str | os.PathLike[str] | None = None, progress: bool = False) -> Path:
+                  plan_path: str | os.PathLike[str] | None = None,
+                  preannotations: str | os.PathLike[str] | None = None, progress: bool = False) -> Path:
     """Write ``worklist.csv``, ``worklist.json`` and one ``<case>.seg.nrrd`` per case into ``out``.
 
-    ``out`` must be new, empty or an earlier worklist (:mod:`sparseslice.outputs`); returns the CSV's path.
+    With ``preannotations`` (the folder ``predict --plan`` wrote), each segmentation starts from the
+    case's ``<case>.nii.gz`` there, for the annotator to correct. ``out`` must be new, empty or an
+    earlier worklist (:mod:`sparseslice.outputs`); returns the CSV's path.
     """
     rows = handout_rows(plan, dataset)
-    folder = claim_output(out, command="worklist", inputs=[*dataset_inputs(dataset),
+    pre = Path(preannotations) if preannotations is not None else None
+    folder = claim_output(out, command="worklist", inputs=[*dataset_inputs(dataset), *([pre] if pre else []),
                                                            *([plan_path] if plan_path else [])])
     names = segment_names(dataset)
     for row, entry in track(list(zip(rows, plan.entries, strict=True)), "writing segmentations", progress=progress):
         head = read_header(dataset.case(entry.case_id).images[0])
-        like = Volume(np.zeros(head.shape[:3], np.uint8), head.affine)
+        like = Volume(_starting_mask(pre, entry.case_id, head, names), head.affine)
         write_segmentation(folder.path(row["segmentation"]), like.array, like=like, names=names,
                            planned=[int(s) for s in row["slices"].split()], axis=entry.axis,
                            metadata={"sparseslice_case": entry.case_id, "sparseslice_step": row["step"]})
@@ -95,6 +100,23 @@ def write_handout(plan: Plan, dataset: Dataset, out: str | os.PathLike[str], *,
     write_json(folder.path("worklist.json"), {"plan": str(plan_path) if plan_path else None,
                                               "strategy": plan.strategy, "steps": steps, "cases": rows})
     return write_text(folder.path("worklist.csv"), worklist_csv(rows))
+
+
+def _starting_mask(pre: Path | None, case: str, head: Header, names: dict[int, str]) -> np.ndarray:
+    """The pre-annotation of ``case`` to start from (zeros without one), checked against the image and labels."""
+    path = pre / f"{case}.nii.gz" if pre is not None else None
+    if path is None or not path.is_file():
+        return np.zeros(head.shape[:3], np.uint8)
+    vol = read_label(path)
+    try:
+        check_same_space(head, vol, name=case)
+    except UserError as exc:
+        raise UserError(f"--preannotations file {str(path)!r}: {exc}") from None
+    extra = sorted(set(np.unique(vol.array).tolist()) - set(names))
+    if extra:
+        raise UserError(f"--preannotations file {str(path)!r} holds label values {extra} the dataset does not "
+                        f"declare ({sorted(names)}); predict with a model trained on this dataset")
+    return vol.array
 
 
 def _steps(plan: Plan, extents_first: bool) -> list[str]:
