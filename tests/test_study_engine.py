@@ -331,3 +331,12 @@ def test_training_options_per_model_apply_to_that_model_only():
 def test_bad_per_model_training_options_are_named(training, message):
     with pytest.raises(UserError, match=message):
         make_spec(training=training)
+
+
+def test_a_run_configuration_with_fixed_test_cases_splits_as_asked(phantom_dataset):
+    from sparseslice.study.pipeline import study_split
+    from sparseslice.study.spec import run_config
+
+    spec = load_spec("quick", data=phantom_dataset, test_cases=["phantom_003"])
+    _, split = study_split(run_config(spec, spec.runs()[0], threads=1, executor="local"))
+    assert list(split.test) == ["phantom_003"] and "phantom_003" not in (*split.train, *split.val)

@@ -49,7 +49,7 @@ def study_split(config: dict[str, Any]) -> tuple[Dataset, Split]:
     if len(ids) < 3:
         raise UserError(f"dataset {ds_conf['path']!r} has too few labelled cases, got {len(ids)}; a study needs "
                         "at least 3 (train, validation, test)")
-    return dataset, split_cases(ids, seed=split["seed"], val=split["val"], test=split["test"],
+    return dataset, split_cases(ids, seed=split["seed"], val=split["val"], test=split.get("test", 0.0),
                                 test_cases=split.get("test_cases"))
 
 
