@@ -64,7 +64,12 @@ def write_sparse_subset(src: Path, out: Path, case_ids: list[str], *, axis: int,
         sparse = SparseLabel.from_slices(label.array, interval_slices(label.shape[axis], fraction), axis=axis)
         (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
         write_sparse(sparse, out / "labelsTr" / case.label.name, like=label)
-    (out / "dataset.json").symlink_to(src / "dataset.json")
+    record = json.loads((src / "dataset.json").read_text())
+    if "training" in record:  # list the written cases only: a listing is the truth for discovery
+        record["training"] = [{"image": f"./imagesTr/{ds.case(c).images[0].name}",
+                               "label": f"./labelsTr/{ds.case(c).label.name}"} for c in case_ids]
+        record["numTraining"] = len(case_ids)
+    (out / "dataset.json").write_text(json.dumps(record, indent=2))
     return out
 
 
