@@ -146,8 +146,9 @@ def _run_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {"train_s": round(train_s, 2), "val_s": round(val_s, 2), "val/train": round(val_s / train_s, 3)}
 
 
-def bare_forward(model: Any, ckpt: Any, image: np.ndarray, *, batch: int) -> float:
-    """Seconds of the model's forward passes over the whole (padded) slices of ``image``, no softmax."""
+def bare_forward(model: Any, ckpt: Any, image: np.ndarray, *, batch: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the model's forward passes over the whole (padded) slices of ``image``
+    (no softmax, no post-processing): the floor any 2D prediction of this volume pays."""
     import torch
 
     from sparseslice.model import normalize
@@ -156,27 +157,38 @@ def bare_forward(model: Any, ckpt: Any, image: np.ndarray, *, batch: int) -> flo
     x = normalize(image[None], ckpt.normalization)
     slices = np.moveaxis(x, 1 + ckpt.axis, 0)
     shape = tuple(round_up(s, ckpt.spec.divisor) for s in slices.shape[-2:])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     with torch.inference_mode():
         for s in range(0, slices.shape[0], batch):
             t = torch.from_numpy(np.ascontiguousarray(pad_end(slices[s:s + batch], shape)))
             model(t)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu() - c0
 
 
 def _run_predict(work: Path, args: argparse.Namespace, *, tta: bool) -> tuple[float, float, dict[str, Any]]:
+    """predict_volume of the first case (with post-processing), then without it, and the bare passes."""
+    import inspect
+
     from sparseslice.datasets import discover_dataset, load_image
     from sparseslice.model import load_checkpoint
     from sparseslice.predict import predict_volume
 
     model, ckpt = load_checkpoint(work / "run")
     image = load_image(discover_dataset(work / "ct").cases[0])
-    bare = bare_forward(model, ckpt, image.array, batch=16)
     t0, c0 = time.perf_counter(), _cpu()
     predict_volume(model, ckpt, image, tta=tta)
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    peak = _peak_mib()
+    t0, c0 = time.perf_counter(), _cpu()
+    predict_volume(model, ckpt, image, tta=tta, fill_holes=False, largest_component=False)
+    bare_post = time.perf_counter() - t0, _cpu() - c0
+    bare = bare_forward(model, ckpt, image.array, batch=16)
     passes = 4 if tta else 1  # two in-plane axes: 2^2 flip sets
-    return wall, cpu, {"bare_s": round(bare, 2), "predict/bare": round(wall / bare, 3), "passes": passes,
+    window = inspect.signature(predict_volume).parameters.get("window")
+    return wall, cpu, {"peak_predict_mib": round(peak), "bare_wall_s": round(bare[0], 2),
+                       "bare_cpu_s": round(bare[1], 2), "wall/bare": round(wall / bare[0], 3),
+                       "cpu/bare": round(cpu / bare[1], 3), "nopost_cpu/bare": round(bare_post[1] / bare[1], 3),
+                       "passes": passes, "window": window.default if window else "patch",
                        "volume_f32_mib": round(image.array.size * 4 / 2**20, 1)}
 
 
