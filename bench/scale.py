@@ -273,6 +273,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--samples", type=int, default=64, help="training samples in the one epoch")
     parser.add_argument("--patch", type=int, default=128, help="2D training patch (square)")
+    parser.add_argument("--data", default=None, help="keep the synthetic dataset in this folder (built when "
+                        "empty), to reuse it across runs")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -285,8 +287,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sparseslice-scale-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        build_dataset(work / "ct", cases=args.cases, shape=shape)
-        print(f"{args.cases} synthetic CT volumes {shape} int16 built in {time.perf_counter() - t0:.0f} s; "
+        if args.data:  # a dataset built by an earlier run (same shape and cases), linked in
+            (work / "ct").symlink_to(Path(args.data).resolve())
+            if not (work / "ct" / "dataset.json").exists():
+                build_dataset(work / "ct", cases=args.cases, shape=shape)
+        else:
+            build_dataset(work / "ct", cases=args.cases, shape=shape)
+        print(f"{args.cases} synthetic CT volumes {shape} int16 ready in {time.perf_counter() - t0:.0f} s; "
               f"{args.threads} threads; rho {args.rho}")
         rows = []
         steps = args.steps.split(",")
