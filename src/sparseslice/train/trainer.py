@@ -49,6 +49,7 @@ from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
 from sparseslice.train.data import (
+    PATCH_3D_SLICES,
     Batch,
     BlockSampler,
     CaseArrays,
@@ -323,10 +324,11 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     norm = Normalization(scheme, window=config.ct_window)
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
     spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing)
+    validates_on_training = val_dataset is dataset and val_ids == train_ids
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
-                                     spacing=spacing)
-    if val_dataset is dataset and val_ids == train_ids:
+                                     spacing=spacing, keep=None if validates_on_training else _kept(config, axis))
+    if validates_on_training:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
@@ -361,11 +363,21 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
                 prefetch=prefetch)
 
 
+def _kept(config: TrainConfig, axis: int) -> int:
+    """Slices a training case keeps around its known ones (:func:`~sparseslice.train.data.kept_slices`): none
+    for 2D, which reads the known slices only; for 3D one patch depth less one, so every block the sampler
+    can draw lies in what is kept (the default depth is at most :data:`PATCH_3D_SLICES`)."""
+    if config.model == "2d":
+        return 0
+    depth = config.patch_size[axis] if config.patch_size and len(config.patch_size) == 3 else PATCH_3D_SLICES
+    return int(depth) - 1
+
+
 def _warn_if_patch_exceeds(cases: list[CaseArrays], patch: tuple[int, ...], *, model: str, axis: int,
                            divisor: int) -> None:
     """Say once when the patch is larger than every training case along an axis, beyond rounding up to the
     network's divisor (cases are padded)."""
-    shapes = np.array([c.label.shape for c in cases])
+    shapes = np.array([c.shape for c in cases])
     if model == "2d":
         shapes = shapes[:, [a for a in range(3) if a != axis]]
     largest = shapes.max(axis=0)
