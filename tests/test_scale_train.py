@@ -71,3 +71,28 @@ def test_3d_keeps_blocks_around_known_slices_and_gives_the_same_batches(sparse, 
         a = BlockSampler(whole, patch_size=patch, foreground=fg, mask_as_inference=0.3)
         b = BlockSampler(kept, patch_size=patch, foreground=fg, mask_as_inference=0.3)
         assert_same_batches(draw(a, 1), draw(b, 1))
+
+
+def test_validation_subset_fits_the_share_by_sizes_and_keeps_what_fits_whole():
+    from sparseslice.train.data import CaseArrays
+    from sparseslice.train.trainer import TRAIN_PASSES, validation_subset
+
+    rng = np.random.default_rng(0)
+    cases = [CaseArrays(f"c{n}", rng.normal(size=(1, 16, 16, 10)).astype(np.float32),
+                        np.zeros((16, 16, 10), np.uint8), np.ones(10, np.float32), axis=2) for n in range(4)]
+    # 40 validation slices of 16 x 16 = patch; an epoch of 100 samples allows 0.2 * 3 * 100 = 60 slices
+    same, info = validation_subset(cases, dims=2, patch=(16, 16), samples=100)
+    assert all(a is b for a, b in zip(same, cases, strict=True)) and info["every"] == 1
+    few, info = validation_subset(cases, dims=2, patch=(16, 16), samples=20)  # allows 12 slices
+    kept = [i for c in few for i in c.validation_slices]
+    assert info == {"share": 0.2, "slices": len(kept), "of_slices": 40, "every": 4} and len(kept) == 10
+    assert len(kept) * 16 * 16 <= 0.2 * TRAIN_PASSES * 20 * 16 * 16
+    assert [c.validation_slices.tolist() for c in few] == [[0, 4, 8], [2, 6], [0, 4, 8], [2, 6]]
+    assert all(c.image is o.image for c, o in zip(few, cases, strict=True))  # arrays shared, not copied
+    assert validation_subset(cases, dims=2, patch=(16, 16), samples=1, share=None)[0] is cases
+    # 3D: whole cases in order, at least one
+    cases3 = [CaseArrays(f"v{n}", np.zeros((1, 16, 16, 10), np.float32), np.zeros((16, 16, 10), np.uint8),
+                         np.ones(10, np.float32), axis=2) for n in range(3)]
+    two, info = validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=4)  # 2.4 cases' worth
+    assert [c.case_id for c in two] == ["v0", "v1"] and info["cases"] == 2
+    assert len(validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=1)[0]) == 1
