@@ -56,7 +56,8 @@ def test_2d_keeps_only_known_slices_and_gives_the_same_batches(sparse, spacing):
         np.testing.assert_array_equal(k.image, w.image[..., w.known_slices])
         np.testing.assert_array_equal(k.slice_weight, w.slice_weight[w.known_slices])
     for patch in [(16, 16), (32, 28)]:
-        assert_same_batches(draw(SliceSampler(whole, patch_size=patch), 0), draw(SliceSampler(kept, patch_size=patch), 0))
+        assert_same_batches(draw(SliceSampler(whole, patch_size=patch), 0),
+                            draw(SliceSampler(kept, patch_size=patch), 0))
 
 
 @pytest.mark.parametrize("patch", [(16, 16, 8), (16, 16, 32)])

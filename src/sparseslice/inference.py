@@ -9,6 +9,10 @@ the cheaper constant blend at overlap 0.25, since it runs after every epoch.
 A 2D model sees the slices along the slice axis, a 3D model the whole volume; both are
 given as a stack of model inputs ``(N, C, *spatial)`` (:func:`model_inputs`), run
 ``Window.images_per_pass`` images at a time.
+
+A window as large as the image needs no sliding: :func:`window_logits` is that single window
+(the same padding, no blending buffers), which prediction uses for whole slices;
+:func:`largest_window` sizes a 3D window to a memory budget.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """Inference: sliding-window prediction, flip test-time augmentation and post-processing.
 
-A 2D model sees the slices along the checkpoint's slice axis (in batches); a 3D model sees
-patches of the checkpoint's patch size. Both go through :mod:`sparseslice.inference` (the
-sliding window training validation uses too) with Gaussian blending. Test-time augmentation averages the
+A 2D model sees each whole slice along the checkpoint's slice axis (in batches, one window per
+slice: :func:`slice_classes`); a 3D model the largest window that fits the device's memory, at
+least its patch. ``window="patch"`` uses sliding windows of the training patch instead. All go
+through :mod:`sparseslice.inference` (the sliding window training validation uses too), with
+Gaussian blending where windows overlap. Test-time augmentation averages the
 softmax over every combination of flips of the chosen axes (nnU-Net's mirroring). The
 label map is then post-processed per label: largest connected component (26-connectivity)
 and hole filling (3D cavities of background enclosed by the label), each switchable.
