@@ -11,10 +11,10 @@ import torch
 
 from sparseslice.datasets import discover_dataset
 from sparseslice.errors import UserError
-from sparseslice.io import read_header, read_label
+from sparseslice.io import read_header, read_label, write_volume
 from sparseslice.model import Normalization, load_checkpoint
 from sparseslice.predict import predict_folder
-from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.sparse import SparseLabel, read_sparse, write_sparse
 from sparseslice.synthetic import write_phantom_dataset
 from sparseslice.train import TrainConfig, train
 from sparseslice.train.data import BlockSampler, load_cases
@@ -172,3 +172,73 @@ def test_default_3d_patch_is_capped_at_128_in_plane_and_48_slices():
     assert default_patch_size([case((88, 150, 100), 0)], model="3d", axis=0, divisor=8) == (48, 128, 104)
     assert default_patch_size([case((35, 50, 36), 0)], model="3d", axis=0, divisor=8) == (40, 56, 40)  # as before
     assert default_patch_size([case((300, 300, 88), 2)], model="2d", axis=2, divisor=8) == (256, 256)
+
+
+def test_full_arm_with_border_slices_draws_the_extent_and_knows_the_whole_volume(tmp_path):
+    """Partial-annotation design: "full" = every structure slice drawn (the extent, clicked) with the
+    slices outside it free background, so 6 full volumes and 30 x 20 % blocks cost the same."""
+    from sparseslice.datasets import load_label, split_cases
+    from sparseslice.study.pipeline import _sparse_training_data
+    from sparseslice.study.spec import parse_spec
+
+    root = write_phantom_dataset(tmp_path / "d", cases=4, seed=2, shape=(24, 24, 16))
+    ds = discover_dataset(root)
+    split = split_cases(ds.case_ids, seed=0, val=0.25, test=0.25)
+    extents = {}
+    for cid in split.train:
+        z = np.flatnonzero(load_label(ds.case(cid)).array.any(axis=(0, 1)))
+        extents[cid] = (int(z[0]), int(z[-1]))
+    assert all(b - a + 1 < 16 for a, b in extents.values())  # the phantoms leave slices outside the extent
+    drawn = sum(b - a + 1 for a, b in extents.values())
+    spec = parse_spec({"dataset": {"path": str(root), "split": {"seed": 0, "val": 0.25, "test": 0.25}},
+                       "grid": [{"budget": [drawn], "rho": [1.0], "strategy": ["random"], "border_slices": [True]}],
+                       "seeds": [0], "baseline": False})
+    sparse_dir, info = _sparse_training_data(ds, split, spec.runs()[0], tmp_path / "run", axis=2)
+    assert info["slices"] == drawn and info["n_volumes"] == len(extents)  # the budget counts structure slices
+    for cid, (a, b) in extents.items():
+        sparse, _ = read_sparse(sparse_dir / "labelsTr" / f"{cid}.nii.gz")
+        assert sparse.annotated.all()  # drawn inside the extent, border background outside it
+        assert sparse.border.sum() == sparse.annotated.size - (b - a + 1)
+        np.testing.assert_array_equal(sparse.label, load_label(ds.case(cid)).array)
+
+
+def test_a_block_shallower_than_the_network_trains_3d_on_its_slices_only(tmp_path):
+    """A one-slice block in volumes shallower than the network's depth divisor: padded, and only
+    the block's voxels carry loss (the padding and the unknown slices get none)."""
+    full = write_phantom_dataset(tmp_path / "full", cases=2, seed=4, shape=(24, 24, 3))
+    data = _sparse(full, tmp_path / "sparse", [1])
+    ds = discover_dataset(data)
+    cases, _ = load_cases(ds, ds.case_ids, axis=2, normalization=Normalization("zscore"))
+    sampler = BlockSampler(cases, patch_size=(24, 24, 4))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        image, label, weight, _ = sampler.sample(rng)
+        assert weight.shape == (24, 24, 4)
+        carried = np.flatnonzero(weight.any(axis=(0, 1)))
+        assert carried.size == 1 and weight[..., carried[0]].min() > 0  # the block's one slice, whole
+    cfg = TrainConfig(model="3d", epochs=2, batch_size=2, samples_per_epoch=2, **TINY)
+    result = train(data, tmp_path / "run", config=cfg, progress=False)
+    import csv
+
+    rows = list(csv.DictReader((result.run_dir / "history.csv").open()))
+    assert len(rows) == 2 and all(np.isfinite(float(r["loss"])) for r in rows)
+
+
+def test_a_structure_touching_the_first_and_last_slice_has_a_valid_extent(tmp_path):
+    """Extent clicks at the volume's border are valid: the block lies inside, no border slice is free."""
+    from sparseslice.select import make_plan
+    from sparseslice.simulate import simulate
+
+    root = write_phantom_dataset(tmp_path / "d", cases=2, seed=5, shape=(24, 24, 10))
+    ds = discover_dataset(root)
+    for case in ds.cases:  # the structure on every slice, first and last included
+        vol = read_label(case.label)
+        arr = vol.array.copy()
+        arr[10:14, 10:14, :] = 1
+        write_volume(vol.like(arr), case.label)
+    plan = make_plan(ds, budget=4, strategy="block", block_fraction=0.2, seed=0, axis=2)
+    assert [e.extent for e in plan.entries] == [(0, e.n_slices - 1) for e in plan.entries]
+    out = simulate(ds, plan, tmp_path / "sparse", border_slices=True)
+    for e in plan.entries:
+        sparse, _ = read_sparse(out / "labelsTr" / f"{e.case_id}.nii.gz")
+        assert not sparse.border.any() and sparse.annotated_indices == sorted(e.slices)

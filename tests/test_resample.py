@@ -90,7 +90,7 @@ def test_resampled_shape_keeps_the_slice_axis_and_refuses_bad_targets():
 
 
 def test_default_spacing_is_the_median_coarsened_to_fit():
-    assert default_spacing([(1, 1, 1)] * 3, [(35, 50, 36)] * 3, axis=2) == (1.0, 1.0)
+    assert default_spacing([(1, 1, 1)] * 3, [(35, 50, 36)] * 3, axis=2, max_inplane=128) == (1.0, 1.0)
     sp = default_spacing([(0.625, 0.625, 0.625), (0.7, 0.7, 0.625), (0.6, 0.6, 0.625)],
                          [(256, 200, 88)] * 3, axis=2, max_inplane=128)
     assert sp[0] == pytest.approx(0.625 * 256 / 128)

@@ -60,8 +60,6 @@ def test_spec_expands_to_stable_unique_run_ids():
     ({"training": {"preset": "quick", "model": "3d"}}, "set by the grid"),
     ({"metrics": ["hd95"]}, "must include 'dice'"),
     ({"training": "quick"}, "training must be a mapping"),
-    ({"grid": [{"budget": [12], "rho": [0.5], "strategy": ["random"], "border_slices": [True]}]},
-     "border_slices needs strategy block"),
 ])
 def test_spec_rejects_bad_input_naming_the_fix(bad, message):
     with pytest.raises(UserError, match=message):
@@ -80,9 +78,18 @@ def test_presets_load_and_match_the_papers_designs(tmp_path):
     assert len({r.budget for r in grid}) == 1 and {r.seed for r in grid} == {0, 1}
     ss = load_spec("slice-selection", data=tmp_path).runs()
     assert {r.model for r in ss} == {"2d", "3d"} and {r.interpolation for r in ss} == {"none", "sdf"}
-    pa = load_spec("partial-annotation", data=tmp_path).runs()
+    pa_spec = load_spec("partial-annotation", data=tmp_path)
+    pa = pa_spec.runs()
     assert {r.schedule for r in pa} == {"one-step", "two-step"} and {r.border_slices for r in pa} == {False, True}
-    assert {r.strategy for r in pa} == {"full", "random", "block"}
+    assert {r.strategy for r in pa} == {"random", "block"} and len(pa) == 21 and {r.budget for r in pa} == {350}
+    assert {r.model for r in pa} == {"2d", "3d"} and {r.mask_channel for r in pa} == {False, True}
+    assert all(r.border_slices for r in pa if r.strategy == "random")  # full = the extent, border free
+    samples = {}
+    for r in pa:  # every arm of a model trains the same samples (two-step: both steps together)
+        cfg = pa_spec.training_config(r)
+        total = cfg["epochs"] + (cfg["finetune_epochs"] if r.schedule == "two-step" else 0)
+        samples.setdefault(r.model, set()).add(cfg["samples_per_epoch"] * total)
+    assert all(len(v) == 1 for v in samples.values()), samples
 
 
 def test_spec_file_resolves_dataset_relative_to_the_file(tmp_path):
@@ -288,3 +295,48 @@ def test_fixed_test_cases_are_the_test_split_and_the_rest_is_split_by_seed():
         parse_spec({**base, "dataset": {"split": {"test": 0.2, "test_cases": ["a"]}}})
     with pytest.raises(UserError, match="test_cases must be a list of case ids"):
         parse_spec({**base, "dataset": {"split": {"test_cases": "la_018"}}})
+
+
+def test_test_cases_from_the_command_line_replace_the_spec_split(tmp_path):
+    from sparseslice.cli import _case_list
+
+    spec = load_spec("partial-annotation", data=tmp_path, test_cases=["la_045", "la_046"])
+    assert spec.dataset.test_cases == ("la_045", "la_046") and spec.dataset.test == 0.0
+    assert spec.fingerprint() != load_spec("partial-annotation", data=tmp_path).fingerprint()
+    assert parse_spec(spec.to_dict()).dataset == spec.dataset  # what a study folder stores reads back
+    listed = tmp_path / "test.txt"
+    listed.write_text("# held out\nla_045\n\nla_046\n")
+    assert _case_list(str(listed)) == _case_list("la_045, la_046") == ["la_045", "la_046"]
+    with pytest.raises(UserError, match="test_cases must be a list of case ids"):
+        load_spec("quick", data=tmp_path, test_cases=[])
+
+
+def test_training_options_per_model_apply_to_that_model_only():
+    spec = make_spec(grid=[{"budget": [12], "rho": [0.5], "strategy": ["random"], "model": ["2d", "3d"]}],
+                     training={"preset": "quick", "epochs": 4, "3d": {"samples_per_epoch": 40,
+                                                                     "patch_size": [16, 16, 8]}})
+    by_model = {r.model: spec.training_config(r) for r in spec.runs() if not r.baseline}
+    assert by_model["3d"]["samples_per_epoch"] == 40 and by_model["3d"]["patch_size"] == [16, 16, 8]
+    assert by_model["2d"]["samples_per_epoch"] == TRAINING_PRESETS["quick"]["samples_per_epoch"]
+    assert "patch_size" not in by_model["2d"] and "3d" not in by_model["2d"]
+    assert by_model["2d"]["epochs"] == by_model["3d"]["epochs"] == 4
+
+
+@pytest.mark.parametrize("training, message", [
+    ({"3d": {"model": "2d"}}, r"training.3d.model cannot be set per model"),
+    ({"3d": 5}, r"training.3d must be a mapping of training options, got 5"),
+    ({"2d": {"samples_per_epoch": "many"}}, r"'samples_per_epoch' must be"),
+    ({"2d": {"samples_per_epoch": None}}, r"training.2d.samples_per_epoch must be a number in a study"),
+])
+def test_bad_per_model_training_options_are_named(training, message):
+    with pytest.raises(UserError, match=message):
+        make_spec(training=training)
+
+
+def test_a_run_configuration_with_fixed_test_cases_splits_as_asked(phantom_dataset):
+    from sparseslice.study.pipeline import study_split
+    from sparseslice.study.spec import run_config
+
+    spec = load_spec("quick", data=phantom_dataset, test_cases=["phantom_003"])
+    _, split = study_split(run_config(spec, spec.runs()[0], threads=1, executor="local"))
+    assert list(split.test) == ["phantom_003"] and "phantom_003" not in (*split.train, *split.val)

@@ -28,7 +28,7 @@ NON_DEFAULT = {
     "model": ("3d", "3d"), "arch": ("dynunet", "dynunet"), "channels": ("8,16,32", (8, 16, 32)),
     "strides": ("2,2", (2, 2)), "num_res_units": ("2", 2), "dropout": ("0.1", 0.1), "epochs": ("3", 3),
     "samples_per_epoch": ("4", 4), "batch_size": ("3", 3), "patch_size": ("32x32x16", (32, 32, 16)),
-    "spacing": ("1.25,1.5", (1.25, 1.5)), "foreground_fraction": ("0.5", 0.5),
+    "spacing": ("1.25,1.5", (1.25, 1.5)), "max_inplane": ("96", 96), "foreground_fraction": ("0.5", 0.5),
     "lr": ("0.002", 0.002), "weight_decay": ("0.0001", 0.0001), "schedule": ("two-step", "two-step"),
     "plateau_patience": ("2", 2), "plateau_factor": ("0.25", 0.25), "restart_every": ("3", 3),
     "finetune_epochs": ("4", 4), "patience": ("5", 5), "mask_channel": (None, True),

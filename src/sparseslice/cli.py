@@ -454,16 +454,31 @@ def plan(
     out: Annotated[Path, typer.Option("--out", "-o", help="Plan file: NAME.json or NAME.csv (both are written, "
                                                           "same stem), or a folder.")] = Path("plan.json"),
     rows: Annotated[int, typer.Option(help="Volumes shown in the summary (0: all).")] = 20,
+    exclude: Annotated[list[Path] | None, typer.Option(
+        help="A later round: a previous plan.json or sparse dataset (collect's output) whose slices are not "
+             "planned again; repeatable; recorded as the plan's parents (default: none, a first round).")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Choose which volumes and slices to annotate under a budget; write plan.json + plan.csv."""
     from sparseslice.datasets import discover_dataset
     from sparseslice.outputs import dataset_inputs
-    from sparseslice.select import CostModel, extent_advice, make_plan, read_extents, render_plan, write_plan
+    from sparseslice.select import (
+        CostModel,
+        extent_advice,
+        make_plan,
+        read_exclusions,
+        read_extents,
+        render_plan,
+        write_plan,
+    )
     from sparseslice.select.worklist import check_plan_out
 
     ds = discover_dataset(data)
-    check_plan_out(out, keep=extents if extents not in (None, "labels") else None, inputs=dataset_inputs(ds))
+    check_plan_out(out, keep=extents if extents not in (None, "labels") else None,
+                   inputs=[*dataset_inputs(ds), *(exclude or [])])
+    excluded = read_exclusions(exclude) if exclude else None
+    if axis is None and excluded is not None:  # a later round slices as the earlier ones did
+        axis = excluded.axis
     ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
     ext = None
     if extents == "labels":
@@ -477,7 +492,7 @@ def plan(
                      consecutive_discount=consecutive_discount, extent_minutes=extent_minutes)
     result = make_plan(ds, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes, strategy=strategy,
                        seed=seed, axis=axis, cases=ids, extents=ext, volume_selection=volume_selection,
-                       block_fraction=block_fraction, cost=cost, progress=progress)
+                       block_fraction=block_fraction, cost=cost, exclude=excluded, progress=progress)
     path = write_plan(result, out)  # before any output: a path that cannot be written is the only line
     render_plan(result, console, rows=rows)
     advice = extent_advice(result, ds, progress=progress)
@@ -517,6 +532,67 @@ def simulate(
     run_simulate(ds, the_plan, out, format=format, border_slices=border_slices, ignore_value=ignore_value,
                  copy_images=copy_images, modality=modality, progress=progress)
     console.print(f"wrote {the_plan.volumes} sparse cases ({the_plan.budget} drawn slices) to {out}")
+
+
+# --- worklist / collect (issue 15) ---
+
+
+@command()
+def worklist(
+    data: Annotated[Path, typer.Argument(help="Dataset the plan was made for.")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json from sparseslice plan.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for worklist.csv/.json and one <case>.seg.nrrd "
+                                                          "per case (3D Slicer).")],
+    preannotations: Annotated[Path | None, typer.Option(
+        help="Folder from predict --plan: each .seg.nrrd starts from its case's mask, to correct (default: "
+             "empty segments).")] = None,
+    progress: ProgressOption = True,
+) -> None:
+    """Write what annotators follow: worklist.csv (image, slices 0- and 1-based, labels) and Slicer files."""
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import read_plan
+    from sparseslice.select.handout import write_handout
+
+    the_plan = read_plan(plan_file)
+    path = write_handout(the_plan, discover_dataset(data), out, plan_path=plan_file, preannotations=preannotations,
+                         progress=progress)
+    console.print(f"wrote {path}, {path.with_suffix('.json').name} and {the_plan.volumes} .seg.nrrd files to {out}")
+
+
+
+
+@command()
+def collect(
+    data: Annotated[Path, typer.Argument(help="Dataset the plan was made for (images; labels not needed).")],
+    plan_file: Annotated[Path, typer.Argument(metavar="PLAN", help="plan.json the annotators followed.")],
+    annotations: Annotated[Path, typer.Argument(help="Folder of the annotators' files: <case>.nii.gz, .nrrd or "
+                                                     "Slicer .seg.nrrd (zeros off the drawn slices).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sparse dataset folder (an earlier collect output is "
+                                                          "merged into).")],
+    preannotations: Annotated[Path | None, typer.Option(
+        help="Folder of the masks annotators started from (predict --plan): their slices are recorded as "
+             "corrected (default: none, every slice was drawn).")] = None,
+    allow_missing: Annotated[bool, typer.Option(help="Collect the files there are when planned cases have "
+                                                     "none yet.")] = False,
+    ignore_value: Annotated[int, typer.Option(help="Value of unknown voxels.")] = 255,
+    copy_images: Annotated[bool, typer.Option(
+        help="Copy images instead of absolute symbolic links to the originals.")] = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Turn what annotators saved into sparse labels: planned slices annotated, the rest unknown.
+
+    Off-plan slices are kept and listed; planned slices that look forgotten are listed and left unknown.
+    """
+    from sparseslice.collect import collect as run_collect
+    from sparseslice.collect import render_collect
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.select import read_plan
+
+    ds = discover_dataset(data)
+    report = run_collect(ds, read_plan(plan_file), annotations, out, plan_path=plan_file,
+                         preannotations=preannotations, allow_missing=allow_missing, ignore_value=ignore_value,
+                         copy_images=copy_images, progress=progress)
+    render_collect(report, console)
 
 
 # --- interpolate (issue 4) ---
@@ -596,6 +672,9 @@ def predict(
                                              "patch: sliding windows of the training patch."),
                       Choices("sparseslice.predict:WINDOWS")] = "whole",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        "--plan", help="Pre-annotation: predict only the plan's cases, keeping only their planned slices, for "
+                       "annotators to correct (default: every case, every slice).")] = None,
     progress: ProgressOption = True,
 ) -> None:
     """Predict label maps for a folder of images, in each image's own space."""
@@ -607,9 +686,12 @@ def predict(
             axes = [int(a) for a in tta_axes.split(",") if a.strip()]
         except ValueError:
             raise UserError(f"--tta-axes must be comma-separated integers, got {tta_axes!r}; e.g. 0,1") from None
+    from sparseslice.select import read_plan
+
     written = predict_folder(run, images, out, cases=_case_list(cases), tta=tta, fill_holes=fill_holes,
                              largest_component=largest_component, device=device, tta_axes=axes,
-                             overlap=overlap, batch_size=batch_size, window=window, progress=progress)
+                             overlap=overlap, batch_size=batch_size, window=window, progress=progress,
+                             plan=read_plan(plan) if plan is not None else None)
     console.print(f"wrote {len(written)} label maps to {out}")
 
 
@@ -668,12 +750,23 @@ study_app = typer.Typer(help="Run a grid of experiments (a study) and report on 
 app.add_typer(study_app, name="study")
 
 
+def _case_list(text: str | None) -> list[str] | None:
+    """``a,b,c`` or a file with one case id per line (blank lines and ``#`` comments skipped)."""
+    if text is None:
+        return None
+    path = Path(text)
+    items = path.read_text().splitlines() if path.is_file() else text.split(",")
+    return [s.strip() for s in items if s.strip() and not s.strip().startswith("#")]
+
+
 @command(study_app, name="run")
 def study_run(
     spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset."),
                     Choices("sparseslice.study.spec:PRESETS", strict=False, label="Presets")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Study folder (resumed if it holds this study).")],
     data: Annotated[Path | None, typer.Option(help="Dataset folder; replaces the spec's dataset.path.")] = None,
+    test_cases: Annotated[str | None, typer.Option(
+        help="Held-out test cases, comma-separated or a file with one per line (default: the spec's split).")] = None,
     executor: Annotated[str, typer.Option(help="Where runs execute: local (worker processes) or ray."),
                         Choices("sparseslice.study.executors:EXECUTORS")] = "local",
     workers: Annotated[int, typer.Option(help="Local worker processes; torch threads are split among them.")] = 1,
@@ -688,7 +781,8 @@ def study_run(
     """Run every unfinished run of a study; finished runs are skipped, crashed runs recorded (exit 1)."""
     from sparseslice.study import load_spec, run_study
 
-    summary = run_study(load_spec(spec, data=data), out, executor=executor, workers=workers, address=address,
+    study = load_spec(spec, data=data, test_cases=_case_list(test_cases))
+    summary = run_study(study, out, executor=executor, workers=workers, address=address,
                         force=force, results_format=results_format, progress=progress)
     console.print(f"study {out}: {len(summary.ran) - len(summary.failed)} runs finished, "
                   f"{len(summary.skipped)} already done, {len(summary.failed)} failed")

@@ -9,6 +9,10 @@ softmax over every combination of flips of the chosen axes (nnU-Net's mirroring)
 label map is then post-processed per label: largest connected component (26-connectivity)
 and hole filling (3D cavities of background enclosed by the label), each switchable.
 Output label maps have the image's shape and affine.
+
+With a plan (``predict --plan``) only the planned cases are predicted and each map keeps only the
+planned slices (zeros elsewhere): pre-annotations that annotators correct in the next round, which
+``collect --preannotations`` tells apart from slices drawn from scratch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +44,9 @@ from sparseslice.model import Checkpoint, normalize
 from sparseslice.outputs import MARKER
 from sparseslice.progress import track
 from sparseslice.resample import needs_resampling, resample_image, resample_probabilities, resampled_shape
+
+if TYPE_CHECKING:
+    from sparseslice.select.plan import Plan, PlanEntry
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
@@ -319,17 +327,30 @@ def _remove_written(files: list[Path], folder: Path | None) -> None:
             folder.rmdir()
 
 
+def planned_slices_only(labels: np.ndarray, entry: PlanEntry) -> np.ndarray:
+    """``labels`` with every slice the plan ``entry`` does not name set to 0 (a pre-annotation)."""
+    if labels.shape[entry.axis] != entry.n_slices:
+        raise UserError(f"plan entry for case {entry.case_id!r} has {entry.n_slices} slices along axis {entry.axis}, "
+                        f"got an image with {labels.shape[entry.axis]}; pass the plan made for these images")
+    keep = np.zeros(entry.n_slices, bool)
+    keep[list(entry.slices)] = True
+    shape = [1] * labels.ndim
+    shape[entry.axis] = entry.n_slices
+    return np.where(keep.reshape(shape), labels, 0).astype(labels.dtype)
+
+
 def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[str] | None = None, tta: bool = False,
                    fill_holes: bool = True, largest_component: bool = True, device: str | None = None,
                    progress: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
-                   batch_size: int = 16, window: str = "whole") -> list[Path]:
+                   batch_size: int = 16, plan: Plan | None = None, window: str = "whole") -> list[Path]:
     """Predict every image of a dataset into ``out/<case>.nii.gz`` (image's own space).
 
     ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
     if any, are not used. The resolved settings go to ``out/predict.json``, written last. Each
     file is written atomically; a run that fails (or is interrupted) removes the maps it wrote,
     so no partial result looks like a finished one. ``out`` must be new, empty or an earlier
-    prediction, and apart from the inputs (:mod:`sparseslice.outputs`).
+    prediction, and apart from the inputs (:mod:`sparseslice.outputs`). With ``plan``, only its
+    cases (among ``cases``) are predicted, on their planned slices only (pre-annotations).
 
     Examples
     --------
@@ -345,6 +366,9 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     model, ckpt = load_checkpoint(run_dir, device=pick_device(device))
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
+    planned = {e.case_id: e for e in plan.entries} if plan is not None else None
+    if planned is not None:  # pre-annotation: the plan's cases only
+        todo = [ds.case(c) for c in planned if cases is None or c in cases]
     out = Path(out)
     made = not out.exists()
     folder = claim_output(out, command="predict", inputs=[run_dir, *dataset_inputs(ds)], argument="out")
@@ -356,6 +380,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
         "device": str(device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
         "spacing": None if ckpt.spacing is None else list(ckpt.spacing),
+        "planned_slices": None if planned is None else {c.case_id: list(planned[c.case_id].slices) for c in todo},
     }
     written: list[Path] = []
     nonfinite = ckpt.extra.get("config", {}).get("nonfinite", "error")  # read images as training did
@@ -365,6 +390,8 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
             labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                     largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
                                     batch_size=batch_size, window=window)
+            if planned is not None:
+                labels = planned_slices_only(labels, planned[case.case_id])
             written.append(write_volume(image.like(labels), folder.path(f"{case.case_id}.nii.gz")))
         write_json(folder.path("predict.json"), settings)  # last: its presence says the folder is complete
     except BaseException:

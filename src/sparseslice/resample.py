@@ -25,9 +25,6 @@ import torch.nn.functional as F
 
 from sparseslice.errors import UserError
 
-#: Largest in-plane size (voxels, per axis) of the median training case that the default
-#: spacing allows: what 2 CPU cores train in minutes (see :func:`default_spacing`).
-MAX_INPLANE = 128
 #: Slices resampled per pass, which bounds the memory of per-class label resampling.
 _CHUNK = 16
 _SAME = 1e-6
@@ -75,18 +72,18 @@ def check_target(target: Sequence[float]) -> tuple[float, float]:
 
 
 def default_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]], *, axis: int,
-                    max_inplane: int = MAX_INPLANE) -> tuple[float, float]:
+                    max_inplane: int) -> tuple[float, float]:
     """The in-plane spacing training resamples to when none is given.
 
     nnU-Net's choice, the median in-plane spacing of the cases, coarsened by one factor on
     both axes when needed so that the median case is at most ``max_inplane`` voxels along
-    each in-plane axis (what 2 CPU cores train in minutes; pass a spacing for more).
+    each in-plane axis (training's ``max_inplane``, :class:`sparseslice.train.TrainConfig`).
 
     Examples
     --------
-    >>> default_spacing([(0.625, 0.625, 0.625)] * 3, [(176, 144, 88)] * 3, axis=2)
+    >>> default_spacing([(0.625, 0.625, 0.625)] * 3, [(176, 144, 88)] * 3, axis=2, max_inplane=128)
     (0.859375, 0.859375)
-    >>> default_spacing([(1.0, 1.0, 1.0)], [(35, 50, 36)], axis=2)
+    >>> default_spacing([(1.0, 1.0, 1.0)], [(35, 50, 36)], axis=2, max_inplane=128)
     (1.0, 1.0)
     """
     axes = inplane_axes(axis)

@@ -49,7 +49,7 @@ def check_plan(plan: Plan, dataset: Dataset) -> None:
     for e in plan.entries:
         if e.case_id not in known:
             raise UserError(f"plan names case {e.case_id!r}, which is not in the dataset {str(dataset.root)!r}; "
-                            "simulate with the dataset the plan was made for")
+                            "pass the dataset the plan was made for")
         shape = read_header(dataset.case(e.case_id).images[0]).shape[:3]
         n = shape[e.axis]
         if n != e.n_slices or (e.slices and max(e.slices) >= n):
@@ -145,8 +145,9 @@ def simulate(dataset: Dataset, plan: Plan, out: Path, *, format: str = "msd", bo
     folder.path("plan.csv")
     write_plan(plan, folder.path("plan.json"))
     training = [c.training for c in cases]
-    write_json(folder.path("dataset.json"), _dataset_json(dataset, plan, values, training, channels, format=format,
-                                                   ignore_value=ignore_value, border_slices=border_slices))
+    write_json(folder.path("dataset.json"), sparse_dataset_json(dataset, plan, values, training, channels,
+                                                                format=format, ignore_value=ignore_value,
+                                                                border_slices=border_slices))
     return out
 
 
@@ -203,13 +204,13 @@ def _simulate_case(case: Case, entry: PlanEntry, plan: Plan, folder: OutputFolde
             outside = [i for i in entry.slices if not ext[0] <= i <= ext[1]]
             if outside:
                 wasted = f"{case.case_id} {outside}"
-    label = _on_image_header(label, head)
+    label = on_image_header(label, head)
     order = nnunet_axis_order(entry.axis) if format == "nnunet" else (0, 1, 2)
     finer = False
     if order != (0, 1, 2):  # nnU-Net 2D slices along the last NIfTI axis: put the annotated one there
         sparse, label = _transposed(sparse, order), label.transposed(order)
         finer = _finer_than_another(head.spacing, entry.axis)
-    images = _write_images(case, folder, nnunet=format == "nnunet", copy=copy_images, order=order)
+    images = write_case_images(case, folder, nnunet=format == "nnunet", copy=copy_images, order=order)
     label_path = folder.path(f"labelsTr/{case.case_id}.nii.gz")
     folder.path(f"labelsTr/{case.case_id}{SIDECAR_SUFFIX}")
     write_sparse(sparse, label_path, like=label, ignore_value=ignore_value,
@@ -267,7 +268,7 @@ def _finer_than_another(spacing: Sequence[float], axis: int) -> bool:
     return spacing[axis] < max(spacing) * (1 - 1e-3)
 
 
-def _on_image_header(label: Volume, head: Header) -> Volume:
+def on_image_header(label: Volume, head: Header) -> Volume:
     """``label`` carrying its image's NIfTI header (both transforms and codes), so it lands on the image.
 
     The affines already agree (checked); the image's qform may still differ from the
@@ -278,7 +279,7 @@ def _on_image_header(label: Volume, head: Header) -> Volume:
     return replace(label, geometry=head.geometry)
 
 
-def _write_images(case: Case, output: OutputFolder, *, nnunet: bool, copy: bool,
+def write_case_images(case: Case, output: OutputFolder, *, nnunet: bool, copy: bool,
                   order: tuple[int, int, int] = (0, 1, 2)) -> list[Path]:
     """Link, copy or convert a case's image files; nnU-Net gets one ``_000c`` file per channel.
 
@@ -370,9 +371,10 @@ def _source_json(dataset: Dataset) -> dict[str, Any]:
     return json.loads(meta_path.read_text()) if meta_path.is_file() else {}
 
 
-def _dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: list[dict],
-                  channels: dict[str, str], *, format: str, ignore_value: int,
-                  border_slices: bool) -> dict[str, Any]:
+def sparse_dataset_json(dataset: Dataset, plan: Plan, values: list[int], training: list[dict],
+                        channels: dict[str, str], *, format: str, ignore_value: int,
+                        border_slices: bool) -> dict[str, Any]:
+    """The ``dataset.json`` of a sparse dataset (MSD or nnU-Net v2 layout) made from ``plan`` on ``dataset``."""
     source = _source_json(dataset)
     names = {v: dataset.label_names.get(v, "background" if v == 0 else f"label{v}") for v in values}
     names[0] = "background"

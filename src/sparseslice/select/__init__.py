@@ -9,7 +9,7 @@
 
 from sparseslice.select.allocation import VOLUME_SELECTIONS, apportion, default_volume_encoder, k_center_order
 from sparseslice.select.cost import CostModel
-from sparseslice.select.plan import Plan, PlanEntry, extents_from_labels, make_plan, plan_axis
+from sparseslice.select.plan import Exclusion, Plan, PlanEntry, extents_from_labels, make_plan, plan_axis
 from sparseslice.select.strategies import (
     STRATEGIES,
     block_slices,
@@ -19,11 +19,19 @@ from sparseslice.select.strategies import (
     select_slices,
     ual_slices,
 )
-from sparseslice.select.worklist import extent_advice, plan_csv, read_extents, read_plan, render_plan, write_plan
+from sparseslice.select.worklist import (
+    extent_advice,
+    plan_csv,
+    read_exclusions,
+    read_extents,
+    read_plan,
+    render_plan,
+    write_plan,
+)
 
 __all__ = [
-    "STRATEGIES", "VOLUME_SELECTIONS", "CostModel", "Plan", "PlanEntry", "apportion", "block_slices",
+    "STRATEGIES", "VOLUME_SELECTIONS", "CostModel", "Exclusion", "Plan", "PlanEntry", "apportion", "block_slices",
     "default_slice_encoder", "default_volume_encoder", "extent_advice", "extents_from_labels", "interval_slices",
-    "k_center_order", "make_plan", "plan_axis", "plan_csv", "random_slices", "read_extents", "read_plan", "render_plan",
-    "select_slices", "ual_slices", "write_plan",
+    "k_center_order", "make_plan", "plan_axis", "plan_csv", "random_slices", "read_exclusions", "read_extents",
+    "read_plan", "render_plan", "select_slices", "ual_slices", "write_plan",
 ]

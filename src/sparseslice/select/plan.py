@@ -86,6 +86,7 @@ class Plan:
     when ``volumes`` was given; ``volumes`` is the number of volumes annotated.
     ``full_volumes`` marks a full-annotation plan (``rho=1``: whole volumes only), and
     ``unspent`` is the part of the requested budget it leaves (no whole volume fits in it).
+    ``parents`` are the earlier rounds it excluded (:class:`Exclusion`): path and sha256 of each.
     """
 
     entries: list[PlanEntry]
@@ -106,6 +107,7 @@ class Plan:
     dataset: str | None = None
     full_volumes: bool = False
     unspent: int = 0
+    parents: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def hours(self) -> float | None:
@@ -129,7 +131,7 @@ class Plan:
             "rho_of": self.rho_of, "allocation": self.allocation, "minutes": self.minutes,
             "hours": None if self.minutes is None else round(self.minutes / 60, 4),
             "budget_hours": self.budget_hours, "cost": self.cost.to_dict(), "dataset": self.dataset,
-            "full_volumes": self.full_volumes, "unspent": self.unspent,
+            "full_volumes": self.full_volumes, "unspent": self.unspent, "parents": self.parents,
             "entries": [e.to_dict() for e in self.entries],
         }
 
@@ -153,6 +155,7 @@ class Plan:
             minutes=d.get("minutes"), budget_hours=d.get("budget_hours"),
             cost=CostModel.from_dict(d.get("cost") or {}), dataset=d.get("dataset"),
             full_volumes=bool(d.get("full_volumes", False)), unspent=int(d.get("unspent") or 0),
+            parents=[dict(p) for p in d.get("parents") or []],
         )
 
 
@@ -192,16 +195,44 @@ def case_rng(seed: int, case_id: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(case_id.encode())])
 
 
+@dataclass(frozen=True)
+class Exclusion:
+    """Slices an earlier round annotated (or planned), which a new round's plan does not spend budget on.
+
+    Parameters
+    ----------
+    axis : int
+        Their slice axis (a new plan must use the same).
+    slices : mapping
+        ``case -> slices`` already annotated (0-based along ``axis``).
+    parents : list of dict
+        Where they come from, recorded in the new plan (``path``, ``kind``, ``sha256``...).
+    """
+
+    axis: int
+    slices: Mapping[str, Sequence[int]]
+    parents: list[dict[str, Any]] = field(default_factory=list)
+
+
 @dataclass
 class _Pool:
     ids: list[str]
     n_slices: dict[str, int]
     extents: dict[str, tuple[int, int]]
+    excluded: dict[str, frozenset[int]] = field(default_factory=dict)
 
     def range_of(self, cid: str) -> tuple[int, int]:
         return self.extents.get(cid, (0, self.n_slices[cid] - 1))
 
+    def available(self, cid: str) -> list[int]:
+        """The slices of ``cid``'s range not excluded (annotated in an earlier round)."""
+        lo, hi = self.range_of(cid)
+        gone = self.excluded.get(cid, frozenset())
+        return [s for s in range(lo, hi + 1) if s not in gone]
+
     def capacity(self, cid: str) -> int:
+        if self.excluded.get(cid):
+            return len(self.available(cid))
         lo, hi = self.range_of(cid)
         return hi - lo + 1
 
@@ -213,7 +244,7 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
               block_fraction: float | None = None, cost: CostModel | None = None,
               slice_encoder: SliceEncoder | None = None,
               volume_encoder: Callable[[np.ndarray], np.ndarray] | None = None,
-              progress: bool = False) -> Plan:
+              exclude: Exclusion | None = None, progress: bool = False) -> Plan:
     """Choose the volumes and slices to annotate under a budget.
 
     Parameters
@@ -224,8 +255,7 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
         Slices to draw (border slices are free). Exactly one of ``budget`` and
         ``budget_hours`` is required.
     budget_hours : float, optional
-        Annotation time instead: the largest slice budget whose estimated time (``cost``)
-        fits is used.
+        Annotation time instead: the largest slice budget whose estimated time (``cost``) fits.
     rho : float, optional
         Density: drawn slices / selectable slices per volume (selectable = the extent when
         known, otherwise every slice). Gives the number of volumes; exclusive with ``volumes``.
@@ -255,10 +285,11 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
     cost : CostModel, optional
         Time model for ``minutes``/``budget_hours`` (default :class:`CostModel`).
     slice_encoder : callable, optional
-        ``ual`` features, ``encoder(image, axis) -> (n_slices, n_features)``; default
-        :func:`default_slice_encoder`.
+        ``ual`` features, ``encoder(image, axis) -> (n_slices, n_features)``; default :func:`default_slice_encoder`.
     volume_encoder : callable, optional
         ``diverse`` features, ``encoder(image) -> vector``; default :func:`default_volume_encoder`.
+    exclude : Exclusion, optional
+        A later round: earlier rounds' slices are not chosen again (see :class:`Exclusion`).
     progress : bool
         Show a progress bar while reading images.
 
@@ -276,7 +307,8 @@ def make_plan(dataset: Dataset, *, budget: int | None = None, budget_hours: floa
         return _make_plan(dataset, budget=budget, budget_hours=budget_hours, rho=rho, volumes=volumes,
                           strategy=strategy, seed=seed, axis=axis, cases=cases, extents=extents,
                           volume_selection=volume_selection, block_fraction=block_fraction, cost=cost,
-                          slice_encoder=slice_encoder, volume_encoder=volume_encoder, progress=progress)
+                          slice_encoder=slice_encoder, volume_encoder=volume_encoder, exclude=exclude,
+                          progress=progress)
 
 
 def limited_blas(threads: int) -> contextlib.AbstractContextManager[Any]:
@@ -293,21 +325,39 @@ def _make_plan(dataset: Dataset, *, budget: int | None, budget_hours: float | No
                volumes: int | None, strategy: str, seed: int, axis: int | None, cases: Sequence[str] | None,
                extents: Mapping[str, tuple[int, int]] | None, volume_selection: str, block_fraction: float | None,
                cost: CostModel | None, slice_encoder: SliceEncoder | None,
-               volume_encoder: Callable[[np.ndarray], np.ndarray] | None, progress: bool) -> Plan:
+               volume_encoder: Callable[[np.ndarray], np.ndarray] | None, exclude: Exclusion | None,
+               progress: bool) -> Plan:
     """:func:`make_plan` with its options checked and spelled out."""
     _check_options(budget=budget, budget_hours=budget_hours, strategy=strategy, volume_selection=volume_selection)
     allocation = Allocation(rho=rho, volumes=volumes, block_fraction=block_fraction)
     allocation.check(strategy=strategy)
-    axis, pool = _make_pool(dataset, _candidates(dataset, cases), axis=axis, extents=extents, strategy=strategy)
+    axis, pool = _make_pool(dataset, _candidates(dataset, cases), axis=axis, extents=extents, strategy=strategy,
+                            exclude=exclude)
     order = _volume_order(dataset, pool.ids, selection=volume_selection, seed=seed, encoder=volume_encoder,
                           progress=progress)
     planner = _Planner(dataset=dataset, pool=pool, order=order, allocation=allocation, strategy=strategy,
                        seed=int(seed), axis=axis, volume_selection=volume_selection, cost=cost or CostModel(),
                        budget_hours=budget_hours, slice_encoder=slice_encoder or default_slice_encoder,
-                       progress=progress)
+                       progress=progress, parents=list(exclude.parents) if exclude is not None else [])
     if budget is not None:
         return planner.build(int(budget))
     return _plan_by_time(planner.build, budget_hours * 60, planner.budget_range())  # type: ignore[operator]
+
+
+def _excluded(pool: _Pool, exclude: Exclusion | None, *, axis: int) -> _Pool:
+    """``pool`` without the slices of ``exclude``; volumes left without a slice are no longer candidates."""
+    if exclude is None:
+        return pool
+    if exclude.axis != axis:
+        raise UserError(f"exclude was annotated along axis {exclude.axis}, got axis {axis} for this plan; plan "
+                        f"along axis {exclude.axis} (--axis {exclude.axis}) so the rounds add up")
+    excluded = {c: frozenset(int(s) for s in v) for c, v in exclude.slices.items() if c in pool.n_slices}
+    pool = _Pool(pool.ids, pool.n_slices, pool.extents, excluded)
+    ids = [c for c in pool.ids if pool.capacity(c) > 0]
+    if not ids:
+        raise UserError(f"exclude leaves no slice to plan, got {len(excluded)} candidate volume(s) already annotated "
+                        "in full; add volumes (--cases) or stop: this dataset is annotated")
+    return _Pool(ids, pool.n_slices, pool.extents, excluded)
 
 
 def _check_options(*, budget: int | None, budget_hours: float | None, strategy: str, volume_selection: str) -> None:
@@ -336,14 +386,16 @@ def _candidates(dataset: Dataset, cases: Sequence[str] | None) -> list[str]:
 
 
 def _make_pool(dataset: Dataset, ids: list[str], *, axis: int | None,
-               extents: Mapping[str, tuple[int, int]] | None, strategy: str) -> tuple[int, _Pool]:
-    """The plan's slice axis and the candidates' slices and extents (``block``: the labels' by default)."""
+               extents: Mapping[str, tuple[int, int]] | None, strategy: str,
+               exclude: Exclusion | None = None) -> tuple[int, _Pool]:
+    """The plan's slice axis and the candidates' slices and extents (``block``: the labels' by default),
+    less the slices ``exclude`` names."""
     heads = {cid: read_header(dataset.case(cid).images[0]) for cid in ids}
     axis = plan_axis(dataset, axis=axis, cases=ids, headers=heads)
     n_slices = {cid: int(heads[cid].shape[axis]) for cid in ids}
-    if extents is None and strategy == "block":
-        extents = extents_from_labels(dataset, axis=axis, cases=ids)
-    return axis, _Pool(ids, n_slices, _checked_extents(dataset, extents, n_slices))
+    if extents is None and strategy == "block":  # unlabelled cases wait for the annotators' extent clicks
+        extents = extents_from_labels(dataset, axis=axis, cases=[c for c in ids if dataset.case(c).label is not None])
+    return axis, _excluded(_Pool(ids, n_slices, _checked_extents(dataset, extents, n_slices)), exclude, axis=axis)
 
 
 def _checked_extents(dataset: Dataset, extents: Mapping[str, tuple[int, int]] | None,
@@ -390,6 +442,7 @@ class _Planner:
     budget_hours: float | None
     slice_encoder: SliceEncoder
     progress: bool
+    parents: list[dict[str, Any]] = field(default_factory=list)  # the earlier rounds a later round excludes
     features: dict[str, np.ndarray] = field(default_factory=dict)  # ual slice features, computed once per case
 
     def build(self, budget: int) -> Plan:
@@ -410,7 +463,8 @@ class _Planner:
                     block_fraction=self.allocation.block_fraction, rho_effective=round(drawn / selectable, 6),
                     rho_of="extent" if all(has_ext) else ("volume" if not any(has_ext) else "extent where known"),
                     allocation=note, minutes=minutes, budget_hours=self.budget_hours, cost=self.cost,
-                    dataset=str(self.dataset.root), full_volumes=rho == 1, unspent=budget - drawn)
+                    dataset=str(self.dataset.root), full_volumes=rho == 1, unspent=budget - drawn,
+                    parents=self.parents)
 
     def budget_range(self) -> tuple[int, int]:
         """Smallest and largest slice budget the ``budget_hours`` search tries."""
@@ -419,9 +473,15 @@ class _Planner:
     def _entry(self, cid: str, k: int) -> PlanEntry:
         """Case ``cid``'s entry with ``k`` slices chosen by the strategy."""
         lo, hi = self.pool.range_of(cid)
+        feats = self.features.get(cid)
         try:
-            slices = select_slices(self.strategy, k, lo, hi, rng=case_rng(self.seed, cid),
-                                   features=self.features.get(cid))
+            if self.pool.excluded.get(cid):  # a later round: choose among the slices still unannotated
+                avail = self.pool.available(cid)
+                picked = select_slices(self.strategy, k, 0, len(avail) - 1, rng=case_rng(self.seed, cid),
+                                       features=None if feats is None else np.asarray(feats)[avail])
+                slices = tuple(avail[i] for i in picked)
+            else:
+                slices = select_slices(self.strategy, k, lo, hi, rng=case_rng(self.seed, cid), features=feats)
         except UserError as exc:
             raise UserError(f"case {cid!r}: {exc}") from None
         return PlanEntry(cid, self.axis, slices, self.pool.n_slices[cid], self.pool.extents.get(cid))

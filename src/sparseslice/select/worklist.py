@@ -15,6 +15,7 @@ simulation), how many drawn slices ``--extents labels`` would move inside.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sparseslice.atomic import write_json, write_text
 from sparseslice.errors import UserError
-from sparseslice.select.plan import Plan
+from sparseslice.select.plan import Exclusion, Plan
 
 if TYPE_CHECKING:
     from sparseslice.datasets import Dataset
@@ -107,7 +108,10 @@ def read_plan(path: str | os.PathLike[str]) -> Plan:
     except json.JSONDecodeError as exc:
         raise UserError(f"plan {str(json_path)!r} is not valid JSON ({exc}); rewrite it with "
                         "sparseslice plan") from None
-    return Plan.from_dict(data)
+    try:
+        return Plan.from_dict(data)
+    except UserError as exc:  # a hand-edited plan: say which file
+        raise UserError(f"plan {str(json_path)!r}: {exc}") from None
 
 
 def read_extents(path: str | os.PathLike[str]) -> dict[str, tuple[int, int]]:
@@ -176,6 +180,10 @@ def render_plan(plan: Plan, console: Any, *, rows: int = 20) -> None:
                       f"{plan.cost.slice_minutes:g} min/slice, {plan.cost.consecutive_discount:.0%} off "
                       "consecutive slices)")
     console.print(f"allocation: {plan.allocation}")
+    for parent in plan.parents:
+        console.print(f"a later round: slices of {parent.get('kind', 'plan')} {parent.get('path')} "
+                      f"(sha256 {str(parent.get('sha256', ''))[:12]}) are not planned again", markup=False,
+                      highlight=False)
 
 
 def extent_advice(plan: Plan, dataset: Dataset, *, progress: bool = False) -> str | None:
@@ -206,3 +214,67 @@ def extent_advice(plan: Plan, dataset: Dataset, *, progress: bool = False) -> st
             "Extent step first: annotators click the first and last slice holding the structure of each "
             "volume into plan.csv's first,last columns (0-based: ITK-SNAP's slice number - 1), then plan "
             "again with --extents plan.csv and another --out to choose the slices inside them")
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_exclusions(paths: Sequence[str | os.PathLike[str]]) -> Exclusion:
+    """What earlier rounds covered, for ``plan --exclude``: each path a ``plan.json`` (its planned slices)
+    or a sparse dataset folder (``labelsTr/*.sparse.json``: its annotated slices, as ``collect`` and
+    ``simulate`` write them). Each becomes a parent of the new plan: path, kind and sha256 (of the plan
+    file; of the sidecars, in name order, for a folder, plus its ``plan.json``'s when it has one)."""
+    slices: dict[str, set[int]] = {}
+    axes: dict[int, str] = {}
+    parents = []
+    for given in paths:
+        p = Path(given)
+        if p.is_dir() and (p / "labelsTr").is_dir():
+            axis, found, parent = _sparse_folder_slices(p)
+        else:
+            plan = read_plan(p)
+            json_path, _ = _plan_paths(p)
+            axis = int(plan.axis if plan.axis is not None else plan.entries[0].axis)
+            found = {e.case_id: list(e.slices) for e in plan.entries}
+            parent = {"path": str(json_path.resolve()), "kind": "plan", "sha256": sha256_of(json_path)}
+        axes.setdefault(axis, str(given))
+        for case, values in found.items():
+            slices.setdefault(case, set()).update(values)
+        parents.append(parent)
+    if len(axes) > 1:
+        raise UserError(f"exclude paths use different slice axes, got {axes}; exclude rounds made along one axis")
+    return Exclusion(next(iter(axes)), {c: sorted(v) for c, v in slices.items()}, parents)
+
+
+def _sparse_folder_slices(folder: Path) -> tuple[int, dict[str, list[int]], dict[str, Any]]:
+    """Axis, case -> annotated slices and parent record of a sparse dataset folder."""
+    from sparseslice.sparse import SIDECAR_SUFFIX
+
+    sidecars = sorted((folder / "labelsTr").glob(f"*{SIDECAR_SUFFIX}"))
+    if not sidecars:
+        raise UserError(f"exclude folder {str(folder)!r} has no labelsTr/*{SIDECAR_SUFFIX}; pass a sparse dataset "
+                        "written by sparseslice collect or simulate, or a plan.json")
+    digest = hashlib.sha256()
+    found: dict[str, list[int]] = {}
+    axes = set()
+    for side in sidecars:
+        data = side.read_bytes()
+        digest.update(side.name.encode() + b"\0" + data)
+        record = json.loads(data)
+        if "source_axis" in record:
+            raise UserError(f"exclude folder {str(folder)!r} is an nnU-Net export (axes reordered); exclude its "
+                            "plan.json instead")
+        axes.add(int(record["axis"]))
+        found[side.name[: -len(SIDECAR_SUFFIX)]] = [int(s) for s in record.get("annotated", [])]
+    if len(axes) > 1:
+        raise UserError(f"exclude folder {str(folder)!r} mixes slice axes {sorted(axes)}; exclude one round at a time")
+    parent: dict[str, Any] = {"path": str(folder.resolve()), "kind": "sparse dataset", "sha256": digest.hexdigest()}
+    if (folder / "plan.json").is_file():
+        parent["plan_sha256"] = sha256_of(folder / "plan.json")
+    return axes.pop(), found, parent

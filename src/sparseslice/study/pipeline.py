@@ -49,7 +49,7 @@ def study_split(config: dict[str, Any]) -> tuple[Dataset, Split]:
     if len(ids) < 3:
         raise UserError(f"dataset {ds_conf['path']!r} has too few labelled cases, got {len(ids)}; a study needs "
                         "at least 3 (train, validation, test)")
-    return dataset, split_cases(ids, seed=split["seed"], val=split["val"], test=split["test"],
+    return dataset, split_cases(ids, seed=split["seed"], val=split["val"], test=split.get("test", 0.0),
                                 test_cases=split.get("test_cases"))
 
 
@@ -182,8 +182,15 @@ def _sparse_training_data(dataset: Dataset, split: Split, run: RunSpec, run_dir:
     from sparseslice.select import make_plan, write_plan
     from sparseslice.simulate import simulate
 
+    extents = None
+    if run.border_slices and run.strategy != "block":  # the annotator clicked the extent: plan inside it
+        from sparseslice.select.plan import extents_from_labels, plan_axis
+
+        train_ids = list(split.train)
+        extents = extents_from_labels(dataset, axis=plan_axis(dataset, axis=axis, cases=train_ids), cases=train_ids)
     plan = make_plan(dataset, budget=run.budget, rho=run.rho, volumes=run.volumes, strategy=run.strategy,
-                     seed=run.seed, axis=axis, cases=list(split.train), block_fraction=run.block_fraction)
+                     seed=run.seed, axis=axis, cases=list(split.train), block_fraction=run.block_fraction,
+                     extents=extents)
     write_plan(plan, run_dir / "plan.json")
     sparse_dir = simulate(dataset, plan, run_dir / "sparse", border_slices=run.border_slices)
     per_volume = [len(e.slices) for e in plan.entries]

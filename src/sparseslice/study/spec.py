@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -117,6 +118,7 @@ class DatasetSpec:
     def to_dict(self) -> dict[str, Any]:
         split: dict[str, Any] = {"seed": self.split_seed, "val": self.val, "test": self.test}
         if self.test_cases is not None:  # only when set, so specs without it keep their fingerprint
+            del split["test"]  # exclusive with test_cases: the written spec reads back
             split["test_cases"] = list(self.test_cases)
         return {"path": str(self.path) if self.path else None, "split": split,
                 "max_cases": self.max_cases, "axis": self.axis}
@@ -234,6 +236,8 @@ class StudySpec:
         options = dict(self.training)
         preset = options.pop("preset", "quick")
         options = {**TRAINING_PRESETS[preset], **options}
+        per_model = {m: options.pop(m, None) or {} for m in train_registry.MODELS}
+        options.update(per_model[run.model])  # e.g. 3d: {patch_size: [80, 64, 32]}
         total = options.get("epochs")
         if total is None:
             total = options["epochs"] = _train_default("epochs")
@@ -264,9 +268,13 @@ class StudySpec:
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
-    def with_dataset(self, path: str | os.PathLike[str]) -> StudySpec:
-        """The same study on another dataset folder."""
-        return replace(self, dataset=replace(self.dataset, path=Path(path).resolve()))
+    def with_dataset(self, path: str | os.PathLike[str] | None = None, *,
+                     test_cases: Sequence[str] | None = None) -> StudySpec:
+        """The same study on another dataset folder, or with fixed test cases (``split.test_cases``)."""
+        dataset = self.dataset if path is None else replace(self.dataset, path=Path(path).resolve())
+        if test_cases is not None:
+            dataset = replace(dataset, test=0.0, test_cases=_test_cases({"test_cases": list(test_cases)}))
+        return replace(self, dataset=dataset)
 
 
 def parse_spec(data: Any, *, base: Path | None = None) -> StudySpec:
@@ -362,10 +370,21 @@ def _parse_training(raw: Any) -> dict[str, Any]:
         if factor in training:
             raise UserError(f"training.{factor} is set by the grid, got {training[factor]!r}; "
                             f"put {factor} in a grid block (seed: in seeds)")
-    train_registry.check_config_types({k: v for k, v in training.items() if k != "preset"})
-    if "samples_per_epoch" in training and training["samples_per_epoch"] is None:
-        raise UserError("training.samples_per_epoch must be a number in a study, got null; every arm then takes "
-                        "the same number of gradient steps (e.g. samples_per_epoch: 512)")
+    models = train_registry.MODELS
+    train_registry.check_config_types({k: v for k, v in training.items() if k != "preset" and k not in models})
+    for where, options in [("training", training), *((f"training.{m}", training.get(m) or {}) for m in models)]:
+        if not isinstance(options, dict):
+            raise UserError(f"{where} must be a mapping of training options, got {options!r}; "
+                            f"e.g. {where}: {{samples_per_epoch: 512}}")
+        if where != "training":
+            for key in ("preset", "model", "schedule", "mask_channel", "seed", *models):
+                if key in options:
+                    raise UserError(f"{where}.{key} cannot be set per model, got {options[key]!r}; "
+                                    "remove it (per-model options are training options)")
+            train_registry.check_config_types(options)
+        if "samples_per_epoch" in options and options["samples_per_epoch"] is None:
+            raise UserError(f"{where}.samples_per_epoch must be a number in a study, got null; every arm then "
+                            "takes the same number of gradient steps (e.g. samples_per_epoch: 512)")
     return training
 
 
@@ -425,9 +444,6 @@ def _parse_block(block: Any, where: str) -> dict[str, tuple[Any, ...]]:
                             f"{list(out['block_fraction'])}; remove it or use strategy: [block]")
         if not (has_rho or has_vols):
             raise UserError(f"{where} needs rho (density) or volumes (count), got neither; e.g. rho: [0.1, 0.5]")
-        if True in out["border_slices"]:
-            raise UserError(f"{where}.border_slices needs strategy block (the extent clicks), got true; "
-                            "remove it or use strategy: [block]")
     return out
 
 
@@ -477,7 +493,8 @@ def _fraction(value: Any, name: str) -> float:
     return float(value)
 
 
-def load_spec(spec: str | os.PathLike[str], *, data: str | os.PathLike[str] | None = None) -> StudySpec:
+def load_spec(spec: str | os.PathLike[str], *, data: str | os.PathLike[str] | None = None,
+              test_cases: Sequence[str] | None = None) -> StudySpec:
     """Read a spec from a YAML file or a packaged preset name.
 
     Parameters
@@ -487,6 +504,9 @@ def load_spec(spec: str | os.PathLike[str], *, data: str | os.PathLike[str] | No
         ``quick``, ``demo``).
     data : path, optional
         Dataset folder; replaces ``dataset.path`` of the spec (presets have none).
+    test_cases : sequence of str, optional
+        Case ids held out for testing; replace the spec's ``dataset.split`` test fraction
+        or cases (validation is still drawn from the others by the split seed).
 
     Examples
     --------
@@ -500,8 +520,8 @@ def load_spec(spec: str | os.PathLike[str], *, data: str | os.PathLike[str] | No
     except yaml.YAMLError as exc:
         raise UserError(f"spec {str(spec)!r} is not valid YAML ({str(exc).splitlines()[0]}); fix the file") from exc
     parsed = parse_spec(raw, base=base)
-    if data is not None:
-        parsed = parsed.with_dataset(data)
+    if data is not None or test_cases is not None:
+        parsed = parsed.with_dataset(data, test_cases=test_cases)
     if parsed.dataset.path is None:
         raise UserError(f"dataset.path is not set, got spec {str(spec)!r} without one; pass --data DATASET")
     return parsed

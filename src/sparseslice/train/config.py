@@ -81,7 +81,10 @@ class TrainConfig:
         labels are resampled to (:mod:`sparseslice.resample`; slices stay whole, unknown stays
         unknown); ``predict`` resamples back to each image's grid. Default: the training
         cases' median in-plane spacing (nnU-Net's target), coarsened so that the median case
-        is at most 128 voxels in-plane (:data:`sparseslice.resample.MAX_INPLANE`).
+        is at most ``max_inplane`` voxels along each in-plane axis.
+    max_inplane : int
+        Without ``spacing``: the largest in-plane size (voxels per axis) of the median case
+        that the default spacing allows (128: what 2 CPU cores train in minutes).
     foreground_fraction : float
         3D: share of patches centred on a known foreground voxel (nnU-Net oversamples a third).
     lr : float
@@ -156,7 +159,9 @@ class TrainConfig:
                                                       "at most 256 (2d), 128 in-plane x 48 slices (3d)")
     spacing: tuple[float, float] | None = option(
         None, "In-plane spacing (mm) to resample to, e.g. 1.25,1.25 (the slice axis is never resampled).",
-        unset="the cases' median, coarsened so the median case is at most 128 voxels in-plane")
+        unset="the cases' median, coarsened so the median case is at most max_inplane voxels in-plane")
+    max_inplane: int = option(128, "Without spacing: the median case's largest in-plane size (voxels) the "
+                                   "default spacing allows.")
     foreground_fraction: float = option(0.33, "3d: share of patches centred on a foreground voxel.")
     lr: float = option(1e-3, "Adam learning rate.")
     weight_decay: float = option(1e-5, "Adam weight decay.")
@@ -201,7 +206,7 @@ class TrainConfig:
         choice("schedule", self.schedule, SCHEDULES)
         choice("normalization", self.normalization, NORMALIZATIONS)
         choice("nonfinite", self.nonfinite, NONFINITE)
-        for name in ("epochs", "restart_every", "patience", "plateau_patience"):
+        for name in ("epochs", "restart_every", "patience", "plateau_patience", "max_inplane"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}; e.g. {name}: 10")
         for name in ("batch_size", "samples_per_epoch", "num_threads"):

@@ -118,12 +118,13 @@ def resolve_axis(dataset: Dataset, axis: int | None) -> int:
 
 
 def resolve_spacing(dataset: Dataset, case_ids: list[str], *, axis: int,
-                    spacing: tuple[float, float] | None) -> tuple[float, float]:
+                    spacing: tuple[float, float] | None, max_inplane: int) -> tuple[float, float]:
     """The in-plane spacing training runs at: ``spacing`` if given (checked against every case),
     else :func:`sparseslice.resample.default_spacing` of the cases' headers."""
     heads = [(cid, read_header(dataset.case(cid).images[0])) for cid in case_ids]
     if spacing is None:
-        spacing = default_spacing([h.spacing for _, h in heads], [h.shape[:3] for _, h in heads], axis=axis)
+        spacing = default_spacing([h.spacing for _, h in heads], [h.shape[:3] for _, h in heads], axis=axis,
+                                  max_inplane=max_inplane)
     target = check_target(spacing)
     for cid, head in heads:
         resampled_shape(head.shape[:3], head.spacing, target, axis=axis, name=f"case {cid!r}")

@@ -323,7 +323,7 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
         scheme = "ct" if "ct" in dataset.modality.lower() else "zscore"
     norm = Normalization(scheme, window=config.ct_window)
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
-    spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing)
+    spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing, max_inplane=config.max_inplane)
     validates_on_training = val_dataset is dataset and val_ids == train_ids
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
