@@ -668,6 +668,9 @@ def predict(
     largest_component: Annotated[bool, typer.Option(help="Keep each label's largest component.")] = True,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Windows or slices per forward pass.")] = 16,
+    window: Annotated[str, typer.Option(help="whole: 2D whole slices, 3D the largest window that fits memory; "
+                                             "patch: sliding windows of the training patch."),
+                      Choices("sparseslice.predict:WINDOWS")] = "whole",
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: CUDA if present).")] = None,
     plan: Annotated[Path | None, typer.Option(
         "--plan", help="Pre-annotation: predict only the plan's cases, keeping only their planned slices, for "
@@ -687,7 +690,7 @@ def predict(
 
     written = predict_folder(run, images, out, cases=_case_list(cases), tta=tta, fill_holes=fill_holes,
                              largest_component=largest_component, device=device, tta_axes=axes,
-                             overlap=overlap, batch_size=batch_size, progress=progress,
+                             overlap=overlap, batch_size=batch_size, window=window, progress=progress,
                              plan=read_plan(plan) if plan is not None else None)
     console.print(f"wrote {len(written)} label maps to {out}")
 

@@ -9,6 +9,10 @@ the cheaper constant blend at overlap 0.25, since it runs after every epoch.
 A 2D model sees the slices along the slice axis, a 3D model the whole volume; both are
 given as a stack of model inputs ``(N, C, *spatial)`` (:func:`model_inputs`), run
 ``Window.images_per_pass`` images at a time.
+
+A window as large as the image needs no sliding: :func:`window_logits` is that single window
+(the same padding, no blending buffers), which prediction uses for whole slices;
+:func:`largest_window` sizes a 3D window to a memory budget.
 """
 
 from __future__ import annotations
@@ -100,6 +104,67 @@ def window_size(patch_size: tuple[int, ...], *, dims: int, axis: int, divisor: i
     if len(patch) != dims:
         patch = tuple(-(-s // divisor) * divisor for s in plane)
     return patch
+
+
+def whole_window(patch: tuple[int, ...], plane: tuple[int, ...], *, divisor: int) -> tuple[int, ...]:
+    """One window over a whole image ``plane``: the image rounded up to ``divisor``, at least ``patch``.
+
+    An image smaller than the training patch is padded to it, as the sliding window pads; a
+    larger one is seen whole (a fully convolutional network takes any multiple of ``divisor``).
+
+    Examples
+    --------
+    >>> whole_window((32, 32), (41, 20), divisor=8)
+    (48, 32)
+    """
+    return tuple(max(int(p), -(-int(s) // divisor) * divisor) for p, s in zip(patch, plane, strict=True))
+
+
+def window_logits(model: nn.Module, images: torch.Tensor, *, roi: tuple[int, ...]) -> torch.Tensor:
+    """Logits of a batch ``(n, C, *spatial)`` seen through one window ``roi`` covering each image whole.
+
+    Zero padding is split as MONAI's sliding window splits it (half before, the rest after)
+    and cropped off again, so this is ``sliding_window_inference`` with a single window,
+    without its blending buffers.
+    """
+    spatial = images.shape[2:]
+    if len(roi) != len(spatial) or any(r < s for r, s in zip(roi, spatial, strict=True)):
+        raise ValueError(f"roi must cover the images, got {tuple(roi)} for images of {tuple(spatial)}")
+    pads: list[int] = []
+    for r, s in reversed(list(zip(roi, spatial, strict=True))):
+        pads.extend([(r - s) // 2, r - s - (r - s) // 2])
+    out = model(torch.nn.functional.pad(images, pads) if any(pads) else images)
+    crop = tuple(slice((r - s) // 2, (r - s) // 2 + s) for r, s in zip(roi, spatial, strict=True))
+    return out[(slice(None), slice(None), *crop)]
+
+
+def largest_window(patch: tuple[int, ...], shape: tuple[int, ...], *, divisor: int, bytes_per_voxel: float,
+                   budget: float) -> tuple[int, ...]:
+    """The largest 3D window, a multiple of ``divisor`` and at least ``patch``, whose activations fit ``budget``.
+
+    Starts from the whole (rounded-up) volume and shrinks the axes that are not yet at the
+    patch by a common factor until ``voxels * bytes_per_voxel <= budget`` (never below the patch).
+
+    Examples
+    --------
+    >>> largest_window((32, 32, 16), (100, 100, 40), divisor=8, bytes_per_voxel=1.0, budget=1e9)
+    (104, 104, 40)
+    >>> largest_window((32, 32, 16), (512, 512, 300), divisor=8, bytes_per_voxel=1.0, budget=64**3)
+    (72, 72, 40)
+    """
+    win = list(whole_window(patch, shape, divisor=divisor))
+    floor = [int(p) for p in patch]
+    for _ in range(64):
+        if float(np.prod(win)) * bytes_per_voxel <= budget:
+            break
+        free = [a for a in range(len(win)) if win[a] > floor[a]]
+        if not free:
+            break
+        fixed = float(np.prod([win[a] for a in range(len(win)) if a not in free]))
+        factor = (budget / bytes_per_voxel / fixed / float(np.prod([win[a] for a in free]))) ** (1 / len(free))
+        for a in free:
+            win[a] = max(floor[a], min(win[a] - divisor, int(win[a] * factor) // divisor * divisor))
+    return tuple(win)
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -106,15 +106,17 @@ def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
     """
     out = np.empty(image.shape, np.float32)
     for c in range(image.shape[0]):
-        x = image[c].astype(np.float32)
-        if norm.scheme == "ct":
+        x = out[c]
+        x[...] = image[c]
+        if norm.scheme == "ct":  # in place: a CT volume costs its float32 copy, not several (same values)
             lo, hi = norm.window
-            x = (np.clip(x, lo, hi) - lo) / (hi - lo)
-        elif norm.scheme == "zscore":
+            np.clip(x, lo, hi, out=x)
+            x -= lo
+            x /= hi - lo
+        elif norm.scheme == "zscore":  # statistics in float64 (the percentiles are float64 scalars)
             lo, hi = np.percentile(x, norm.clip)
-            x = np.clip(x, lo, hi)
-            x = (x - x.mean()) / max(float(x.std()), 1e-8)
-        out[c] = x
+            z = np.clip(x, lo, hi)
+            x[...] = (z - z.mean()) / max(float(z.std()), 1e-8)
     return out
 
 

@@ -1,8 +1,10 @@
 """Inference: sliding-window prediction, flip test-time augmentation and post-processing.
 
-A 2D model sees the slices along the checkpoint's slice axis (in batches); a 3D model sees
-patches of the checkpoint's patch size. Both go through :mod:`sparseslice.inference` (the
-sliding window training validation uses too) with Gaussian blending. Test-time augmentation averages the
+A 2D model sees each whole slice along the checkpoint's slice axis (in batches, one window per
+slice: :func:`slice_classes`); a 3D model the largest window that fits the device's memory, at
+least its patch. ``window="patch"`` uses sliding windows of the training patch instead. All go
+through :mod:`sparseslice.inference` (the sliding window training validation uses too), with
+Gaussian blending where windows overlap. Test-time augmentation averages the
 softmax over every combination of flips of the chosen axes (nnU-Net's mirroring). The
 label map is then post-processed per label: largest connected component (26-connectivity)
 and hole filling (3D cavities of background enclosed by the label), each switchable.
@@ -26,7 +28,17 @@ from scipy import ndimage
 from torch import nn
 
 from sparseslice.errors import UserError
-from sparseslice.inference import Window, device_of, from_model_outputs, model_inputs, probabilities, window_size
+from sparseslice.inference import (
+    Window,
+    device_of,
+    from_model_outputs,
+    largest_window,
+    model_inputs,
+    probabilities,
+    whole_window,
+    window_logits,
+    window_size,
+)
 from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalize
 from sparseslice.outputs import MARKER
@@ -122,13 +134,115 @@ def _prepare(image: Volume, ckpt: Checkpoint) -> np.ndarray:
 
 @torch.inference_mode()
 def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
-                          batch_size: int = 16) -> np.ndarray:
-    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window, Gaussian blending)."""
+                          batch_size: int = 16, roi: tuple[int, ...] | None = None) -> np.ndarray:
+    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window, Gaussian blending).
+
+    The window is ``roi``, by default the checkpoint's training patch (:func:`~sparseslice.inference.window_size`).
+    """
     dims = ckpt.spec.dims
     images = model_inputs(x, dims=dims, axis=ckpt.axis)
-    roi = window_size(ckpt.patch_size, dims=dims, axis=ckpt.axis, divisor=ckpt.spec.divisor, plane=images.shape[2:])
+    if roi is None:
+        roi = window_size(ckpt.patch_size, dims=dims, axis=ckpt.axis, divisor=ckpt.spec.divisor,
+                          plane=images.shape[2:])
     window = Window(overlap=overlap, blend="gaussian", images_per_pass=batch_size, windows_per_pass=batch_size)
     return from_model_outputs(probabilities(model, images, roi=roi, window=window), dims=dims, axis=ckpt.axis)
+
+
+#: How predict lays windows over an image: ``whole`` (2D: each whole slice, padded to the network's
+#: divisor and at least the training patch; 3D: the largest window that fits the device's memory) or
+#: ``patch`` (sliding windows of the training patch, overlap and Gaussian blending).
+WINDOWS = ("whole", "patch")
+
+
+def check_window(window: str) -> str:
+    """Return ``window`` if it is one of :data:`WINDOWS`, else raise naming them."""
+    if window not in WINDOWS:
+        raise UserError(f"window must be one of {', '.join(WINDOWS)}, got {window!r}; e.g. whole")
+    return window
+
+
+def _stack_dims(flip: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    """Image axes ``flip`` (never the slice axis) as dims of a 2D model's stack ``(N, C, h, w)``."""
+    plane = [a for a in range(3) if a != axis]
+    return tuple(2 + plane.index(a) for a in flip)
+
+
+@torch.inference_mode()
+def slice_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: Sequence[tuple[int, ...]] = ((),),
+                  batch_size: int = 16, grid: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Class indices ``(X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array by a 2D model, whole slices at a time.
+
+    Each batch of ``batch_size`` slices goes through the network once per flip set of ``flips``
+    (image axes; ``()`` is the plain pass), as one window over the whole slice
+    (:func:`~sparseslice.inference.window_logits`); the softmax of the passes is summed and
+    the argmax taken before the next batch, so memory holds one batch of probabilities, never
+    the volume's. ``grid`` (the image's own shape, when the network saw ``x`` resampled)
+    resamples each batch's probabilities back in-plane first, as :func:`predict_volume` does.
+    """
+    axis = ckpt.axis
+    images = model_inputs(x, dims=2, axis=axis)
+    roi = whole_window(window_size(ckpt.patch_size, dims=2, axis=axis, divisor=ckpt.spec.divisor,
+                                   plane=images.shape[2:]), images.shape[2:], divisor=ckpt.spec.divisor)
+    plane = images.shape[2:] if grid is None else tuple(s for a, s in enumerate(grid) if a != axis)
+    device = device_of(model)
+    out = np.empty((images.shape[0], *plane), np.uint8 if ckpt.spec.out_channels <= 256 else np.int64)
+    for start in range(0, images.shape[0], batch_size):
+        t = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        total = None
+        for flip in flips:
+            dims = _stack_dims(flip, axis)
+            p = torch.softmax(window_logits(model, torch.flip(t, dims) if dims else t, roi=roi).float(), dim=1)
+            p = torch.flip(p, dims) if dims else p
+            total = p if total is None else total.add_(p)
+        if tuple(total.shape[2:]) != tuple(plane):
+            total = torch.nn.functional.interpolate(total, size=plane, mode="bilinear", align_corners=False)
+        out[start:start + batch_size] = total.argmax(1).cpu().numpy()
+    return np.moveaxis(out, 0, axis)
+
+
+def memory_budget(device: torch.device) -> float:
+    """Bytes a 3D prediction window's activations may take: half the free GPU memory, or on a CPU a
+    quarter of the available memory, at most 2 GiB (bigger windows gain little time there)."""
+    if device.type == "cuda":
+        return 0.5 * float(torch.cuda.mem_get_info(device)[0])
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = float(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = 8 * 2.0**30
+    return min(available / 4, 2 * 2.0**30)
+
+
+def activation_bytes(ckpt: Checkpoint) -> float:
+    """Rough bytes per window voxel of a forward pass without gradients (a simple memory model): each
+    level's channels at its resolution in float32, times 1.25 per residual unit and level.
+
+    Calibrated on a CPU: MONAI's U-Net (16, 32, 64, 128), one residual unit, in inference mode
+    grows by about 100 bytes per voxel from a 128^3 to a 192^3 window; this model says 106.
+    """
+    spec = ckpt.spec
+    scale, total = 1, 0.0
+    for level, c in enumerate(spec.channels):
+        total += c / scale
+        if level < len(spec.strides):
+            scale *= int(spec.strides[level]) ** spec.dims
+    return 4 * total * (1 + 0.25 * spec.num_res_units)
+
+
+def _windowed_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: Sequence[tuple[int, ...]],
+                      overlap: float, batch_size: int, grid: tuple[int, int, int] | None,
+                      roi: tuple[int, ...] | None) -> np.ndarray:
+    """Class indices by sliding windows ``roi``: the softmax summed over ``flips`` in one volume, then argmax."""
+    prob = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
+    for flip in flips:
+        dims = tuple(a + 1 for a in flip)
+        xf = np.flip(x, dims) if dims else x
+        p = predict_probabilities(model, ckpt, xf, overlap=overlap, batch_size=batch_size, roi=roi)
+        prob += np.flip(p, dims) if dims else p
+        del p
+    if grid is not None:
+        prob = resample_probabilities(prob, grid, axis=ckpt.axis)
+    return np.argmax(prob, axis=0)
 
 
 def _label_values(ckpt: Checkpoint) -> np.ndarray:
@@ -143,7 +257,7 @@ def _label_values(ckpt: Checkpoint) -> np.ndarray:
 
 def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bool = False, fill_holes: bool = True,
                    largest_component: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
-                   batch_size: int = 16) -> np.ndarray:
+                   batch_size: int = 16, window: str = "whole") -> np.ndarray:
     """Label map of one image, on the image's own grid.
 
     Parameters
@@ -159,9 +273,13 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
     tta_axes : sequence of int, optional
         Image axes to flip; default all three for 3D models, the two in-plane axes for 2D.
     overlap : float
-        Sliding-window overlap in [0, 1).
+        Sliding-window overlap in [0, 1) (windows smaller than the image only).
     batch_size : int
         Windows (3D) or slices (2D) per forward pass.
+    window : {"whole", "patch"}
+        ``whole``: a 2D model sees each whole slice (:func:`slice_classes`), a 3D model the
+        largest window that fits the device's memory; ``patch``: sliding windows of the training
+        patch (see :data:`WINDOWS`).
 
     Returns
     -------
@@ -174,21 +292,28 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
         raise UserError(f"overlap must lie in [0, 1), got {overlap}; e.g. 0.5")
     if batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}; e.g. 16")
+    check_window(window)
     x = _prepare(image, ckpt)
     grid = x.shape[1:]
     resampled = needs_resampling(image.spacing, ckpt.spacing, axis=ckpt.axis)
     if resampled:  # to the spacing the network was trained at, and the probabilities back
         x = resample_image(x, resampled_shape(grid, image.spacing, ckpt.spacing, axis=ckpt.axis), axis=ckpt.axis)
     flips = _flip_sets(_check_tta_axes(tta_axes, ckpt)) if tta else [()]
-    prob = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
-    for flip in flips:
-        dims = tuple(a + 1 for a in flip)
-        xf = np.flip(x, dims) if dims else x
-        p = predict_probabilities(model, ckpt, xf, overlap=overlap, batch_size=batch_size)
-        prob += np.flip(p, dims) if dims else p
-    if resampled:
-        prob = resample_probabilities(prob, grid, axis=ckpt.axis)
-    labels = narrow_label_dtype(_label_values(ckpt)[np.argmax(prob, axis=0)])
+    back = grid if resampled else None
+    if window == "whole" and ckpt.spec.dims == 2:
+        index = slice_classes(model, ckpt, x, flips=flips, batch_size=batch_size, grid=back)
+    else:
+        roi, per_pass = None, batch_size
+        if window == "whole":  # 3D: the largest window that fits, as many of them per pass as fit
+            patch = window_size(ckpt.patch_size, dims=3, axis=ckpt.axis, divisor=ckpt.spec.divisor, plane=x.shape[1:])
+            budget, per_voxel = memory_budget(device_of(model)), activation_bytes(ckpt)
+            roi = largest_window(patch, x.shape[1:], divisor=ckpt.spec.divisor, bytes_per_voxel=per_voxel,
+                                 budget=budget)
+            per_pass = max(1, min(batch_size, int(budget // (float(np.prod(roi)) * per_voxel))))
+        index = _windowed_classes(model, ckpt, x, flips=flips, overlap=overlap, batch_size=per_pass, grid=back,
+                                  roi=roi)
+    del x
+    labels = narrow_label_dtype(narrow_label_dtype(_label_values(ckpt))[index])
     return postprocess(labels, fill_holes=fill_holes, largest_component=largest_component)
 
 
@@ -217,7 +342,7 @@ def planned_slices_only(labels: np.ndarray, entry: PlanEntry) -> np.ndarray:
 def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[str] | None = None, tta: bool = False,
                    fill_holes: bool = True, largest_component: bool = True, device: str | None = None,
                    progress: bool = True, tta_axes: Sequence[int] | None = None, overlap: float = 0.5,
-                   batch_size: int = 16, plan: Plan | None = None) -> list[Path]:
+                   batch_size: int = 16, plan: Plan | None = None, window: str = "whole") -> list[Path]:
     """Predict every image of a dataset into ``out/<case>.nii.gz`` (image's own space).
 
     ``images`` is anything :func:`sparseslice.datasets.discover_dataset` reads; its labels,
@@ -237,6 +362,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     from sparseslice.model import load_checkpoint, pick_device
     from sparseslice.outputs import claim_output, dataset_inputs
 
+    check_window(window)
     model, ckpt = load_checkpoint(run_dir, device=pick_device(device))
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
@@ -250,7 +376,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     settings = {
         "run_dir": str(run_dir), "images": str(images), "cases": [c.case_id for c in todo], "tta": tta,
         "tta_axes": list(_check_tta_axes(tta_axes, ckpt)) if tta else [], "fill_holes": fill_holes,
-        "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size,
+        "largest_component": largest_component, "overlap": overlap, "batch_size": batch_size, "window": window,
         "device": str(device_of(model)), "axis": ckpt.axis, "dims": ckpt.spec.dims,
         "patch_size": list(ckpt.patch_size), "labels": list(ckpt.labels),
         "spacing": None if ckpt.spacing is None else list(ckpt.spacing),
@@ -263,7 +389,7 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
             image = load_image(case, nonfinite=nonfinite)
             labels = predict_volume(model, ckpt, image, tta=tta, fill_holes=fill_holes,
                                     largest_component=largest_component, tta_axes=tta_axes, overlap=overlap,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, window=window)
             if planned is not None:
                 labels = planned_slices_only(labels, planned[case.case_id])
             written.append(write_volume(image.like(labels), folder.path(f"{case.case_id}.nii.gz")))

@@ -19,6 +19,9 @@ import numpy as np
 from sparseslice.errors import UserError, unknown_choice
 from sparseslice.io import check_axis
 
+#: Voxels of the float64 slices an encoder holds at once (32 MiB).
+CHUNK_VOXELS = 2**22
+
 #: An encoder maps an image array (channels last, if any) and the slice axis to one feature
 #: row per slice: ``encoder(image, axis) -> (n_slices, n_features)``.
 SliceEncoder = Callable[[np.ndarray, int], np.ndarray]
@@ -111,15 +114,20 @@ def default_slice_encoder(image: np.ndarray, axis: int, *, size: int = 16, compo
     from scipy import ndimage
 
     axis = check_axis(axis)
-    arr = np.asarray(image, dtype=np.float64)
+    arr = np.asarray(image)
     if arr.ndim == 3:
         arr = arr[..., None]
-    arr = np.moveaxis(arr, axis, 0)  # (n, a, b, c)
-    q25, med, q75 = np.percentile(arr[::2, ::2, ::2], [25, 50, 75])  # every 8th voxel: same statistics, faster
-    arr = (arr - med) / max(q75 - q25, 1e-6)
+    arr = np.moveaxis(arr, axis, 0)  # (n, a, b, c), a view in the image's own dtype
+    # every 8th voxel: same statistics, faster
+    q25, med, q75 = np.percentile(arr[::2, ::2, ::2].astype(np.float64), [25, 50, 75])
+    scale = max(q75 - q25, 1e-6)
     n, a, b, c = arr.shape
     zoom = (1.0, size / a, size / b, 1.0)
-    small = ndimage.zoom(arr, zoom, order=1, grid_mode=True, mode="nearest")
+    # a few slices at a time (at most 32 MiB of float64), never a float64 copy of the volume: the zoom
+    # along the slice axis is the identity, so the rows are those of zooming the whole volume, bit for bit
+    step = max(1, CHUNK_VOXELS // (a * b * c))
+    small = np.concatenate([ndimage.zoom((arr[s:s + step].astype(np.float64) - med) / scale, zoom, order=1,
+                                         grid_mode=True, mode="nearest") for s in range(0, n, step)])
     rows = small.reshape(n, -1)
     rows = rows - rows.mean(axis=0, keepdims=True)
     # PCA scores U*S from the small n x n Gram matrix (eigh): same result as an SVD of the rows,

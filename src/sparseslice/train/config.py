@@ -121,6 +121,10 @@ class TrainConfig:
         Random flips, small in-plane rotations and scaling, intensity scale/shift/noise.
     val_fraction : float
         Fraction of training cases held out for validation when no ``val_dir`` is given.
+    val_share : float, optional
+        Validation costs at most this share of an epoch's training, estimated from sizes
+        (:func:`sparseslice.train.trainer.validation_subset`: evenly spaced slices, or the first
+        cases for 3D); None validates every annotated slice of every validation case.
     seed : int
         Seed of every random choice (split, sampling, augmentation, weights).
     device : str, optional
@@ -176,6 +180,8 @@ class TrainConfig:
     axis: int | None = option(None, "Slice axis.", unset="the sidecars', else the dataset's")
     augment: bool = option(True, "Random augmentation.")
     val_fraction: float = option(0.1, "Held-out fraction without --val-dir.")
+    val_share: float | None = option(0.2, "Most validation may cost, as a share of an epoch's training.",
+                                     unset="validate every annotated slice")
     seed: int = option(0, "Random seed.")
     device: str | None = option(None, "cpu, cuda or cuda:N.", unset="CUDA when present")
     num_threads: int | None = option(None, "torch threads (1 per process is best on a busy CPU).",
@@ -219,6 +225,8 @@ class TrainConfig:
             from sparseslice.resample import check_target
 
             object.__setattr__(self, "spacing", check_target(self.spacing))
+        if self.val_share is not None and not self.val_share > 0:
+            raise UserError(f"val_share must be positive, got {self.val_share}; e.g. 0.2, or none to validate all")
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"val_fraction must lie in [0, 1), got {self.val_fraction}; e.g. 0.1")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:

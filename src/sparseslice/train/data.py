@@ -52,6 +52,13 @@ class CaseArrays:
     axis: int
     interpolated: np.ndarray | None = None
     partial: np.ndarray | None = None
+    #: The case's shape before :func:`load_cases` kept only some of its slices (None: nothing dropped).
+    full_shape: tuple[int, int, int] | None = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The whole case's shape at the training spacing (also when only some slices are kept)."""
+        return tuple(self.full_shape or self.label.shape)  # type: ignore[return-value]
 
     @property
     def validation_slices(self) -> np.ndarray:
@@ -143,10 +150,33 @@ def read_case_label(case_label: object, *, axis: int, ignore_value: int | None =
     return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol, sparse.partial_known
 
 
+def kept_slices(known: np.ndarray, *, keep: int | None) -> np.ndarray | None:
+    """The slices :func:`load_cases` keeps of a case whose known slices are ``known`` (None: all of them).
+
+    ``keep=None`` keeps every slice; ``0`` only the known ones (what a 2D sampler reads); ``k > 0``
+    the range from ``k`` slices before the first known slice to ``k`` after the last (a 3D block
+    of depth ``k + 1`` holding a known slice lies inside it). A case without a known slice keeps all.
+
+    Examples
+    --------
+    >>> kept_slices(np.array([0, 0, 1, 0, 0, 1, 0, 0, 0], bool), keep=0).tolist()
+    [2, 5]
+    >>> kept_slices(np.array([0, 0, 1, 0, 0, 1, 0, 0, 0], bool), keep=2).tolist()
+    [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    if keep is None or not known.any():
+        return None
+    idx = np.flatnonzero(known)
+    if keep == 0:
+        return idx
+    return np.arange(max(0, idx[0] - keep), min(known.size, idx[-1] + keep + 1))
+
+
 def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalization: Normalization,
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
                progress: bool = False, nonfinite: str = "error", channels: int | None = None,
-               spacing: tuple[float, float] | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               spacing: tuple[float, float] | None = None,
+               keep: int | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
     ``labels`` defaults to the dataset's label names plus every value found in known voxels;
@@ -154,6 +184,9 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     number of image channels (``channels`` when given: those of the training cases, for
     validation cases). ``spacing`` (two in-plane spacings in mm) resamples each case across
     the slice axis (:mod:`sparseslice.resample`): slice weights are those of the file.
+    ``keep`` (:func:`kept_slices`) holds only the slices training reads, one case at a time:
+    the image is normalised whole first, so the kept slices hold the values they would have
+    in the whole case (``CaseArrays.full_shape`` keeps its shape).
     """
     raw = []
     found: set[int] = set()
@@ -176,11 +209,21 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         if partial is not None:
             found.update(np.unique(label[partial]).tolist())
         img = normalize(np.moveaxis(arr, -1, 0), normalization)
-        if needs_resampling(image.spacing, spacing, axis=axis):
-            grid = resampled_shape(label.shape, image.spacing, spacing, axis=axis, name=f"case {cid!r}")
-            img = resample_image(img, grid, axis=axis)
-            label, partial = resample_label(label, grid, axis=axis, known=partial)
-        raw.append((cid, img, label, weight, interpolated, partial))
+        image_spacing = image.spacing
+        del image, arr  # only the normalised copy (and soon only its kept slices) stays
+        resampled = needs_resampling(image_spacing, spacing, axis=axis)
+        grid = resampled_shape(label.shape, image_spacing, spacing, axis=axis, name=f"case {cid!r}") \
+            if resampled else label.shape
+        kept = kept_slices(known | _partial_slices(partial, axis), keep=keep)
+        if kept is not None:  # resampling is in-plane, slice by slice: the same before or after
+            img, label = np.take(img, kept, axis=axis + 1), np.take(label, kept, axis=axis)
+            weight, interpolated = weight[kept], interpolated[kept]
+            partial = None if partial is None else np.take(partial, kept, axis=axis)
+        if resampled:
+            target = tuple(len(kept) if kept is not None and a == axis else int(g) for a, g in enumerate(grid))
+            img = resample_image(img, target, axis=axis)
+            label, partial = resample_label(label, target, axis=axis, known=partial)
+        raw.append((cid, img, label, weight, interpolated, partial, None if kept is None else tuple(grid)))
     _check_channels(raw, expected=channels)
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
@@ -190,9 +233,16 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         raise UserError(f"label value {unexpected[0]} is not one of the run's labels {list(labels)}; "
                         "check the labels or dataset.json")
     lut[list(labels)] = np.arange(len(labels))
-    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial)
-             for cid, img, label, weight, interp, partial in raw]
+    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial, full)
+             for cid, img, label, weight, interp, partial, full in raw]
     return cases, tuple(int(v) for v in labels)
+
+
+def _partial_slices(partial: np.ndarray | None, axis: int) -> np.ndarray | bool:
+    """Slices holding a known voxel of a partly labelled slice (False when there are none)."""
+    if partial is None:
+        return False
+    return np.any(partial, axis=tuple(a for a in range(3) if a != axis))
 
 
 def _check_channels(raw: list[tuple[Any, ...]], *, expected: int | None) -> None:
@@ -261,7 +311,7 @@ def default_patch_size(cases: list[CaseArrays], *, model: str, axis: int, diviso
     """Largest case (in-plane for 2D) rounded up to ``divisor``, capped at 256 (2D), or at 128 in-plane and
     48 along the slice axis (3D: Specktor-Fadida et al.'s 128 x 128 x 48 blocks, about 0.2 s per patch
     and step on 2 CPU cores)."""
-    shapes = np.array([c.label.shape for c in cases])
+    shapes = np.array([c.shape for c in cases])
     top = shapes.max(axis=0)
     if model == "2d":
         return tuple(min(round_up(int(s), divisor), 256) for a, s in enumerate(top) if a != axis)

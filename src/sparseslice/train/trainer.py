@@ -20,7 +20,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from sparseslice.progress import training_progress
 from sparseslice.train.augment import augment_batch
 from sparseslice.train.config import TrainConfig, config_difference
 from sparseslice.train.data import (
+    PATCH_3D_SLICES,
     Batch,
     BlockSampler,
     CaseArrays,
@@ -323,10 +324,11 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     norm = Normalization(scheme, window=config.ct_window)
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
     spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing, max_inplane=config.max_inplane)
+    validates_on_training = val_dataset is dataset and val_ids == train_ids
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
-                                     spacing=spacing)
-    if val_dataset is dataset and val_ids == train_ids:
+                                     spacing=spacing, keep=None if validates_on_training else _kept(config, axis))
+    if validates_on_training:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
@@ -354,18 +356,30 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     resolved = config.updated(axis=axis, normalization=scheme, patch_size=tuple(patch), batch_size=batch_size,
                               samples_per_epoch=samples, device=str(device), spacing=spacing)
     label_names = {str(k): v for k, v in dataset.label_names.items()}
+    val_cases, checked = validation_subset(val_cases, dims=spec.dims, patch=tuple(patch), samples=samples,
+                                           share=config.val_share)
     split = {"train": train_ids, "val": val_ids, "labels": list(labels), "label_names": label_names,
-             "val_dir": str(val_dir) if val_dir is not None else None}
+             "val_dir": str(val_dir) if val_dir is not None else None, "validated": checked}
     return _Run(output=output, config=resolved, spec=spec, normalization=norm, labels=labels,
                 label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device,
                 prefetch=prefetch)
+
+
+def _kept(config: TrainConfig, axis: int) -> int:
+    """Slices a training case keeps around its known ones (:func:`~sparseslice.train.data.kept_slices`): none
+    for 2D, which reads the known slices only; for 3D one patch depth less one, so every block the sampler
+    can draw lies in what is kept (the default depth is at most :data:`PATCH_3D_SLICES`)."""
+    if config.model == "2d":
+        return 0
+    depth = config.patch_size[axis] if config.patch_size and len(config.patch_size) == 3 else PATCH_3D_SLICES
+    return int(depth) - 1
 
 
 def _warn_if_patch_exceeds(cases: list[CaseArrays], patch: tuple[int, ...], *, model: str, axis: int,
                            divisor: int) -> None:
     """Say once when the patch is larger than every training case along an axis, beyond rounding up to the
     network's divisor (cases are padded)."""
-    shapes = np.array([c.label.shape for c in cases])
+    shapes = np.array([c.shape for c in cases])
     if model == "2d":
         shapes = shapes[:, [a for a in range(3) if a != axis]]
     largest = shapes.max(axis=0)
@@ -625,6 +639,56 @@ def _split(dataset, config: TrainConfig, val_dir) -> tuple[list[str], list[str],
     order = np.random.default_rng(config.seed).permutation(len(ids))
     val = sorted(ids[i] for i in order[:n_val])
     return sorted(ids[i] for i in order[n_val:]), val, dataset
+
+
+#: Validation may cost at most this share of an epoch's training (issue 14), by :func:`validation_subset`'s model.
+VAL_SHARE = 0.2
+
+#: Forward passes a training sample costs (forward, and a backward of about two), in that model.
+TRAIN_PASSES = 3
+
+
+def validation_subset(cases: list[CaseArrays], *, dims: int, patch: tuple[int, ...], samples: int,
+                      share: float | None = VAL_SHARE) -> tuple[list[CaseArrays], dict[str, Any]]:
+    """The validation cases and slices an epoch checks, so that validating costs at most ``share`` of training.
+
+    The same rule for every run, from sizes only (never timings, so runs stay reproducible): an
+    epoch's training costs ``TRAIN_PASSES * samples`` forward passes of the patch; validation one
+    pass per voxel of every window (the image, at least the patch, times the windows' overlap of
+    0.25 where it is larger). 2D: evenly spaced validation slices over all cases, every k-th for
+    the smallest k that fits; 3D: the first cases that fit (at least one). What fits whole is
+    kept whole. Returns the cases (others' slices zero-weighted copies, arrays shared) and a
+    summary for ``split.json``. ``share=None`` keeps everything.
+    """
+    if share is None:
+        return cases, {"share": None}
+    allowed = share * TRAIN_PASSES * samples * float(np.prod(patch))
+
+    def cost(shape: tuple[int, ...]) -> float:
+        grow = any(s > p for s, p in zip(shape, patch, strict=True))
+        return float(np.prod([max(s, p) for s, p in zip(shape, patch, strict=True)])) / (0.75 ** dims if grow else 1)
+
+    if dims == 3:
+        costs = np.cumsum([cost(c.shape) for c in cases if c.validation_slices.size])
+        keep = max(1, int(np.searchsorted(costs, allowed, side="right")))
+        chosen = [c for c in cases if c.validation_slices.size][:keep]
+        return chosen, {"share": share, "cases": len(chosen), "of_cases": len(costs)}
+    units = [(n, int(i), cost(tuple(s for a, s in enumerate(c.shape) if a != c.axis)))
+             for n, c in enumerate(cases) for i in c.validation_slices]
+    total = sum(u for *_, u in units)
+    if not units:
+        return cases, {"share": share, "slices": 0, "of_slices": 0, "every": 1}
+    step = 1 if total <= allowed else int(np.ceil(total / max(allowed, min(u for *_, u in units))))
+    kept = {(n, i) for n, i, _ in units[::step]}
+    out = []
+    for n, c in enumerate(cases):
+        drop = [i for i in c.validation_slices if (n, int(i)) not in kept]
+        if drop:
+            weight = c.slice_weight.copy()
+            weight[drop] = 0
+            c = replace(c, slice_weight=weight)
+        out.append(c)
+    return out, {"share": share, "slices": len(kept), "of_slices": len(units), "every": step}
 
 
 @torch.no_grad()

@@ -1,0 +1,99 @@
+"""Training data of CT-sized volumes (issue 14): only what training reads is kept, and batches do not change."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparseslice.datasets import discover_dataset
+from sparseslice.io import read_label
+from sparseslice.model import Normalization
+from sparseslice.sparse import SparseLabel, write_sparse
+from sparseslice.synthetic import write_phantom_dataset
+from sparseslice.train.data import BlockSampler, SliceSampler, default_patch_size, load_cases
+
+
+@pytest.fixture(scope="module")
+def sparse(tmp_path_factory):
+    """Three phantoms of 30 slices, annotated at a few slices (one case with two far-apart slices)."""
+    root = tmp_path_factory.mktemp("scale")
+    full = write_phantom_dataset(root / "full", cases=3, seed=1, shape=(28, 24, 30))
+    ds = discover_dataset(full)
+    out = root / "sparse"
+    (out / "imagesTr").mkdir(parents=True)
+    for case, slices in zip(ds.cases, ([3, 25], [10, 12, 14], [15]), strict=True):
+        label = read_label(case.label)
+        (out / "imagesTr" / case.images[0].name).symlink_to(case.images[0])
+        write_sparse(SparseLabel.from_slices(label.array, slices, axis=2), out / "labelsTr" / case.label.name,
+                     like=label, extra={"interpolated": slices[1:2]})
+    (out / "dataset.json").write_text((full / "dataset.json").read_text())
+    return discover_dataset(out)
+
+
+def draw(sampler, seed: int, *, batches: int = 6, batch_size: int = 3) -> list:
+    return list(sampler.epoch(batches * batch_size, batch_size, np.random.default_rng(seed)))
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for t, u in zip(x, y, strict=True):
+            assert t.dtype == u.dtype and torch.equal(t, u)
+
+
+@pytest.mark.parametrize("spacing", [None, (1.5, 1.25)])
+def test_2d_keeps_only_known_slices_and_gives_the_same_batches(sparse, spacing):
+    kw = {"axis": 2, "normalization": Normalization("zscore"), "spacing": spacing}
+    whole, labels = load_cases(sparse, sparse.case_ids, **kw)
+    kept, kept_labels = load_cases(sparse, sparse.case_ids, keep=0, **kw)
+    assert kept_labels == labels
+    assert [c.label.shape[2] for c in kept] == [2, 3, 1]
+    assert [c.shape for c in kept] == [c.label.shape for c in whole]
+    assert default_patch_size(kept, model="2d", axis=2, divisor=4) == default_patch_size(whole, model="2d", axis=2,
+                                                                                           divisor=4)
+    for w, k in zip(whole, kept, strict=True):  # the kept slices are the whole case's, bit for bit
+        np.testing.assert_array_equal(k.image, w.image[..., w.known_slices])
+        np.testing.assert_array_equal(k.slice_weight, w.slice_weight[w.known_slices])
+    for patch in [(16, 16), (32, 28)]:
+        assert_same_batches(draw(SliceSampler(whole, patch_size=patch), 0),
+                            draw(SliceSampler(kept, patch_size=patch), 0))
+
+
+@pytest.mark.parametrize("patch", [(16, 16, 8), (16, 16, 32)])
+def test_3d_keeps_blocks_around_known_slices_and_gives_the_same_batches(sparse, patch):
+    kw = {"axis": 2, "normalization": Normalization("zscore")}
+    whole, _ = load_cases(sparse, sparse.case_ids, **kw)
+    kept, _ = load_cases(sparse, sparse.case_ids, keep=patch[2] - 1, **kw)
+    if patch[2] == 8:  # 7 slices of context each side (clipped at the ends), not the whole case
+        want = [min(w.shape[2], int(w.known_slices[-1]) + 8) - max(0, int(w.known_slices[0]) - 7) for w in whole]
+        assert [c.label.shape[2] for c in kept] == want and want[1:] == [19, 15]
+    for fg in (0.0, 0.5):
+        a = BlockSampler(whole, patch_size=patch, foreground=fg, mask_as_inference=0.3)
+        b = BlockSampler(kept, patch_size=patch, foreground=fg, mask_as_inference=0.3)
+        assert_same_batches(draw(a, 1), draw(b, 1))
+
+
+def test_validation_subset_fits_the_share_by_sizes_and_keeps_what_fits_whole():
+    from sparseslice.train.data import CaseArrays
+    from sparseslice.train.trainer import TRAIN_PASSES, validation_subset
+
+    rng = np.random.default_rng(0)
+    cases = [CaseArrays(f"c{n}", rng.normal(size=(1, 16, 16, 10)).astype(np.float32),
+                        np.zeros((16, 16, 10), np.uint8), np.ones(10, np.float32), axis=2) for n in range(4)]
+    # 40 validation slices of 16 x 16 = patch; an epoch of 100 samples allows 0.2 * 3 * 100 = 60 slices
+    same, info = validation_subset(cases, dims=2, patch=(16, 16), samples=100)
+    assert all(a is b for a, b in zip(same, cases, strict=True)) and info["every"] == 1
+    few, info = validation_subset(cases, dims=2, patch=(16, 16), samples=20)  # allows 12 slices
+    kept = [i for c in few for i in c.validation_slices]
+    assert info == {"share": 0.2, "slices": len(kept), "of_slices": 40, "every": 4} and len(kept) == 10
+    assert len(kept) * 16 * 16 <= 0.2 * TRAIN_PASSES * 20 * 16 * 16
+    assert [c.validation_slices.tolist() for c in few] == [[0, 4, 8], [2, 6], [0, 4, 8], [2, 6]]
+    assert all(c.image is o.image for c, o in zip(few, cases, strict=True))  # arrays shared, not copied
+    assert validation_subset(cases, dims=2, patch=(16, 16), samples=1, share=None)[0] is cases
+    # 3D: whole cases in order, at least one
+    cases3 = [CaseArrays(f"v{n}", np.zeros((1, 16, 16, 10), np.float32), np.zeros((16, 16, 10), np.uint8),
+                         np.ones(10, np.float32), axis=2) for n in range(3)]
+    two, info = validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=4)  # 2.4 cases' worth
+    assert [c.case_id for c in two] == ["v0", "v1"] and info["cases"] == 2
+    assert len(validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=1)[0]) == 1
