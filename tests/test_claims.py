@@ -69,3 +69,17 @@ def test_std_difference_matches_numpy_and_its_interval_covers_it():
     b = pd.Series([0.9, 0.5, 0.85, 0.99, 0.6], index=list("abcde"))
     diff, low, high = std_difference(a, b)
     assert np.isclose(diff, a.std() - b.std()) and low <= diff <= high
+
+
+def test_a_full_arm_is_recommended_as_the_whole_volumes_that_fit(monkeypatch):
+    """rho 1 spends whole volumes (the allocation's rule), never a budget spread thinner."""
+    from sparseslice.study import analysis
+    from sparseslice.study.report import _plan_text
+
+    assert analysis.plan_volumes(350, rho=1.0, volumes=None, capacity=58, seen=[6, 6, 6]) == 6
+    assert analysis.plan_volumes(350, rho=0.5, volumes=None, capacity=58, seen=[]) == 13  # fewest reaching it
+    best = pd.Series({"budget": 350, "rho": 1.0, "volumes": None, "strategy": "random", "regime": "r"})
+    runs = pd.DataFrame({"run_id": ["a"], "seed": [0], "n_volumes": [6]})
+    monkeypatch.setattr(analysis, "regime_label", lambda row: "r")
+    text = _plan_text(best, runs, {"a": [(58, 58)] * 6})
+    assert text.startswith("6 volumes: 58+58+58+58+58+58 = 348 slices (whole volumes; 2 of the 350 slices unspent)")

@@ -356,12 +356,14 @@ def integer_plan(budget: int, *, volumes: int, capacity: int | None = None) -> l
 def plan_volumes(budget: int, *, rho: float | None, volumes: float | None, capacity: int | None,
                  seen: Sequence[int]) -> int:
     """How many volumes the plan annotates: ``volumes`` when set; for ``rho``, the allocation's
-    rule on volumes of the typical ``capacity``; else (or without a capacity) the most common
-    count of the runs (``seen``, ties to the larger)."""
+    rule on volumes of the typical ``capacity`` (``rho=1``: the whole volumes that fit); else
+    (or without a capacity) the most common count of the runs (``seen``, ties to the larger)."""
     from sparseslice.select.allocation import volumes_for_rho
 
     if volumes is not None and not pd.isna(volumes):
         return int(volumes)
+    if rho is not None and not pd.isna(rho) and float(rho) >= 1 and capacity and budget >= capacity:
+        return int(budget) // int(capacity)  # full annotation: the whole volumes that fit (allocation's rule)
     if rho is not None and not pd.isna(rho) and capacity:
         try:
             return volumes_for_rho(float(rho), [int(capacity)] * int(budget), int(budget))

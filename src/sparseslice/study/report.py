@@ -171,7 +171,11 @@ def _plan_text(best: pd.Series, runs: pd.DataFrame, plans: dict[str, list[tuple[
     capacity = int(np.median(caps)) if caps else None
     n = analysis.plan_volumes(budget, rho=best["rho"], volumes=best["volumes"], capacity=capacity,
                               seen=mine["n_volumes"] if "n_volumes" in mine else [])
-    text = f"{n} volumes: {analysis.spread_text(analysis.integer_plan(budget, volumes=n, capacity=capacity))}"
+    full = capacity is not None and pd.notna(best["rho"]) and float(best["rho"]) >= 1 and n * capacity <= budget
+    counts = [capacity] * n if full else analysis.integer_plan(budget, volumes=n, capacity=capacity)
+    text = f"{n} volumes: {analysis.spread_text(counts)}"
+    if full and budget > sum(counts):
+        text += f" (whole volumes; {budget - sum(counts)} of the {budget} slices unspent)"
     text += f", slices chosen by {best['strategy']}"
     notes = []
     if capacity is not None and pd.notna(best["rho"]):
