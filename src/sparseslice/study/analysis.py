@@ -206,22 +206,24 @@ class Paired:
         return f"{self.a if self.mean_diff > 0 else self.b} better"
 
 
-def bootstrap_ci(values: Sequence[float], *, confidence: float = 0.95, seed: int = BOOTSTRAP_SEED,
+def bootstrap_ci(*samples: Sequence[float], statistic=np.mean, confidence: float = 0.95, seed: int = BOOTSTRAP_SEED,
                  resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (SciPy, seeded); NaN below 2 finite values.
+    """Percentile bootstrap interval of ``statistic`` (SciPy, seeded); NaN below 2 finite values.
 
-    The one interval of the study report: paired differences and the figures' error bars.
+    The one interval of the study report: paired differences, the figures' error bars and,
+    with two samples resampled as pairs (``statistic(a, b, axis=)``), the difference of spreads.
     """
     from scipy.stats import bootstrap
 
-    x = np.asarray(values, dtype=float)
-    x = x[np.isfinite(x)]
-    if x.size < 2:
+    data = np.asarray(samples, dtype=float)
+    data = data[:, np.isfinite(data).all(axis=0)]
+    if data.shape[1] < 2:
         return np.nan, np.nan
-    if np.ptp(x) <= 1e-12:
-        return float(x[0]), float(x[0])
-    res = bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
-                    rng=np.random.default_rng(seed))
+    if np.all(np.ptp(data, axis=1) <= 1e-12):
+        value = float(statistic(*data, axis=-1))
+        return value, value
+    res = bootstrap(tuple(data), statistic, paired=len(data) > 1, confidence_level=confidence, n_resamples=resamples,
+                    method="percentile", rng=np.random.default_rng(seed))
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

@@ -8,18 +8,8 @@ per-case means (seeds averaged first, :func:`sparseslice.study.analysis.paired`)
 bootstrap interval over test cases; the mean claims are Holm-corrected together. The mask
 channel is reported as an ablation with the same rule as the "helps" claims.
 
-Verdict rules (stated in the report):
-
-- "at least" (1): *reproduced* when the interval's lower end is above ``-MARGIN`` (the
-  partial arm is not worse by more than the margin), *not reproduced* when the upper end is
-  below 0 (the full arm is better), otherwise *inconclusive*.
-- "smaller spread" (2): the difference of the standard deviations over test cases, with a
-  paired bootstrap interval over cases: *reproduced* below 0, *not reproduced* above 0,
-  otherwise *inconclusive*.
-- "helps" (3, 4, mask): *reproduced* when the Holm-corrected Wilcoxon test is significant
-  with the option better by at least ``MARGIN`` on average, *not reproduced* when the
-  interval's upper end is below ``+MARGIN`` (any gain is smaller than the margin) or the
-  option is significantly worse, otherwise *inconclusive*.
+The verdict rules are :data:`RULES` (the report states them) and :func:`_at_least`,
+:func:`_helps` and the spread rule in :func:`partial_annotation_claims`.
 """
 
 from __future__ import annotations
@@ -34,8 +24,13 @@ from sparseslice.study import analysis
 
 #: Dice difference treated as negligible: the non-inferiority margin and the smallest gain that counts.
 MARGIN = 0.01
-#: Verdict words.
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+#: The verdict rules in words, as the report states them.
+RULES = (f"'at least' is reproduced when the 95% interval of a − b stays above −{MARGIN:g} Dice (not worse by "
+         "more than the margin) and not reproduced when it lies below 0; 'smaller std' (the difference of the stds "
+         "over test cases, cases resampled in pairs) when its interval lies below 0, not reproduced above 0; "
+         "'helps' when the Holm-corrected Wilcoxon test is significant in its favour with a mean gain of at least "
+         f"{MARGIN:g}, not reproduced when the interval stays below +{MARGIN:g} Dice (any gain is smaller than the "
+         "margin) or the option is significantly worse; anything else is inconclusive.")
 
 
 @dataclass(frozen=True)
@@ -70,11 +65,12 @@ def std_difference(a: pd.Series, b: pd.Series) -> tuple[float, float, float]:
     if len(both) < 2:
         return np.nan, np.nan, np.nan
     x, y = both["a"].to_numpy(), both["b"].to_numpy()
-    rng = np.random.default_rng(analysis.BOOTSTRAP_SEED)
-    idx = rng.integers(0, len(x), size=(analysis.BOOTSTRAP_RESAMPLES, len(x)))
-    boot = x[idx].std(axis=1, ddof=1) - y[idx].std(axis=1, ddof=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    return float(x.std(ddof=1) - y.std(ddof=1)), float(low), float(high)
+    low, high = analysis.bootstrap_ci(x, y, statistic=_std_gap)
+    return float(_std_gap(x, y)), low, high
+
+
+def _std_gap(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.std(a, axis=axis, ddof=1) - np.std(b, axis=axis, ddof=1)
 
 
 def _arm(frame: pd.DataFrame, name: str) -> pd.DataFrame:

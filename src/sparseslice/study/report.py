@@ -482,12 +482,7 @@ def _claims_part(cases: pd.DataFrame) -> str:
             "in many volumes reach at least the Dice of few fully annotated volumes, with a smaller std over test "
             "cases; border slices help; two-step optimisation helps (the mask channel is an ablation). Each row "
             "pairs per-case means (seeds averaged first) of one model; 95% bootstrap interval over test cases; "
-            "Holm correction over the mean comparisons. Verdicts: <i>at least</i> is reproduced when the interval "
-            f"stays above −{claims.MARGIN:g} Dice and not reproduced when it lies below 0; <i>smaller std</i> when "
-            "the std difference's interval lies below 0 (above 0: not reproduced); <i>helps</i> when the corrected "
-            f"test is significant in its favour with a mean gain of at least {claims.MARGIN:g}, not reproduced "
-            f"when the interval stays below +{claims.MARGIN:g} "
-            "Dice or the option is significantly worse; anything else is inconclusive.</p>"
+            f"Holm correction over the mean comparisons. Verdicts: {html.escape(claims.RULES)}</p>"
             + _table(["claim", "model", "a vs b", "mean Dice (std for the std row) a vs b", "test cases",
                       "a − b", "95% CI", "Holm p", "verdict"], rows))
 
