@@ -306,7 +306,7 @@ def test_test_cases_from_the_command_line_replace_the_spec_split(tmp_path):
     assert parse_spec(spec.to_dict()).dataset == spec.dataset  # what a study folder stores reads back
     listed = tmp_path / "test.txt"
     listed.write_text("# held out\nla_045\n\nla_046\n")
-    assert _case_list(str(listed)) == _case_list("la_045, la_046") == ["la_045", "la_046"]
+    assert _case_list(str(listed), files=True) == _case_list("la_045, la_046") == ["la_045", "la_046"]
     with pytest.raises(UserError, match="test_cases must be a list of case ids"):
         load_spec("quick", data=tmp_path, test_cases=[])
 

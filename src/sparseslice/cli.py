@@ -479,7 +479,7 @@ def plan(
     excluded = read_exclusions(exclude) if exclude else None
     if axis is None and excluded is not None:  # a later round slices as the earlier ones did
         axis = excluded.axis
-    ids = [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+    ids = _case_list(cases)
     ext = None
     if extents == "labels":
         from sparseslice.select import extents_from_labels
@@ -651,8 +651,15 @@ def train(
 # --- predict / evaluate (issue 6) ---
 
 
-def _case_list(cases: str | None) -> list[str] | None:
-    return [c.strip() for c in cases.split(",") if c.strip()] if cases else None
+def _case_list(cases: str | None, *, files: bool = False) -> list[str] | None:
+    """``a,b,c``; with ``files``, also a file with one case id per line (blank lines, ``#`` comments skipped)."""
+    if cases is None or not (cases or files):  # --test-cases "" is refused by the spec, not dropped
+        return None
+    if files and Path(cases).is_file():
+        items = [s for s in Path(cases).read_text().splitlines() if not s.strip().startswith("#")]
+    else:
+        items = cases.split(",")
+    return [c.strip() for c in items if c.strip()]
 
 
 @command()
@@ -750,15 +757,6 @@ study_app = typer.Typer(help="Run a grid of experiments (a study) and report on 
 app.add_typer(study_app, name="study")
 
 
-def _case_list(text: str | None) -> list[str] | None:
-    """``a,b,c`` or a file with one case id per line (blank lines and ``#`` comments skipped)."""
-    if text is None:
-        return None
-    path = Path(text)
-    items = path.read_text().splitlines() if path.is_file() else text.split(",")
-    return [s.strip() for s in items if s.strip() and not s.strip().startswith("#")]
-
-
 @command(study_app, name="run")
 def study_run(
     spec: Annotated[str, typer.Argument(help="Spec YAML file, or a preset."),
@@ -781,7 +779,7 @@ def study_run(
     """Run every unfinished run of a study; finished runs are skipped, crashed runs recorded (exit 1)."""
     from sparseslice.study import load_spec, run_study
 
-    study = load_spec(spec, data=data, test_cases=_case_list(test_cases))
+    study = load_spec(spec, data=data, test_cases=_case_list(test_cases, files=True))
     summary = run_study(study, out, executor=executor, workers=workers, address=address,
                         force=force, results_format=results_format, progress=progress)
     console.print(f"study {out}: {len(summary.ran) - len(summary.failed)} runs finished, "
