@@ -357,9 +357,10 @@ def collect(dataset: Dataset, plan: Plan, annotations: str | os.PathLike[str], o
             out.rmdir()
         raise
     sha = sha256_of(plan_path) if plan_path else None
+    old_values = [int(v) for v in _read_json(out / "dataset.json").get("labels", {})]  # _write removes it first
     _write(ctx, folder, entries, files, plan_sha=sha, copy_images=copy_images, progress=progress)
-    report = _write_report(ctx, folder, records, previous, annotations=annotations, plan_path=plan_path,
-                           plan_sha=sha, preannotations=preannotations, missing=missing)
+    report = _write_report(ctx, folder, records, previous, old_values=old_values, annotations=annotations,
+                           plan_path=plan_path, plan_sha=sha, preannotations=preannotations, missing=missing)
     return CollectReport(records, sorted(set(previous) - set(files)), missing, report)
 
 
@@ -432,7 +433,8 @@ def _sidecar_extra(record: CaseRecord, previous: SparseLabel | None, *, plan_sha
 
 
 def _write_report(ctx: _Context, folder: OutputFolder, records: list[CaseRecord], previous: Mapping[str, Any], *,
-                  annotations: Path, plan_path: str | os.PathLike[str] | None, plan_sha: str | None,
+                  old_values: list[int], annotations: Path, plan_path: str | os.PathLike[str] | None,
+                  plan_sha: str | None,
                   preannotations: str | os.PathLike[str] | None, missing: list[str]) -> Path:
     """Write ``plan.json``/``plan.csv`` (the plan of this run), ``collect.json`` and, last, ``dataset.json``."""
     old = _read_json(folder.root / REPORT)
@@ -459,7 +461,6 @@ def _write_report(ctx: _Context, folder: OutputFolder, records: list[CaseRecord]
     folder.path("plan.csv")
     write_plan(ctx.plan, folder.path("plan.json"))
     path = write_json(folder.path(REPORT), report)
-    old_values = [int(v) for v in _read_json(folder.root / "dataset.json").get("labels", {})]
     values = ctx.allowed or sorted({0, *old_values, *(v for r in records for v in r.values)})
     training = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]
     meta = sparse_dataset_json(ctx.dataset, ctx.plan, values, training, channel_names(ctx.dataset, cases),
