@@ -190,11 +190,10 @@ def _run_predict(work: Path, args: argparse.Namespace, *, tta: bool) -> tuple[fl
     bare_post = time.perf_counter() - t0, _cpu() - c0
     bare = bare_forward(model, ckpt, image, batch=16)
     passes = 4 if tta else 1  # two in-plane axes: 2^2 flip sets
-    window = inspect.signature(predict_volume).parameters.get("window")
     return wall, cpu, {"peak_predict_mib": round(peak), "bare_wall_s": round(bare[0], 2),
                        "bare_cpu_s": round(bare[1], 2), "wall/bare": round(wall / bare[0], 3),
                        "cpu/bare": round(cpu / bare[1], 3), "nopost_cpu/bare": round(bare_post[1] / bare[1], 3),
-                       "passes": passes, "window": window.default if window else "patch",
+                       "passes": passes, "window": inspect.signature(predict_volume).parameters["window"].default,
                        "volume_f32_mib": round(image.array.size * 4 / 2**20, 1)}
 
 

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from sparseslice.datasets import discover_dataset, load_image, load_label, slice_axis_of, split_cases
-from sparseslice.io import Volume
 from sparseslice.sparse import SparseLabel, write_sparse
 from sparseslice.study.pipeline import link_cases
 from sparseslice.train import TrainConfig, train
@@ -71,25 +70,6 @@ def write_sparse_subset(src: Path, out: Path, case_ids: list[str], *, axis: int,
         record["numTraining"] = len(case_ids)
     (out / "dataset.json").write_text(json.dumps(record, indent=2))
     return out
-
-
-def predict_2d(run_dir: Path, image: Volume) -> np.ndarray:
-    """Slice-wise argmax (used when sparseslice.predict has not landed)."""
-    from sparseslice.model import load_checkpoint, normalize
-    from sparseslice.train.data import pad_end, round_up
-
-    model, ckpt = load_checkpoint(run_dir)
-    arr = image.array if image.array.ndim == 4 else image.array[..., None]
-    img = normalize(np.moveaxis(arr, -1, 0), ckpt.normalization)
-    slices = np.moveaxis(img, 1 + ckpt.axis, 0)
-    h, w = slices.shape[-2:]
-    x = torch.from_numpy(np.ascontiguousarray(pad_end(slices, (round_up(h, ckpt.spec.divisor),
-                                                                round_up(w, ckpt.spec.divisor)))))
-    if ckpt.spec.mask_channel:
-        x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
-    with torch.no_grad():
-        pred = model(x).argmax(1)[:, :h, :w].numpy()
-    return np.asarray(ckpt.labels)[np.moveaxis(pred, 0, ckpt.axis)]
 
 
 def test_dice(run_dir: Path, src: Path, case_ids: list[str], *, tta: bool = False) -> dict[str, float]:

@@ -69,10 +69,7 @@ class CaseArrays:
     @property
     def known_slices(self) -> np.ndarray:
         """Slices holding any known voxel (annotated, interpolated or partly labelled)."""
-        known = self.slice_weight > 0
-        if self.partial is not None:
-            known |= np.any(self.partial, axis=tuple(a for a in range(3) if a != self.axis))
-        return np.flatnonzero(known)
+        return np.flatnonzero((self.slice_weight > 0) | _partial_slices(self.partial, self.axis))
 
     def voxel_weight(self) -> np.ndarray:
         """Per-voxel loss weight: the slice weight, and 1 at the known voxels of partial slices."""

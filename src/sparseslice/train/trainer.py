@@ -641,15 +641,12 @@ def _split(dataset, config: TrainConfig, val_dir) -> tuple[list[str], list[str],
     return sorted(ids[i] for i in order[n_val:]), val, dataset
 
 
-#: Validation may cost at most this share of an epoch's training (issue 14), by :func:`validation_subset`'s model.
-VAL_SHARE = 0.2
-
 #: Forward passes a training sample costs (forward, and a backward of about two), in that model.
 TRAIN_PASSES = 3
 
 
 def validation_subset(cases: list[CaseArrays], *, dims: int, patch: tuple[int, ...], samples: int,
-                      share: float | None = VAL_SHARE) -> tuple[list[CaseArrays], dict[str, Any]]:
+                      share: float | None = TrainConfig.val_share) -> tuple[list[CaseArrays], dict[str, Any]]:
     """The validation cases and slices an epoch checks, so that validating costs at most ``share`` of training.
 
     The same rule for every run, from sizes only (never timings, so runs stay reproducible): an
@@ -669,9 +666,9 @@ def validation_subset(cases: list[CaseArrays], *, dims: int, patch: tuple[int, .
         return float(np.prod([max(s, p) for s, p in zip(shape, patch, strict=True)])) / (0.75 ** dims if grow else 1)
 
     if dims == 3:
-        costs = np.cumsum([cost(c.shape) for c in cases if c.validation_slices.size])
-        keep = max(1, int(np.searchsorted(costs, allowed, side="right")))
-        chosen = [c for c in cases if c.validation_slices.size][:keep]
+        checked = [c for c in cases if c.validation_slices.size]
+        costs = np.cumsum([cost(c.shape) for c in checked])
+        chosen = checked[:max(1, int(np.searchsorted(costs, allowed, side="right")))]
         return chosen, {"share": share, "cases": len(chosen), "of_cases": len(costs)}
     units = [(n, int(i), cost(tuple(s for a, s in enumerate(c.shape) if a != c.axis)))
              for n, c in enumerate(cases) for i in c.validation_slices]
