@@ -97,3 +97,40 @@ def test_validation_subset_fits_the_share_by_sizes_and_keeps_what_fits_whole():
     two, info = validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=4)  # 2.4 cases' worth
     assert [c.case_id for c in two] == ["v0", "v1"] and info["cases"] == 2
     assert len(validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=1)[0]) == 1
+
+
+def test_2d_sampler_reads_the_cases_own_arrays_and_pads_unknown(sparse):
+    """No stacked copy of the slices (a CT dataset would hold its known slices twice): the sampler's own
+    arrays are per-sample bookkeeping, and a batch is each case's slice, centred, with zero padding."""
+    cases, _ = load_cases(sparse, sparse.case_ids, axis=2, normalization=Normalization("zscore"), keep=0)
+    sampler = SliceSampler(cases, patch_size=(32, 32))
+    own = sum(v.nbytes if isinstance(v, np.ndarray) else v.element_size() * v.nelement()
+              for v in vars(sampler).values() if isinstance(v, np.ndarray | torch.Tensor))
+    assert own < 0.1 * sum(c.image.nbytes for c in cases)
+    image, label, weight = sampler.stored(np.arange(len(sampler)))
+    assert image.shape == (6, 1, 32, 32)
+    for k, (i, s) in enumerate(sampler.rows):
+        c = cases[i]
+        (h, w), (oy, ox) = c.label.shape[:2], sampler.offsets[k]
+        assert (oy, ox) == ((32 - h) // 2, (32 - w) // 2)
+        inside = np.zeros((32, 32), bool)
+        inside[oy:oy + h, ox:ox + w] = True
+        np.testing.assert_array_equal(image[k][:, inside].numpy(), c.image[..., s].reshape(1, -1))
+        np.testing.assert_array_equal(label[k][inside].numpy(), c.label[..., s].ravel())
+        np.testing.assert_array_equal(weight[k][inside].numpy(), c.voxel_weight()[..., s].ravel())
+        assert not image[k][:, ~inside].any() and not weight[k][~inside].any()
+    assert sorted(set(weight.unique().tolist())) == [0.0, 0.5, 1.0]  # interpolated slices weigh 0.5
+
+
+def test_2d_validation_reads_annotated_slices_only_and_scores_the_same(sparse):
+    from sparseslice.model import ModelSpec, build_model
+    from sparseslice.train.trainer import validate
+
+    kw = {"axis": 2, "normalization": Normalization("zscore")}
+    whole, _ = load_cases(sparse, sparse.case_ids, **kw)
+    kept, _ = load_cases(sparse, sparse.case_ids, keep=0, **kw)
+    spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    args = {"spec": spec, "patch_size": (16, 16), "device": torch.device("cpu"), "batch_size": 2}
+    assert validate(model, kept, **args) == validate(model, whole, **args)

@@ -90,9 +90,10 @@ def test_slice_sampler_keeps_only_annotated_slices_and_weights_interpolated(phan
     sampler = SliceSampler(cases, patch_size=(24, 24))
     assert len(sampler) == 6  # 3 known slices x 2 cases, nothing else
     full = read_label(ds.case(ds.case_ids[0]).label).array
-    assert set(np.unique(sampler.weights)) <= {0.0, 0.25, 1.0}
+    _, stored_labels, stored_weights = sampler.stored(np.arange(len(sampler)))
+    assert set(np.unique(stored_weights)) <= {0.0, 0.25, 1.0}
     # stored slice 0 is slice 2 of case 0 (centred in the padded store)
-    stored = sampler.labels[0].numpy()
+    stored = stored_labels[0].numpy()
     assert (stored == 0).sum() + (stored > 0).sum() == stored.size
     assert stored.sum() == full[..., 2].astype(int).sum() and (stored > 0).sum() == (full[..., 2] > 0).sum()
     zero, _ = load_cases(ds, ds.case_ids, axis=axis, normalization=Normalization(), interpolated_weight=0.0)
@@ -430,7 +431,7 @@ def test_nnunet_ignore_label_is_unknown_never_a_class(tmp_path):
     assert np.all(grad[raw == IGNORE] == 0) and np.all(grad[raw != IGNORE] > 0)
     # 2D: the partly labelled slice is sampled with its ignored half at weight 0
     slices = SliceSampler(cases[:1], patch_size=raw.shape[:2])
-    assert len(slices) == 3 and sorted(slices.weights.sum((1, 2)).tolist()) == [
+    assert len(slices) == 3 and sorted(slices.stored(np.arange(3))[2].sum((1, 2)).tolist()) == [
         (raw[..., PARTIAL] != IGNORE).sum(), raw[..., 0].size, raw[..., 0].size]
     # one epoch of training: the model's outputs are the three real classes, not four
     with warnings.catch_warnings():

@@ -317,48 +317,62 @@ def default_patch_size(cases: list[CaseArrays], *, model: str, axis: int, diviso
 
 
 class SliceSampler:
-    """2D samples: the known slices of every case, stacked in memory as one tensor.
+    """2D samples: the known slices of every case, read from the cases' own arrays.
 
     Slices are padded symmetrically to the largest slice (and at least ``patch_size``), as
     sliding-window inference pads; padding is unknown. With a ``patch_size`` smaller than a
-    slice, a random crop inside the slice is taken.
+    slice, a random crop inside the slice is taken. Nothing is copied up front: a batch gathers
+    its slices from the cases (memory-mapped ones stay on disk), and the per-voxel weight is
+    built from one weight per slice (per voxel only for partly labelled slices).
     """
 
     def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int]) -> None:
-        images, labels, weights, sizes, offsets = [], [], [], [], []
         plane = tuple(int(p) for p in patch_size)
         full = np.array([[s for a, s in enumerate(c.label.shape) if a != c.axis] for c in cases])
-        store = (max(plane[0], int(full[:, 0].max())), max(plane[1], int(full[:, 1].max())))
-        for c in cases:
+        self.store = (max(plane[0], int(full[:, 0].max())), max(plane[1], int(full[:, 1].max())))
+        self.cases = cases
+        rows, weights = [], []  # one row per sample: case index, slice index
+        self.partial: dict[int, np.ndarray] = {}  # sample -> per-voxel weight of a partly labelled slice
+        for i, c in enumerate(cases):
             idx = c.known_slices
-            if idx.size == 0:
-                continue
-            img = np.moveaxis(np.take(c.image, idx, axis=1 + c.axis), 1 + c.axis, 0)  # (n, C, h, w)
-            lab = np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0)
-            w = np.moveaxis(np.take(c.voxel_weight(), idx, axis=c.axis), c.axis, 0).astype(np.float32)
-            padded, off = pad_center(lab, store)
-            images.append(pad_center(img, store)[0])
-            labels.append(padded)
-            weights.append(pad_center(w, store)[0])
-            sizes.extend([lab.shape[1:]] * len(idx))
-            offsets.extend([off] * len(idx))
-        if not images:
+            part = _partial_slices(c.partial, c.axis)
+            for s in idx:
+                if part is not False and part[s]:
+                    self.partial[len(rows)] = np.take(c.voxel_weight(), s, axis=c.axis).astype(np.float32)
+                rows.append((i, int(s)))
+                weights.append(c.slice_weight[s])
+        if not rows:
             raise UserError("training data has no annotated slice, got 0 known slices; "
                             "check the sparse labels and their sidecars")
-        self.images = torch.from_numpy(np.concatenate(images))
-        self.labels = torch.from_numpy(np.concatenate(labels))
-        self.weights = torch.from_numpy(np.concatenate(weights))
-        self.sizes = np.array(sizes)
-        self.offsets = np.array(offsets)
-        self.patch_size = tuple(int(p) for p in patch_size)
+        self.rows = np.array(rows)
+        self.slice_weight = np.array(weights, np.float32)
+        self.sizes = np.array([[s for a, s in enumerate(cases[i].label.shape) if a != cases[i].axis]
+                               for i, _ in rows])
+        self.offsets = (np.array(self.store) - self.sizes) // 2
+        self.patch_size = plane
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.rows.shape[0])
+
+    def stored(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The samples at ``indices`` padded to the store's slice size: image ``(B, C, H, W)`` float32,
+        label ``(B, H, W)`` uint8 and weight ``(B, H, W)`` float32 (0 in the padding)."""
+        n, (hh, ww) = len(indices), self.store
+        channels = self.cases[0].image.shape[0]
+        img = np.zeros((n, channels, hh, ww), np.float32)
+        lab = np.zeros((n, hh, ww), np.uint8)
+        w = np.zeros((n, hh, ww), np.float32)
+        for b, k in enumerate(indices):
+            (i, s), (h, wd), (oy, ox) = self.rows[k], self.sizes[k], self.offsets[k]
+            c = self.cases[i]
+            img[b, :, oy:oy + h, ox:ox + wd] = np.take(c.image, s, axis=1 + c.axis)
+            lab[b, oy:oy + h, ox:ox + wd] = np.take(c.label, s, axis=c.axis)
+            w[b, oy:oy + h, ox:ox + wd] = self.partial[k] if k in self.partial else self.slice_weight[k]
+        return torch.from_numpy(img), torch.from_numpy(lab), torch.from_numpy(w)
 
     def batch(self, indices: np.ndarray, rng: np.random.Generator) -> Batch:
         """The samples at ``indices`` (random crops when the patch is smaller than a slice)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        img, lab, w = self.images[idx], self.labels[idx], self.weights[idx]
+        img, lab, w = self.stored(indices)
         ph, pw = self.patch_size
         if img.shape[-2:] != (ph, pw):
             crops_i, crops_l, crops_w = [], [], []

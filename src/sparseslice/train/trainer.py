@@ -325,14 +325,16 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     train_ids, val_ids, val_dataset = _split(dataset, config, val_dir)
     spacing = resolve_spacing(dataset, train_ids, axis=axis, spacing=config.spacing, max_inplane=config.max_inplane)
     validates_on_training = val_dataset is dataset and val_ids == train_ids
+    # 2D validation reads the annotated slices only; 3D validation predicts whole volumes
+    val_keep = 0 if config.model == "2d" else None
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
-                                     spacing=spacing, keep=None if validates_on_training else _kept(config, axis))
+                                     spacing=spacing, keep=val_keep if validates_on_training else _kept(config, axis))
     if validates_on_training:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
-                                  nonfinite=config.nonfinite,
+                                  nonfinite=config.nonfinite, keep=val_keep,
                                   channels=train_cases[0].image.shape[0], spacing=spacing,
                                   interpolated_weight=config.interpolated_weight, progress=progress)
     warn_missing_classes(train_cases, labels, dataset.label_names)
