@@ -76,25 +76,25 @@ def test_3d_keeps_blocks_around_known_slices_and_gives_the_same_batches(sparse, 
 
 def test_validation_subset_fits_the_share_by_sizes_and_keeps_what_fits_whole():
     from sparseslice.train.data import CaseArrays
-    from sparseslice.train.trainer import TRAIN_PASSES, validation_subset
+    from sparseslice.train.validation import TRAIN_PASSES, validation_subset
 
     rng = np.random.default_rng(0)
     cases = [CaseArrays(f"c{n}", rng.normal(size=(1, 16, 16, 10)).astype(np.float32),
                         np.zeros((16, 16, 10), np.uint8), np.ones(10, np.float32), axis=2) for n in range(4)]
-    # 40 validation slices of 16 x 16 = patch; an epoch of 100 samples allows 0.2 * 3 * 100 = 60 slices
+    # 40 validation slices of 16 x 16 = patch; an epoch of 100 samples allows 0.2 * 2 * 100 = 40 slices
     same, info = validation_subset(cases, dims=2, patch=(16, 16), samples=100)
     assert all(a is b for a, b in zip(same, cases, strict=True)) and info["every"] == 1
-    few, info = validation_subset(cases, dims=2, patch=(16, 16), samples=20)  # allows 12 slices
+    few, info = validation_subset(cases, dims=2, patch=(16, 16), samples=20)  # allows 8 slices
     kept = [i for c in few for i in c.validation_slices]
-    assert info == {"share": 0.2, "slices": len(kept), "of_slices": 40, "every": 4} and len(kept) == 10
+    assert info == {"share": 0.2, "slices": len(kept), "of_slices": 40, "every": 5} and len(kept) == 8
     assert len(kept) * 16 * 16 <= 0.2 * TRAIN_PASSES * 20 * 16 * 16
-    assert [c.validation_slices.tolist() for c in few] == [[0, 4, 8], [2, 6], [0, 4, 8], [2, 6]]
+    assert [c.validation_slices.tolist() for c in few] == [[0, 5]] * 4
     assert all(c.image is o.image for c, o in zip(few, cases, strict=True))  # arrays shared, not copied
     assert validation_subset(cases, dims=2, patch=(16, 16), samples=1, share=None)[0] is cases
     # 3D: whole cases in order, at least one
     cases3 = [CaseArrays(f"v{n}", np.zeros((1, 16, 16, 10), np.float32), np.zeros((16, 16, 10), np.uint8),
                          np.ones(10, np.float32), axis=2) for n in range(3)]
-    two, info = validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=4)  # 2.4 cases' worth
+    two, info = validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=6)  # 2.4 cases' worth
     assert [c.case_id for c in two] == ["v0", "v1"] and info["cases"] == 2
     assert len(validation_subset(cases3, dims=3, patch=(16, 16, 10), samples=1)[0]) == 1
 
@@ -124,7 +124,7 @@ def test_2d_sampler_reads_the_cases_own_arrays_and_pads_unknown(sparse):
 
 def test_2d_validation_reads_annotated_slices_only_and_scores_the_same(sparse):
     from sparseslice.model import ModelSpec, build_model
-    from sparseslice.train.trainer import validate
+    from sparseslice.train.validation import validate
 
     kw = {"axis": 2, "normalization": Normalization("zscore")}
     whole, _ = load_cases(sparse, sparse.case_ids, **kw)
@@ -134,3 +134,33 @@ def test_2d_validation_reads_annotated_slices_only_and_scores_the_same(sparse):
     model = build_model(spec)
     args = {"spec": spec, "patch_size": (16, 16), "device": torch.device("cpu"), "batch_size": 2}
     assert validate(model, kept, **args) == validate(model, whole, **args)
+
+
+@pytest.mark.parametrize("patch", [(32, 32), (16, 16)])
+def test_2d_validation_stacked_across_cases_scores_each_case_as_alone(sparse, patch):
+    """Stacking the slices of cases that share a window (padded as MONAI pads) changes no case's score;
+    (32, 32) pads every slice, (16, 16) slides windows over slices of different sizes."""
+    from sparseslice.model import ModelSpec, build_model
+    from sparseslice.train.validation import validate
+
+    cases, _ = load_cases(sparse, sparse.case_ids, axis=2, normalization=Normalization("zscore"), keep=0)
+    assert len({c.label.shape[:2] for c in cases}) > 1  # slices of different sizes
+    spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,), num_res_units=0)
+    torch.manual_seed(0)
+    model = build_model(spec)
+    args = {"spec": spec, "patch_size": patch, "device": torch.device("cpu"), "batch_size": 2}
+    together, per_class = validate(model, cases, **args)
+    alone = [validate(model, [c], **args) for c in cases]
+    assert together == pytest.approx(np.mean([a[0] for a in alone]), abs=1e-6)
+    assert per_class == pytest.approx(np.nanmean([a[1] for a in alone], axis=0).tolist(), abs=1e-6, nan_ok=True)
+    # and each case's class maps are those of MONAI's sliding window over that case alone (its own padding)
+    from sparseslice.inference import Window, classes, model_inputs, window_size
+    from sparseslice.train.validation import _slice_classes
+
+    window = Window(overlap=0.25, blend="constant", images_per_pass=4)
+    stacked = _slice_classes(model, cases, spec=spec, patch_size=patch, window=window, bf16=False,
+                             device=torch.device("cpu"))
+    for n, c in enumerate(cases):
+        images = model_inputs(c.image, dims=2, axis=2, slices=c.validation_slices)
+        roi = window_size(patch, dims=2, axis=2, divisor=spec.divisor, plane=images.shape[2:])
+        assert torch.equal(stacked[n], classes(model, images, roi=roi, window=window))

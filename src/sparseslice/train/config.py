@@ -123,7 +123,7 @@ class TrainConfig:
         Fraction of training cases held out for validation when no ``val_dir`` is given.
     val_share : float, optional
         Validation costs at most this share of an epoch's training, estimated from sizes
-        (:func:`sparseslice.train.trainer.validation_subset`: evenly spaced slices, or the first
+        (:func:`sparseslice.train.validation.validation_subset`: evenly spaced slices, or the first
         cases for 3D); None validates every annotated slice of every validation case.
     seed : int
         Seed of every random choice (split, sampling, augmentation, weights).

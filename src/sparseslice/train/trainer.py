@@ -20,7 +20,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ import torch
 from sparseslice.atomic import write_json, write_text
 from sparseslice.datasets import Dataset, discover_dataset
 from sparseslice.errors import UserError
-from sparseslice.inference import Window, classes, model_inputs, window_size
 from sparseslice.locking import hold
 from sparseslice.model import (
     Checkpoint,
@@ -62,8 +61,9 @@ from sparseslice.train.data import (
     round_up,
     warn_missing_classes,
 )
-from sparseslice.train.losses import masked_dice_scores, selective_loss
+from sparseslice.train.losses import selective_loss
 from sparseslice.train.schedule import make_optimizer, make_scheduler, step_scheduler
+from sparseslice.train.validation import validate, validation_subset
 
 #: With a mask channel, the share of 3D patches whose mask input is what inference gives (ones inside
 #: the volume) instead of the known-slice mask, so inference never shows the network something new.
@@ -641,105 +641,6 @@ def _split(dataset, config: TrainConfig, val_dir) -> tuple[list[str], list[str],
     order = np.random.default_rng(config.seed).permutation(len(ids))
     val = sorted(ids[i] for i in order[:n_val])
     return sorted(ids[i] for i in order[n_val:]), val, dataset
-
-
-#: Forward passes a training sample costs (forward, and a backward of about two), in that model.
-TRAIN_PASSES = 3
-
-
-def validation_subset(cases: list[CaseArrays], *, dims: int, patch: tuple[int, ...], samples: int,
-                      share: float | None = TrainConfig.val_share) -> tuple[list[CaseArrays], dict[str, Any]]:
-    """The validation cases and slices an epoch checks, so that validating costs at most ``share`` of training.
-
-    The same rule for every run, from sizes only (never timings, so runs stay reproducible): an
-    epoch's training costs ``TRAIN_PASSES * samples`` forward passes of the patch; validation one
-    pass per voxel of every window (the image, at least the patch, times the windows' overlap of
-    0.25 where it is larger). 2D: evenly spaced validation slices over all cases, every k-th for
-    the smallest k that fits; 3D: the first cases that fit (at least one). What fits whole is
-    kept whole. Returns the cases (others' slices zero-weighted copies, arrays shared) and a
-    summary for ``split.json``. ``share=None`` keeps everything.
-    """
-    if share is None:
-        return cases, {"share": None}
-    allowed = share * TRAIN_PASSES * samples * float(np.prod(patch))
-
-    def cost(shape: tuple[int, ...]) -> float:
-        grow = any(s > p for s, p in zip(shape, patch, strict=True))
-        return float(np.prod([max(s, p) for s, p in zip(shape, patch, strict=True)])) / (0.75 ** dims if grow else 1)
-
-    if dims == 3:
-        checked = [c for c in cases if c.validation_slices.size]
-        costs = np.cumsum([cost(c.shape) for c in checked])
-        chosen = checked[:max(1, int(np.searchsorted(costs, allowed, side="right")))]
-        return chosen, {"share": share, "cases": len(chosen), "of_cases": len(costs)}
-    units = [(n, int(i), cost(tuple(s for a, s in enumerate(c.shape) if a != c.axis)))
-             for n, c in enumerate(cases) for i in c.validation_slices]
-    total = sum(u for *_, u in units)
-    if not units:
-        return cases, {"share": share, "slices": 0, "of_slices": 0, "every": 1}
-    step = 1 if total <= allowed else int(np.ceil(total / max(allowed, min(u for *_, u in units))))
-    kept = {(n, i) for n, i, _ in units[::step]}
-    out = []
-    for n, c in enumerate(cases):
-        drop = [i for i in c.validation_slices if (n, int(i)) not in kept]
-        if drop:
-            weight = c.slice_weight.copy()
-            weight[drop] = 0
-            c = replace(c, slice_weight=weight)
-        out.append(c)
-    return out, {"share": share, "slices": len(kept), "of_slices": len(units), "every": step}
-
-
-@torch.no_grad()
-def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec, patch_size: tuple[int, ...],
-             device: torch.device, batch_size: int = 16, bf16: bool = False) -> tuple[float, list[float]]:
-    """Masked Dice on the validation cases' truly annotated slices.
-
-    Inference is :mod:`sparseslice.inference`'s sliding window, as in :mod:`sparseslice.predict`,
-    with the training patch (so padding matches what the network saw in training), but with
-    the cheaper window an every-epoch check affords: overlap 0.25 and constant blending instead
-    of prediction's 0.5 and Gaussian, ``2 * batch_size`` slices (2D) or one window (3D) per pass.
-
-    Returns the mean over cases of the mean foreground Dice, and the per-class means over
-    cases (NaN for a class absent from every case). Cases with no foreground anywhere in
-    prediction and reference are skipped.
-    """
-    model.eval()
-    n_classes = spec.out_channels
-    window = Window(overlap=0.25, blend="constant", images_per_pass=max(1, batch_size * 2))
-    scores = []
-    for c in cases:
-        idx = c.validation_slices
-        if idx.size == 0:
-            continue
-        images = model_inputs(c.image, dims=spec.dims, axis=c.axis, slices=idx if spec.dims == 2 else None)
-        if spec.mask_channel:  # at inference the mask channel is all ones: every slice is to be segmented
-            images = np.concatenate([images, np.ones_like(images[:, :1])], axis=1)
-        roi = window_size(patch_size, dims=spec.dims, axis=c.axis, divisor=spec.divisor, plane=images.shape[2:])
-        pred = classes(model, images, roi=roi, window=window, bf16=bf16, device=device)
-        if spec.dims == 2:
-            ref = torch.from_numpy(np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0).astype(np.int64))
-            known = torch.ones_like(ref, dtype=torch.bool)
-        else:
-            pred = pred[0]
-            ref = torch.from_numpy(c.label.astype(np.int64))
-            shape = [1, 1, 1]
-            shape[c.axis] = -1
-            mask = np.zeros(c.label.shape[c.axis], bool)
-            mask[idx] = True
-            known = torch.from_numpy(np.broadcast_to(mask.reshape(shape), c.label.shape).copy())
-        d = masked_dice_scores(pred, ref, known, n_classes=n_classes)
-        if not torch.isnan(d).all():
-            scores.append(d.numpy())
-    model.train()
-    if not scores:
-        return 0.0, [float("nan")] * (n_classes - 1)
-    arr = np.array(scores)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_class = np.nanmean(arr, axis=0)
-        mean = float(np.mean(np.nanmean(arr, axis=1)))
-    return mean, [float(v) for v in per_class]
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
