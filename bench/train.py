@@ -105,10 +105,10 @@ def throughput(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    ds = discover_dataset(HIPPO)
+    ds = discover_dataset(args.data)
     split = split_cases(ds.case_ids, seed=0)
     config = TrainConfig(model=args.model, epochs=1, num_threads=args.threads, seed=0, augment=True,
-                         device=str(device))
+                         device=str(device), **settings_from(args.set))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_dir = link_cases(ds, split.train[:args.cases], tmp / "train")
@@ -122,19 +122,25 @@ def throughput(args: argparse.Namespace) -> None:
         # bare model step: same model, same batch size, tensors already in memory
         from sparseslice.model import ModelSpec, build_model
 
-        spec = ModelSpec(dims=len(patch), in_channels=1, out_channels=3, channels=resolved.channels,
+        n_classes = len(json.loads((res.run_dir / "split.json").read_text())["labels"])
+        spec = ModelSpec(dims=len(patch), in_channels=1, out_channels=n_classes, channels=resolved.channels,
                          strides=resolved.strides, num_res_units=resolved.num_res_units)
         model = build_model(spec).to(device)
+        fmt = (torch.channels_last if len(patch) == 2 else torch.channels_last_3d) if resolved.channels_last \
+            else torch.contiguous_format
+        model = model.to(memory_format=fmt)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((bs, 1, *patch), generator=gen).to(device)
-        y = torch.randint(0, 3, (bs, *patch), generator=gen).to(device)
+        x = torch.randn((bs, 1, *patch), generator=gen).to(device).contiguous(memory_format=fmt)
+        y = torch.randint(0, n_classes, (bs, *patch), generator=gen).to(device)
         w = torch.ones((bs, *patch), device=device)
 
         def bare(n: int) -> float:
             t = time.perf_counter()
             for _ in range(n):
-                loss = selective_loss(model(x), y, w)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=resolved.bf16):
+                    out = model(x)
+                loss = selective_loss(out, y, w)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -157,8 +163,9 @@ def throughput(args: argparse.Namespace) -> None:
                   f"ratio {e2e / results[-1][0]:.3f}")
         bare_sps = np.median([r[0] for r in results])
         e2e_sps = np.median([r[1] for r in results])
-        print(f"{args.model}: batch {bs}, patch {patch}, {steps} steps x {args.repeats} repeats, "
-              f"{args.threads} threads, device {device}")
+        print(f"{args.model} on {Path(args.data).name}: batch {bs}, patch {patch}, {steps} steps x {args.repeats} "
+              f"repeats, {args.threads} threads, device {device}, bf16 {resolved.bf16}, channels_last "
+              f"{resolved.channels_last}")
         print(f"bare model step: {bare_sps:.1f} samples/s; end-to-end training: {e2e_sps:.1f} samples/s (medians)")
         ratios = [r[1] / r[0] for r in results]
         print(f"throughput ratio, median of per-repeat ratios: {np.median(ratios):.3f} (goal >= 0.90); "
@@ -216,15 +223,18 @@ def quality_split(ds, args: argparse.Namespace) -> tuple[list[str], list[str], l
 def quality_config(args: argparse.Namespace) -> TrainConfig:
     """The benchmark's training configuration: fixed epochs x samples (equal steps for every arm),
     ``--minutes`` only as a safety cap, ``--set key=value`` (YAML values) for anything else."""
-    import yaml
-
     settings: dict[str, Any] = {"model": args.model, "epochs": args.epochs, "num_threads": args.threads, "seed": 0,
                                 "patience": args.patience, "lr": args.lr, "batch_size": args.batch_size,
                                 "samples_per_epoch": args.samples_per_epoch, "max_minutes": args.minutes}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        settings[key] = yaml.safe_load(value)
+    settings.update(settings_from(args.set))
     return TrainConfig.from_dict({k: v for k, v in settings.items() if v is not None})
+
+
+def settings_from(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (YAML values) as a dict of TrainConfig settings."""
+    import yaml
+
+    return {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in items)}
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -292,6 +302,8 @@ def main() -> None:
     a.add_argument("--cases", type=int, default=40)
     a.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when present)")
     a.add_argument("--model", choices=MODELS, default="2d")
+    a.add_argument("--data", default=str(HIPPO), help="dataset (default: MSD hippocampus in ../shared)")
+    a.add_argument("--set", action="append", default=[], help="any TrainConfig key=value (YAML value)")
     b = sub.add_parser("quality")
     b.add_argument("--data", default=str(HIPPO), help="dataset (default: MSD hippocampus in ../shared)")
     b.add_argument("--holdout", type=int, default=None,
