@@ -242,3 +242,35 @@ def test_a_structure_touching_the_first_and_last_slice_has_a_valid_extent(tmp_pa
     for e in plan.entries:
         sparse, _ = read_sparse(out / "labelsTr" / f"{e.case_id}.nii.gz")
         assert not sparse.border.any() and sparse.annotated_indices == sorted(e.slices)
+
+
+def test_3d_blocks_are_drawn_around_drawn_slices_not_free_border_slices():
+    """A 20 % block with border slices: 2 drawn slices, 14 free background ones. Blocks are drawn around
+    the drawn slices (every block holds one), and the border slices they cover still carry loss."""
+    from sparseslice.train.data import CaseArrays
+
+    n = 20
+    label = np.zeros((12, 12, n), np.uint8)
+    label[3:9, 3:9, 5:15] = 1  # the structure's extent: slices 5..14
+    weight = np.zeros(n, np.float32)
+    border = np.zeros(n, bool)
+    border[:5] = border[15:] = True
+    weight[border] = 1
+    weight[[9, 10]] = 1  # the drawn block
+    image = np.zeros((1, 12, 12, n), np.float32)
+    case = CaseArrays("c", image, label, weight, axis=2, border=border)
+    assert case.anchor_slices.tolist() == [9, 10] and case.known_slices.size == 12
+    sampler = BlockSampler([case], patch_size=(12, 12, 8))
+    rng = np.random.default_rng(0)
+    covered_border = False
+    for _ in range(200):
+        start, _ = sampler._start(0, rng)
+        depth = range(start[2], start[2] + 8)
+        assert 9 in depth or 10 in depth
+        covered_border |= any(border[s] for s in depth)
+    assert covered_border
+    batch = next(sampler.epoch(64, 64, np.random.default_rng(1)))
+    assert torch.all(((batch.label > 0) & (batch.weight > 0)).flatten(1).any(1))  # known foreground in each
+    # only border slices known: they are the anchors (a volume without the structure still trains)
+    only = CaseArrays("o", image, np.zeros_like(label), border.astype(np.float32), axis=2, border=border)
+    assert only.anchor_slices.tolist() == np.flatnonzero(border).tolist()

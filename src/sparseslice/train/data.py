@@ -54,6 +54,8 @@ class CaseArrays:
     partial: np.ndarray | None = None
     #: The case's shape before :func:`load_cases` kept only some of its slices (None: nothing dropped).
     full_shape: tuple[int, int, int] | None = None
+    #: One bool per slice: border slices (annotated background outside the structure's extent; None: none).
+    border: np.ndarray | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -70,6 +72,20 @@ class CaseArrays:
     def known_slices(self) -> np.ndarray:
         """Slices holding any known voxel (annotated, interpolated or partly labelled)."""
         return np.flatnonzero((self.slice_weight > 0) | _partial_slices(self.partial, self.axis))
+
+    @property
+    def anchor_slices(self) -> np.ndarray:
+        """Known slices a 3D block is drawn around: all but the border slices, which weigh in only where a
+        block drawn around a drawn slice covers them (all known slices when only border slices are known).
+
+        Border slices come free and can outnumber the drawn ones (a 20 % block of the structure, and
+        every slice outside its extent): blocks drawn around them would mostly hold background.
+        """
+        known = self.known_slices
+        if self.border is None:
+            return known
+        drawn = known[~self.border[known]]
+        return drawn if drawn.size else known
 
     def voxel_weight(self) -> np.ndarray:
         """Per-voxel loss weight: the slice weight, and 1 at the known voxels of partial slices."""
@@ -401,8 +417,9 @@ class BlockSampler:
     A case is drawn uniformly. With probability ``foreground`` the block is centred on a known
     voxel of a foreground class (class drawn uniformly among those the case's known voxels
     hold, then one of its voxels: nnU-Net's foreground oversampling, which draws a third of
-    its patches so); otherwise one of the case's known slices is drawn, then a block position
-    that contains it (Specktor-Fadida et al.'s non-empty blocks). Along an axis where the
+    its patches so); otherwise one of the case's known slices other than border slices is
+    drawn (:attr:`CaseArrays.anchor_slices`), then a block position that contains it
+    (Specktor-Fadida et al.'s non-empty blocks). Along an axis where the
     volume is smaller than the block, the volume lands at a random offset inside the block
     (inference pads such volumes symmetrically; a fixed corner would teach a position);
     padding is unknown.
@@ -450,8 +467,8 @@ class BlockSampler:
             centre = voxels[int(rng.integers(len(voxels)))].astype(int)
             s = int(centre[case.axis])
         else:
-            known = case.known_slices
-            s = int(known[rng.integers(known.size)])
+            anchors = case.anchor_slices
+            s = int(anchors[rng.integers(anchors.size)])
         start = []
         for a, (p, n, m) in enumerate(zip(self.patch_size, case.label.shape, margins, strict=True)):
             lo, hi = 0, n + 2 * m - p
