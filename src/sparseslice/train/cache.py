@@ -31,8 +31,8 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,11 +95,14 @@ def cached_case(root: str | os.PathLike[str], case: Case, *, params: dict[str, A
     Returns
     -------
     PreparedCase
-        Arrays mapped from the entry (read-only), or, when the entry cannot be written or read
-        back, those ``build`` returned.
+        Arrays mapped from the entry (read-only), or, when the entry cannot be read back, those
+        ``build`` returned.
     """
-    key = case_key(case, params)
-    if key is None:  # a file layout the key cannot cover (multi-file voxel data): never cached
+    try:
+        key = case_key(case, params)
+    except OSError:  # a missing or unreadable file: the reader names it, as without a cache
+        key = None
+    if key is None:  # or a file layout the key cannot cover (multi-file voxel data): never cached
         return build()
     root = Path(root)
     entry = root / key
@@ -263,7 +266,8 @@ def _meta(prepared: PreparedCase) -> dict[str, Any]:
 def _temp_folder(root: Path, tag: str) -> Path:
     """A new ``.tmp-*`` folder in ``root`` naming this process as its writer (for :func:`clean_stale`)."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{tag}.", dir=root))
+    tmp = root / f"{TMP_PREFIX}{tag}.{os.getpid()}.{secrets.token_hex(6)}"
+    tmp.mkdir()  # not mkdtemp: its folders are private (0700), an entry is for every run the umask allows
     try:
         _write_synced(tmp / WRITER, json.dumps(asdict(Holder.me())).encode())
     except BaseException:

@@ -10,11 +10,13 @@ so every sample holds known voxels.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,7 +35,7 @@ from sparseslice.resample import (
     resampled_shape,
 )
 from sparseslice.sparse import ignore_axis, read_label_file, read_sidecar
-from sparseslice.train.cache import PreparedCase
+from sparseslice.train.cache import PreparedCase, cached_case
 
 
 @dataclass
@@ -174,7 +176,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
                progress: bool = False, nonfinite: str = "error", channels: int | None = None,
                spacing: tuple[float, float] | None = None,
-               keep: int | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               keep: int | None = None, cache: Path | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
     ``labels`` defaults to the dataset's label names plus every value found in known voxels;
@@ -184,7 +186,9 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     the slice axis (:mod:`sparseslice.resample`): slice weights are those of the file.
     ``keep`` (:func:`kept_slices`) holds only the slices training reads, one case at a time:
     the image is normalised whole first, so the kept slices hold the values they would have
-    in the whole case (``CaseArrays.full_shape`` keeps its shape).
+    in the whole case (``CaseArrays.full_shape`` keeps its shape). ``cache`` (a folder) keeps
+    each preprocessed case on disk (:mod:`sparseslice.train.cache`): a later load maps its arrays
+    from there (read-only) instead of reading and preprocessing the files again.
     """
     raw = []
     found: set[int] = set()
@@ -193,7 +197,12 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     settings = {"axis": axis, "normalization": normalization, "interpolated_weight": interpolated_weight,
                 "nonfinite": nonfinite, "spacing": spacing, "keep": keep}
     for cid in track(case_ids, "loading cases", progress=progress):
-        prep = _prepare_case(dataset, cid, **settings)
+        build = functools.partial(_prepare_case, dataset, cid, **settings)
+        if cache is None:
+            prep = build()
+        else:
+            prep = cached_case(cache, dataset.case(cid), build=build,
+                               params={**settings, "ignore_value": dataset.ignore_value})
         found.update(prep.found)
         raw.append((cid, prep.image, prep.label, prep.weight, prep.interpolated, prep.partial, prep.full_shape))
     _check_channels(raw, expected=channels)
