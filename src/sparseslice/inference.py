@@ -183,7 +183,10 @@ def logits(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window
 
     device = device or device_of(model)
     for start in range(0, images.shape[0], window.images_per_pass):
-        t = torch.from_numpy(np.ascontiguousarray(images[start:start + window.images_per_pass])).to(device)
+        chunk = np.ascontiguousarray(images[start:start + window.images_per_pass])
+        if not chunk.flags.writeable:  # a read-only memory map (a cached case): torch must get memory it may own
+            chunk = chunk.copy()
+        t = torch.from_numpy(chunk).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
             out = sliding_window_inference(t, roi, window.windows_per_pass or t.shape[0], model,
                                            overlap=window.overlap, mode=window.blend)

@@ -21,8 +21,8 @@ from sparseslice.errors import UserError, unknown_choice
 MODELS = ("2d", "3d")
 SCHEDULES = ("one-step", "two-step")
 NORMALIZATIONS = ("auto", "zscore", "ct", "none")
-# keys that may differ when resuming: where it runs, and budgets (raise them to extend a run)
-RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes")
+# keys that may differ when resuming: where it runs (and caches its data), and budgets (raise them to extend a run)
+RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes", "cache")
 
 
 def option(default: Any, help: str, *, unset: str | None = None, choices: str | None = None,
@@ -140,6 +140,12 @@ class TrainConfig:
     nonfinite : str
         NaN or infinite image voxels: ``"error"`` refuses the case, ``"zero"`` reads them as 0
         (see :func:`sparseslice.datasets.load_image`); ``predict`` reads images the same way.
+    cache : str, optional
+        Folder of an on-disk cache of the preprocessed cases (:mod:`sparseslice.train.cache`,
+        nnU-Net's preprocessed arrays): each case is read, normalised and resampled once, then
+        memory-mapped from there, for data that does not fit in RAM. Keyed by the files'
+        content and the preprocessing, so it is safe to share between runs and to interrupt;
+        it never changes what is trained.
     """
 
     model: str = option("2d", "Network dimension.", choices=f"{__name__}:MODELS")
@@ -191,6 +197,8 @@ class TrainConfig:
     channels_last: bool = option(False, "Channels-last memory format.")
     nonfinite: str = option("error", "NaN or infinite image voxels: error refuses the case, zero reads them as 0.",
                             choices="sparseslice.datasets:NONFINITE")
+    cache: str | None = option(None, "Folder of an on-disk, memory-mapped cache of the preprocessed cases (data "
+                                     "beyond RAM), shared by runs.", unset="cases are read into memory")
 
     def __post_init__(self) -> None:
         # imported here: reading the fields (the CLI's options) must not import torch

@@ -10,11 +10,13 @@ so every sample holds known voxels.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,6 +35,7 @@ from sparseslice.resample import (
     resampled_shape,
 )
 from sparseslice.sparse import ignore_axis, read_label_file, read_sidecar
+from sparseslice.train.cache import PreparedCase, cached_case
 
 
 @dataclass
@@ -189,7 +192,7 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
                labels: tuple[int, ...] | None = None, interpolated_weight: float = 0.5,
                progress: bool = False, nonfinite: str = "error", channels: int | None = None,
                spacing: tuple[float, float] | None = None,
-               keep: int | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
+               keep: int | None = None, cache: Path | None = None) -> tuple[list[CaseArrays], tuple[int, ...]]:
     """Read cases into memory; returns them and the label values (index = class).
 
     ``labels`` defaults to the dataset's label names plus every value found in known voxels;
@@ -199,44 +202,25 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     the slice axis (:mod:`sparseslice.resample`): slice weights are those of the file.
     ``keep`` (:func:`kept_slices`) holds only the slices training reads, one case at a time:
     the image is normalised whole first, so the kept slices hold the values they would have
-    in the whole case (``CaseArrays.full_shape`` keeps its shape).
+    in the whole case (``CaseArrays.full_shape`` keeps its shape). ``cache`` (a folder) keeps
+    each preprocessed case on disk (:mod:`sparseslice.train.cache`): a later load maps its arrays
+    from there (read-only) instead of reading and preprocessing the files again.
     """
     raw = []
     found: set[int] = set()
     from sparseslice.progress import track
 
+    settings = {"axis": axis, "normalization": normalization, "interpolated_weight": interpolated_weight,
+                "nonfinite": nonfinite, "spacing": spacing, "keep": keep}
     for cid in track(case_ids, "loading cases", progress=progress):
-        case = dataset.case(cid)
-        if case.label is None:
-            raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
-        image = load_image(case, nonfinite=nonfinite)
-        arr = image.array if image.array.ndim == 4 else image.array[..., None]
-        label, annotated, interpolated, label_volume, partial = read_case_label(
-            case.label, axis=axis, ignore_value=dataset.ignore_value)
-        check_same_space(image, label_volume, name=cid)
-        weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
-        weight[interpolated] = interpolated_weight
-        known = weight > 0
-        if known.any():
-            found.update(np.unique(np.compress(known, label, axis=axis)).tolist())
-        if partial is not None:
-            found.update(np.unique(label[partial]).tolist())
-        img = normalize(np.moveaxis(arr, -1, 0), normalization)
-        image_spacing = image.spacing
-        del image, arr  # only the normalised copy (and soon only its kept slices) stays
-        resampled = needs_resampling(image_spacing, spacing, axis=axis)
-        grid = resampled_shape(label.shape, image_spacing, spacing, axis=axis, name=f"case {cid!r}") \
-            if resampled else label.shape
-        kept = kept_slices(known | _partial_slices(partial, axis), keep=keep)
-        if kept is not None:  # resampling is in-plane, slice by slice: the same before or after
-            img, label = np.take(img, kept, axis=axis + 1), np.take(label, kept, axis=axis)
-            weight, interpolated = weight[kept], interpolated[kept]
-            partial = None if partial is None else np.take(partial, kept, axis=axis)
-        if resampled:
-            target = tuple(len(kept) if kept is not None and a == axis else int(g) for a, g in enumerate(grid))
-            img = resample_image(img, target, axis=axis)
-            label, partial = resample_label(label, target, axis=axis, known=partial)
-        raw.append((cid, img, label, weight, interpolated, partial, None if kept is None else tuple(grid)))
+        build = functools.partial(_prepare_case, dataset, cid, **settings)
+        if cache is None:
+            prep = build()
+        else:
+            prep = cached_case(cache, dataset.case(cid), build=build,
+                               params={**settings, "ignore_value": dataset.ignore_value})
+        found.update(prep.found)
+        raw.append((cid, prep.image, prep.label, prep.weight, prep.interpolated, prep.partial, prep.full_shape))
     _check_channels(raw, expected=channels)
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
@@ -249,6 +233,45 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
     cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial, full)
              for cid, img, label, weight, interp, partial, full in raw]
     return cases, tuple(int(v) for v in labels)
+
+
+def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Normalization,
+                  interpolated_weight: float, nonfinite: str, spacing: tuple[float, float] | None,
+                  keep: int | None) -> PreparedCase:
+    """Read and preprocess one case for :func:`load_cases` (its arguments): label values as read."""
+    case = dataset.case(cid)
+    if case.label is None:
+        raise UserError(f"case {cid!r} has no label; training needs a label (sparse or full) for each case")
+    found: set[int] = set()
+    image = load_image(case, nonfinite=nonfinite)
+    arr = image.array if image.array.ndim == 4 else image.array[..., None]
+    label, annotated, interpolated, label_volume, partial = read_case_label(
+        case.label, axis=axis, ignore_value=dataset.ignore_value)
+    check_same_space(image, label_volume, name=cid)
+    weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
+    weight[interpolated] = interpolated_weight
+    known = weight > 0
+    if known.any():
+        found.update(np.unique(np.compress(known, label, axis=axis)).tolist())
+    if partial is not None:
+        found.update(np.unique(label[partial]).tolist())
+    img = normalize(np.moveaxis(arr, -1, 0), normalization)
+    image_spacing = image.spacing
+    del image, arr  # only the normalised copy (and soon only its kept slices) stays
+    resampled = needs_resampling(image_spacing, spacing, axis=axis)
+    grid = resampled_shape(label.shape, image_spacing, spacing, axis=axis, name=f"case {cid!r}") \
+        if resampled else label.shape
+    kept = kept_slices(known | _partial_slices(partial, axis), keep=keep)
+    if kept is not None:  # resampling is in-plane, slice by slice: the same before or after
+        img, label = np.take(img, kept, axis=axis + 1), np.take(label, kept, axis=axis)
+        weight, interpolated = weight[kept], interpolated[kept]
+        partial = None if partial is None else np.take(partial, kept, axis=axis)
+    if resampled:
+        target = tuple(len(kept) if kept is not None and a == axis else int(g) for a, g in enumerate(grid))
+        img = resample_image(img, target, axis=axis)
+        label, partial = resample_label(label, target, axis=axis, known=partial)
+    return PreparedCase(cid, axis, img, label, weight, interpolated, partial,
+                        None if kept is None else tuple(grid), found)
 
 
 def _partial_slices(partial: np.ndarray | None, axis: int) -> np.ndarray | bool:

@@ -270,6 +270,8 @@ def train(sparse_dir: str | Path, run_dir: str | Path, *, config: TrainConfig, v
     run_dir = Path(run_dir)
     inputs = [Path(sparse_dir), *([Path(val_dir)] if val_dir is not None else [])]
     check_apart(run_dir, inputs, argument="run_dir")  # before the lock makes the folder
+    if config.cache is not None:  # a cache is written beside the data, never inside it
+        check_apart(config.cache, inputs, argument="cache", fix="choose a cache folder")
     with hold(run_dir, what="run folder"):
         dataset = discover_dataset(sparse_dir, require_labels=True)
         output = claim_output(run_dir, command="train", inputs=[*inputs, *dataset_inputs(dataset)],
@@ -327,16 +329,19 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     validates_on_training = val_dataset is dataset and val_ids == train_ids
     # 2D validation reads the annotated slices only; 3D validation predicts whole volumes
     val_keep = 0 if config.model == "2d" else None
+    cache = None if config.cache is None else Path(config.cache)
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
-                                     spacing=spacing, keep=val_keep if validates_on_training else _kept(config, axis))
+                                     spacing=spacing, keep=val_keep if validates_on_training else _kept(config, axis),
+                                     cache=cache)
     if validates_on_training:
         val_cases = train_cases
     else:
         val_cases, _ = load_cases(val_dataset, val_ids, axis=axis, normalization=norm, labels=labels,
                                   nonfinite=config.nonfinite, keep=val_keep,
                                   channels=train_cases[0].image.shape[0], spacing=spacing,
-                                  interpolated_weight=config.interpolated_weight, progress=progress)
+                                  interpolated_weight=config.interpolated_weight, progress=progress,
+                                  cache=cache)
     warn_missing_classes(train_cases, labels, dataset.label_names)
     spec = ModelSpec(dims=2 if config.model == "2d" else 3,
                      in_channels=train_cases[0].image.shape[0] + int(config.mask_channel),
