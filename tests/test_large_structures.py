@@ -200,6 +200,16 @@ def test_full_arm_with_border_slices_draws_the_extent_and_knows_the_whole_volume
         assert sparse.annotated.all()  # drawn inside the extent, border background outside it
         assert sparse.border.sum() == sparse.annotated.size - (b - a + 1)
         np.testing.assert_array_equal(sparse.label, load_label(ds.case(cid)).array)
+    # training reads the border slices from the sidecars (through the cache too): 3D blocks are drawn
+    # around the drawn extent only
+    sparse_ds = discover_dataset(sparse_dir)
+    for cache in (None, tmp_path / "cache", tmp_path / "cache"):  # no cache, written, read back
+        cases, _ = load_cases(sparse_ds, sparse_ds.case_ids, axis=2, normalization=Normalization(), keep=7,
+                              cache=cache)
+        for c in cases:
+            a, b = extents[c.case_id]
+            assert c.border is not None and c.anchor_slices.tolist() == list(range(a, b + 1))
+            assert c.border.sum() == c.known_slices.size - (b - a + 1)
 
 
 def test_a_block_shallower_than_the_network_trains_3d_on_its_slices_only(tmp_path):

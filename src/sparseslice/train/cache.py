@@ -46,7 +46,7 @@ from sparseslice.locking import Holder, read_holder
 from sparseslice.sparse import sidecar_path
 
 #: Raised whenever what an entry holds, or how it is built, changes: old entries are then misses.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 #: Prefix of the folders entries are written in before they are renamed to their key.
 TMP_PREFIX = ".tmp-"
 #: The file in a temporary folder naming the process that writes it (a :class:`~sparseslice.locking.Holder`).
@@ -62,8 +62,9 @@ class PreparedCase:
     ``axis`` is the slice axis, ``image`` ``(C, X, Y, Z)`` float32 (normalised, resampled, kept
     slices only), ``label`` the label values as read, ``weight`` one float32 per kept slice,
     ``interpolated`` one bool per kept slice, ``partial`` the known voxels of partly labelled slices (None when none),
-    ``full_shape`` the case's shape before slices were dropped (None: none dropped) and ``found``
-    the label values of its known voxels.
+    ``full_shape`` the case's shape before slices were dropped (None: none dropped), ``found``
+    the label values of its known voxels and ``border`` one bool per kept slice, the border slices
+    (None when there are none).
     """
 
     case_id: str
@@ -75,6 +76,7 @@ class PreparedCase:
     partial: np.ndarray | None
     full_shape: tuple[int, ...] | None
     found: set[int]
+    border: np.ndarray | None = None
 
 
 def cached_case(root: str | os.PathLike[str], case: Case, *, params: dict[str, Any],
@@ -211,8 +213,12 @@ def read_entry(entry: Path, *, case_id: str) -> PreparedCase | None:
         if weight.size != arrays["label"].shape[axis]:
             return None
         full = None if meta["full_shape"] is None else tuple(int(s) for s in meta["full_shape"])
+        border = None
+        if meta["border"] is not None:
+            border = np.zeros(weight.size, bool)
+            border[meta["border"]] = True
         return PreparedCase(case_id, axis, arrays["image"], arrays["label"], weight, interpolated, arrays["partial"],
-                            full, {int(v) for v in meta["found"]})
+                            full, {int(v) for v in meta["found"]}, border)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
 
@@ -260,7 +266,8 @@ def _meta(prepared: PreparedCase) -> dict[str, Any]:
             "weight": [float(w) for w in np.asarray(prepared.weight, np.float32)],
             "interpolated": np.flatnonzero(prepared.interpolated).tolist(),
             "full_shape": None if prepared.full_shape is None else [int(s) for s in prepared.full_shape],
-            "found": sorted(int(v) for v in prepared.found)}
+            "found": sorted(int(v) for v in prepared.found),
+            "border": None if prepared.border is None else np.flatnonzero(prepared.border).tolist()}
 
 
 def _temp_folder(root: Path, tag: str) -> Path:

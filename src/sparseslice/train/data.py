@@ -220,7 +220,8 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
             prep = cached_case(cache, dataset.case(cid), build=build,
                                params={**settings, "ignore_value": dataset.ignore_value})
         found.update(prep.found)
-        raw.append((cid, prep.image, prep.label, prep.weight, prep.interpolated, prep.partial, prep.full_shape))
+        raw.append((cid, prep.image, prep.label, prep.weight, prep.interpolated, prep.partial, prep.full_shape,
+                    prep.border))
     _check_channels(raw, expected=channels)
     if labels is None:
         labels = tuple(sorted({0, *dataset.label_names, *found}))
@@ -230,8 +231,8 @@ def load_cases(dataset: Dataset, case_ids: list[str], *, axis: int, normalizatio
         raise UserError(f"label value {unexpected[0]} is not one of the run's labels {list(labels)}; "
                         "check the labels or dataset.json")
     lut[list(labels)] = np.arange(len(labels))
-    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial, full)
-             for cid, img, label, weight, interp, partial, full in raw]
+    cases = [CaseArrays(cid, img, lut[label].astype(np.uint8), weight, axis, interp, partial, full, border)
+             for cid, img, label, weight, interp, partial, full, border in raw]
     return cases, tuple(int(v) for v in labels)
 
 
@@ -248,6 +249,7 @@ def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Norma
     label, annotated, interpolated, label_volume, partial = read_case_label(
         case.label, axis=axis, ignore_value=dataset.ignore_value)
     check_same_space(image, label_volume, name=cid)
+    border = _border_slices(case.label, annotated.size)
     weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
     weight[interpolated] = interpolated_weight
     known = weight > 0
@@ -265,13 +267,25 @@ def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Norma
     if kept is not None:  # resampling is in-plane, slice by slice: the same before or after
         img, label = np.take(img, kept, axis=axis + 1), np.take(label, kept, axis=axis)
         weight, interpolated = weight[kept], interpolated[kept]
+        border = None if border is None else border[kept]
         partial = None if partial is None else np.take(partial, kept, axis=axis)
     if resampled:
         target = tuple(len(kept) if kept is not None and a == axis else int(g) for a, g in enumerate(grid))
         img = resample_image(img, target, axis=axis)
         label, partial = resample_label(label, target, axis=axis, known=partial)
     return PreparedCase(cid, axis, img, label, weight, interpolated, partial,
-                        None if kept is None else tuple(grid), found)
+                        None if kept is None else tuple(grid), found, border)
+
+
+def _border_slices(label_path: object, n: int) -> np.ndarray | None:
+    """One bool per slice: the border slices a label's sidecar lists (None: no sidecar, or none listed)."""
+    record = read_sidecar(label_path)
+    listed = [] if record is None else record.get("border", [])
+    if not listed:
+        return None
+    border = np.zeros(n, bool)
+    border[listed] = True
+    return border
 
 
 def _partial_slices(partial: np.ndarray | None, axis: int) -> np.ndarray | bool:
