@@ -441,3 +441,27 @@ def test_nnunet_ignore_label_is_unknown_never_a_class(tmp_path):
     net, ckpt = load_checkpoint(res.run_dir)
     assert ckpt.labels == (0, 1, 2) and ckpt.spec.out_channels == 3
     assert json.loads((res.run_dir / "split.json").read_text())["labels"] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_defaults_to_what_the_device_computes_natively_and_is_recorded(phantoms, tmp_path, monkeypatch, native):
+    from sparseslice.train import trainer
+
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+    res = train(phantoms, tmp_path / "auto", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=2, **TINY),
+                progress=False)
+    stored = json.loads((res.run_dir / "config.json").read_text())
+    assert stored["bf16"] is native and stored["channels_last"] is True
+    off = train(phantoms, tmp_path / "off", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=2, bf16=False,
+                                                                **TINY), progress=False)
+    assert json.loads((off.run_dir / "config.json").read_text())["bf16"] is False
+
+
+def test_native_bf16_follows_the_cpu_flags(monkeypatch):
+    from sparseslice.model import native_bf16
+
+    for avx512_bf16, amx, want in [(True, False, True), (False, True, True), (False, False, False)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert native_bf16(torch.device("cpu")) is want
+    assert native_bf16(torch.device("meta")) is False

@@ -36,7 +36,7 @@ NON_DEFAULT = {
     "normalization": ("ct", "ct"), "ct_window": ("-200,300", (-200.0, 300.0)), "axis": ("1", 1),
     "augment": (None, False), "val_fraction": ("0.2", 0.2), "seed": ("7", 7), "device": ("cpu", "cpu"),
     "val_share": ("0.5", 0.5),
-    "num_threads": ("1", 1), "max_minutes": ("1.5", 1.5), "bf16": (None, True), "channels_last": (None, True),
+    "num_threads": ("1", 1), "max_minutes": ("1.5", 1.5), "bf16": (None, True), "channels_last": (None, False),
     "nonfinite": ("zero", "zero"), "cache": ("cache-folder", "cache-folder"),
 }
 

@@ -249,6 +249,16 @@ def available_devices() -> list[str]:
     return found
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
+    AMX tiles), so bfloat16 autocast speeds the network up rather than emulating it."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return False
+
+
 def pick_device(device: str | None = None) -> torch.device:
     """``device`` if given (refused, listing the available ones, when this machine lacks it), else
     CUDA when present, else CPU."""

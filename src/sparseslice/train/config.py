@@ -22,7 +22,7 @@ MODELS = ("2d", "3d")
 SCHEDULES = ("one-step", "two-step")
 NORMALIZATIONS = ("auto", "zscore", "ct", "none")
 # keys that may differ when resuming: where it runs (and caches its data), and budgets (raise them to extend a run)
-RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes", "cache")
+RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes", "cache", "channels_last")
 
 
 def option(default: Any, help: str, *, unset: str | None = None, choices: str | None = None,
@@ -133,10 +133,13 @@ class TrainConfig:
         ``torch.set_num_threads`` value.
     max_minutes : float, optional
         Wall-clock budget of the whole run (both steps), checked after each epoch.
-    bf16 : bool
-        bfloat16 autocast for forward passes.
+    bf16 : bool, optional
+        bfloat16 autocast for forward passes. Default: on where the device computes bfloat16
+        natively (:func:`sparseslice.model.native_bf16`: CUDA with bf16, CPUs with AVX512-BF16 or
+        AMX), off elsewhere, where it is slower. Measured on 2 Sapphire Rapids cores with channels
+        last: 1.5-2x the fp32 step, test Dice within 0.005 of fp32 on hippocampus and left atrium.
     channels_last : bool
-        Channels-last memory format.
+        Channels-last memory format (1.2-1.5x the training step on CPU, same arithmetic).
     nonfinite : str
         NaN or infinite image voxels: ``"error"`` refuses the case, ``"zero"`` reads them as 0
         (see :func:`sparseslice.datasets.load_image`); ``predict`` reads images the same way.
@@ -193,8 +196,9 @@ class TrainConfig:
     num_threads: int | None = option(None, "torch threads (1 per process is best on a busy CPU).",
                                      unset="torch's choice", flag="--threads")
     max_minutes: float | None = option(None, "Wall-clock budget of the run.", unset="no limit")
-    bf16: bool = option(False, "bfloat16 autocast for forward passes.")
-    channels_last: bool = option(False, "Channels-last memory format.")
+    bf16: bool | None = option(None, "bfloat16 autocast for forward passes.",
+                               unset="on where the device computes bfloat16 natively")
+    channels_last: bool = option(True, "Channels-last memory format.")
     nonfinite: str = option("error", "NaN or infinite image voxels: error refuses the case, zero reads them as 0.",
                             choices="sparseslice.datasets:NONFINITE")
     cache: str | None = option(None, "Folder of an on-disk, memory-mapped cache of the preprocessed cases (data "

@@ -38,6 +38,7 @@ from sparseslice.model import (
     Normalization,
     build_model,
     load_plain,
+    native_bf16,
     pick_device,
     read_checkpoint,
     save_checkpoint,
@@ -361,7 +362,8 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
         batch_size = config.batch_size or 2
         samples = config.samples_per_epoch or min(4 * len(train_cases), 100 * batch_size)
     resolved = config.updated(axis=axis, normalization=scheme, patch_size=tuple(patch), batch_size=batch_size,
-                              samples_per_epoch=samples, device=str(device), spacing=spacing)
+                              samples_per_epoch=samples, device=str(device), spacing=spacing,
+                              bf16=native_bf16(device) if config.bf16 is None else config.bf16)
     label_names = {str(k): v for k, v in dataset.label_names.items()}
     val_cases, checked = validation_subset(val_cases, dims=spec.dims, patch=tuple(patch), samples=samples,
                                            share=config.val_share)
