@@ -164,3 +164,33 @@ def test_2d_validation_stacked_across_cases_scores_each_case_as_alone(sparse, pa
         images = model_inputs(c.image, dims=2, axis=2, slices=c.validation_slices)
         roi = window_size(patch, dims=2, axis=2, divisor=spec.divisor, plane=images.shape[2:])
         assert torch.equal(stacked[n], classes(model, images, roi=roi, window=window))
+
+
+@pytest.mark.parametrize(("keep", "spacing"), [(0, None), (7, None), (None, None), (0, (1.5, 1.25))])
+def test_memory_estimate_is_what_load_cases_holds(sparse, keep, spacing):
+    from sparseslice.train.footprint import data_bytes
+
+    cases, _ = load_cases(sparse, sparse.case_ids, axis=2, normalization=Normalization("zscore"), keep=keep,
+                          spacing=spacing)
+    held = sum(c.image.nbytes + c.label.nbytes for c in cases)
+    assert data_bytes(sparse, sparse.case_ids, axis=2, spacing=spacing, keep=keep) == held
+
+
+def test_training_data_beyond_memory_is_refused_up_front_unless_cached(sparse, tmp_path, monkeypatch):
+    from sparseslice.errors import UserError
+    from sparseslice.train import TrainConfig, train, trainer
+
+    monkeypatch.setattr(trainer, "available_bytes", lambda: 1e4)
+    read = []
+    monkeypatch.setattr(trainer, "load_cases", lambda *a, **k: read.append(1))
+    config = TrainConfig(epochs=1, batch_size=2, samples_per_epoch=2, channels=(4, 8), strides=(2,),
+                         num_res_units=0, num_threads=1, val_fraction=0.0)
+    with pytest.raises(UserError, match=r"training data needs about .* GB in memory \(3 cases\), more than 80% "
+                                         r"of the 0.0 GB available; pass --cache FOLDER"):
+        train(sparse.root, tmp_path / "run", config=config, progress=False)
+    assert read == []  # nothing was read
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer, "available_bytes", lambda: 1e4)
+    res = train(sparse.root, tmp_path / "cached", config=config.updated(cache=str(tmp_path / "cache")),
+                progress=False)
+    assert res.checkpoint.exists()

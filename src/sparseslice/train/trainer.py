@@ -62,6 +62,7 @@ from sparseslice.train.data import (
     round_up,
     warn_missing_classes,
 )
+from sparseslice.train.footprint import available_bytes, check_fits_memory, data_bytes
 from sparseslice.train.losses import selective_loss
 from sparseslice.train.schedule import make_optimizer, make_scheduler, step_scheduler
 from sparseslice.train.validation import validate, validation_subset
@@ -331,10 +332,13 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     # 2D validation reads the annotated slices only; 3D validation predicts whole volumes
     val_keep = 0 if config.model == "2d" else None
     cache = None if config.cache is None else Path(config.cache)
+    train_keep = val_keep if validates_on_training else _kept(config, axis)
+    if cache is None:  # refuse before minutes of reading what the system would kill
+        _check_memory(dataset, train_ids, *(() if validates_on_training else (val_dataset, val_ids)), axis=axis,
+                      spacing=spacing, keeps=(train_keep, val_keep))
     train_cases, labels = load_cases(dataset, train_ids, axis=axis, normalization=norm, nonfinite=config.nonfinite,
                                      interpolated_weight=config.interpolated_weight, progress=progress,
-                                     spacing=spacing, keep=val_keep if validates_on_training else _kept(config, axis),
-                                     cache=cache)
+                                     spacing=spacing, keep=train_keep, cache=cache)
     if validates_on_training:
         val_cases = train_cases
     else:
@@ -372,6 +376,16 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
     return _Run(output=output, config=resolved, spec=spec, normalization=norm, labels=labels,
                 label_names=label_names, split=split, sampler=sampler, val_cases=val_cases, device=device,
                 prefetch=prefetch)
+
+
+def _check_memory(dataset: Dataset, train_ids: list[str], val_dataset: Dataset | None = None,
+                  val_ids: list[str] | None = None, *, axis: int, spacing: tuple[float, float] | None,
+                  keeps: tuple[int | None, int | None]) -> None:
+    """Refuse training (and separate validation) data that would not fit in memory (:mod:`.footprint`)."""
+    needed = data_bytes(dataset, train_ids, axis=axis, spacing=spacing, keep=keeps[0])
+    if val_dataset is not None and val_ids:
+        needed += data_bytes(val_dataset, val_ids, axis=axis, spacing=spacing, keep=keeps[1])
+    check_fits_memory(needed, cases=len(train_ids) + len(val_ids or []), available=available_bytes())
 
 
 def _kept(config: TrainConfig, axis: int) -> int:
