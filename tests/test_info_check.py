@@ -106,3 +106,22 @@ def test_info_check_passes_a_sound_dataset_and_says_so(phantom_dataset):
     record = json.loads(info(phantom_dataset, "--check", "--json").stdout)
     assert record["checked"] == "everything" and record["not_checked"] == [] and record["problems"] == []
     assert record["n_cases"] == 4
+
+
+def test_info_without_check_never_decodes_an_image(phantom_dataset, monkeypatch):
+    """info reads image headers only: decoding any image's voxels fails the test (labels are read in full)."""
+    import sparseslice.io as io_module
+    from sparseslice.datasets import discover_dataset
+    from sparseslice.info import describe_dataset
+
+    images = {str(p) for c in discover_dataset(phantom_dataset).cases for p in c.images}
+    real = io_module._read_nifti
+
+    def guarded(path):
+        if str(path) in images:
+            raise AssertionError(f"info decoded image {path}")
+        return real(path)
+
+    monkeypatch.setattr(io_module, "_read_nifti", guarded)
+    desc = describe_dataset(phantom_dataset)
+    assert desc.cases and all(c.shape for c in desc.cases)

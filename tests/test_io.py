@@ -222,3 +222,72 @@ def test_atomic_writes_respect_the_umask(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert vol.stat().st_mode & 0o777 == 0o644
+
+
+def _write_scaled_nifti(path: Path, array: np.ndarray, slope: float, inter: float, *, endian: str = "<") -> None:
+    header = nib.Nifti1Header(endianness=endian)
+    header.set_data_dtype(array.dtype)
+    img = nib.Nifti1Image(array, oblique_affine(), header=header)
+    img.header.set_slope_inter(slope, inter)
+    nib.save(img, str(path))
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32, np.float32, np.float64])
+@pytest.mark.parametrize("scaling", [(1.0, 0.0), (2.5, -1024.0)])
+def test_nifti_read_gives_nibabels_array_in_c_order(tmp_path, monkeypatch, suffix, dtype, scaling):
+    """The slab-wise copy to C order keeps nibabel's values and dtype (scl_slope/inter applied as nibabel does)."""
+    import sparseslice.io as io_module
+
+    monkeypatch.setattr(io_module, "SLAB_BYTES", 1000)  # several slabs even for a small volume
+    rng = np.random.default_rng(1)
+    array = (rng.random((37, 29, 23)) * 120).astype(dtype)
+    path = tmp_path / f"s{suffix}"
+    _write_scaled_nifti(path, array, *scaling)
+    want = np.asanyarray(nib.load(str(path)).dataobj)
+    got = read_volume(path).array
+    assert got.flags.c_contiguous and got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    if scaling == (1.0, 0.0):
+        np.testing.assert_array_equal(got, array)
+
+
+def test_nifti_read_keeps_big_endian_and_channels(tmp_path):
+    rng = np.random.default_rng(2)
+    array = rng.integers(-3000, 3000, (33, 21, 17, 2)).astype(np.int16)
+    _write_scaled_nifti(tmp_path / "b.nii.gz", array, 1.0, 0.0, endian=">")
+    got = read_volume(tmp_path / "b.nii.gz").array
+    want = np.asanyarray(nib.load(str(tmp_path / "b.nii.gz")).dataobj)
+    assert got.flags.c_contiguous and got.dtype == want.dtype
+    np.testing.assert_array_equal(got, array)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_itk_read_matches_simpleitk_in_c_order(tmp_path, monkeypatch, channels):
+    import sparseslice.io as io_module
+
+    monkeypatch.setattr(io_module, "SLAB_BYTES", 1000)
+    rng = np.random.default_rng(3)
+    shape = (31, 27, 19) + ((channels,) if channels > 1 else ())
+    array = rng.integers(-500, 500, shape).astype(np.int16)
+    path = write_volume(Volume(array, oblique_affine()), tmp_path / "v.nrrd")
+    got = read_volume(path).array
+    itk = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))  # [k, j, i] (+ components)
+    assert got.flags.c_contiguous
+    np.testing.assert_array_equal(got, np.transpose(itk, (2, 1, 0, 3) if channels > 1 else (2, 1, 0)))
+    np.testing.assert_array_equal(got, array)
+
+
+@pytest.mark.parametrize("order", [(2, 1, 0), (1, 2, 0), (2, 0, 1), (0, 2, 1), (1, 0, 2), (0, 1, 2)])
+def test_c_order_equals_ascontiguousarray_for_every_layout(monkeypatch, order):
+    import sparseslice.io as io_module
+    from sparseslice.io import c_order
+
+    monkeypatch.setattr(io_module, "SLAB_BYTES", 64)
+
+    base = np.arange(11 * 13 * 7, dtype=np.int16).reshape(11, 13, 7)
+    view = np.transpose(base, order)
+    for arr in (view, view[:, ::2], np.asfortranarray(view)[..., None]):
+        out = c_order(arr)
+        assert out.flags.c_contiguous and out.dtype == arr.dtype
+        np.testing.assert_array_equal(out, arr)

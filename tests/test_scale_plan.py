@@ -65,3 +65,61 @@ def test_plan_limits_blas_threads_inside_and_restores_them(phantom_dataset, monk
     assert blas_threads() == before
     with limited_blas(1):
         assert set(blas_threads()) == {1}
+
+
+def reference_slice_encoder(image, axis, *, size=16, components=16):
+    """The encoder as first written: a float64 copy of the whole volume, zoomed in one go."""
+    arr = np.asarray(image, dtype=np.float64)
+    arr = arr[..., None] if arr.ndim == 3 else arr
+    arr = np.moveaxis(arr, axis, 0)
+    q25, med, q75 = np.percentile(arr[::2, ::2, ::2], [25, 50, 75])
+    arr = (arr - med) / max(q75 - q25, 1e-6)
+    n, a, b, _ = arr.shape
+    small = ndimage.zoom(arr, (1.0, size / a, size / b, 1.0), order=1, grid_mode=True, mode="nearest")
+    rows = small.reshape(n, -1)
+    rows = rows - rows.mean(axis=0, keepdims=True)
+    evals, evecs = np.linalg.eigh(rows @ rows.T)
+    top = np.argsort(evals)[::-1][:min(components, n)]
+    return evecs[:, top] * np.sqrt(np.clip(evals[top], 0.0, None))
+
+
+@pytest.mark.parametrize("shape", [(40, 36, 30), (35, 50, 36), (64, 64, 9), (10, 7, 12), (97, 61, 5), (33, 17, 40, 2)])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slice_features_read_only_what_the_zoom_reads_and_match_the_whole_volume_zoom(monkeypatch, shape, axis):
+    """Normalising only the voxels the linear zoom reads gives the features of the whole float64 volume."""
+    image = ct_like(shape[:3], seed=sum(shape))
+    if len(shape) == 4:
+        image = np.stack([image, -image // 2], axis=-1)
+    want = reference_slice_encoder(image, axis)
+    np.testing.assert_array_equal(default_slice_encoder(image, axis), want)
+    np.testing.assert_array_equal(default_slice_encoder(image.astype(np.float32) / 7, axis),
+                                  reference_slice_encoder(image.astype(np.float32) / 7, axis))
+    monkeypatch.setattr(strategies_module, "CHUNK_VOXELS", 1)
+    np.testing.assert_array_equal(default_slice_encoder(image, axis), want)
+
+
+def test_zoom_reads_covers_every_voxel_the_zoom_reads():
+    """Voxels outside zoom_reads set to NaN never reach the zoom's output."""
+    from sparseslice.select.strategies import zoom_reads
+
+    rng = np.random.default_rng(0)
+    for length in (3, 10, 16, 17, 35, 50, 64, 97, 300, 512):
+        for size in (4, 12, 16):
+            x = rng.normal(size=length)
+            keep = np.full(length, np.nan)
+            keep[zoom_reads(length, size)] = x[zoom_reads(length, size)]
+            zoom = dict(zoom=size / length, order=1, grid_mode=True, mode="nearest")
+            np.testing.assert_array_equal(ndimage.zoom(keep, **zoom), ndimage.zoom(x, **zoom))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.float32])
+def test_robust_quartiles_are_numpys_float64_percentiles(dtype):
+    from sparseslice.select.strategies import robust_quartiles
+
+    info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else np.finfo(dtype)
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 1000, 4097):
+        sample = rng.uniform(float(info.min), float(info.max), n).astype(dtype)
+        sample[: n // 3] = np.asarray(info.max, dtype)  # neighbours far apart
+        want = np.percentile(sample.astype(np.float64), [25, 50, 75])
+        assert robust_quartiles(sample) == tuple(float(v) for v in want)

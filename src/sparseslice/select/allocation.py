@@ -323,16 +323,22 @@ def _large_volume_embedding(image: np.ndarray, *, size: int) -> np.ndarray:
     """
     from scipy import ndimage
 
+    from sparseslice.select.strategies import zoom_reads
+
     sample = image[::2, ::2, ::2].astype(np.float64)
     q25, med, q75 = np.percentile(sample.mean(axis=-1) if sample.ndim == 4 else sample, [25, 50, 75])
     scale = max(q75 - q25, 1e-6)
     a, b, n = image.shape[:3]
     step = max(1, 2**22 // (a * b * (image.shape[3] if image.ndim == 4 else 1)))
+    # the in-plane zoom reads few voxels: only those are normalised, into a buffer whose others stay 0
+    rows, cols = np.ix_(zoom_reads(a, size), zoom_reads(b, size))
+    buffer = np.zeros((a, b, min(step, n)))
     parts = []
     for s in range(0, n, step):
-        chunk = image[:, :, s:s + step].astype(np.float64)
-        chunk = chunk.mean(axis=-1) if chunk.ndim == 4 else chunk
-        parts.append(ndimage.zoom((chunk - med) / scale, (size / a, size / b, 1.0), order=1, grid_mode=True,
+        m = min(step, n - s)
+        chunk = image[rows, cols, s:s + m].astype(np.float64)
+        buffer[rows, cols, :m] = ((chunk.mean(axis=-1) if chunk.ndim == 4 else chunk) - med) / scale
+        parts.append(ndimage.zoom(buffer[:, :, :m], (size / a, size / b, 1.0), order=1, grid_mode=True,
                                   mode="nearest"))
     plane = np.concatenate(parts, axis=2)
     return ndimage.zoom(plane, (1.0, 1.0, size / n), order=1, grid_mode=True, mode="nearest").ravel()
