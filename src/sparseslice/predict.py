@@ -49,6 +49,65 @@ if TYPE_CHECKING:
     from sparseslice.select.plan import Plan, PlanEntry
 
 
+def label_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:
+    """``(value, bounding box)`` of every non-zero value of ``labels``, by increasing value.
+
+    One pass (:func:`scipy.ndimage.find_objects`) for small non-negative integer labels, the
+    usual case; other arrays are first coded by :func:`numpy.unique`.
+
+    Examples
+    --------
+    >>> a = np.zeros((4, 5), np.uint8); a[1:3, 2] = 2
+    >>> label_boxes(a)
+    [(2, (slice(1, 3, None), slice(2, 3, None)))]
+    """
+    if labels.size == 0:
+        return []
+    if labels.dtype.kind in "ui" and int(labels.min()) >= 0 and int(labels.max()) <= 2**16:
+        return [(v + 1, box) for v, box in enumerate(ndimage.find_objects(labels)) if box is not None]
+    values, codes = np.unique(labels, return_inverse=True)
+    boxes = ndimage.find_objects(codes.reshape(labels.shape) + 1)
+    return [(values[c].item(), box) for c, box in enumerate(boxes) if box is not None and values[c] != 0]
+
+
+_CONNECTED = {n: np.ones((3,) * n, bool) for n in (1, 2, 3)}
+
+
+def _keep_largest_inplace(out: np.ndarray) -> None:
+    """:func:`keep_largest_component` on ``out`` itself, each label within its bounding box.
+
+    A label's components lie inside its box, and :func:`scipy.ndimage.label` numbers them in
+    raster order there as on the whole array, so even a tie between equal largest components
+    keeps the same one.
+    """
+    structure = _CONNECTED.get(out.ndim, np.ones((3,) * out.ndim, bool))
+    for value, box in label_boxes(out):
+        region = out[box]
+        mask = region == value
+        comp, n = ndimage.label(mask, structure=structure)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            region[mask & (comp != int(np.argmax(sizes)))] = 0
+
+
+def _fill_holes_inplace(out: np.ndarray) -> None:
+    """:func:`fill_label_holes` on ``out`` itself, each label within its bounding box.
+
+    Outside a label's box all is background and reaches the array's border without entering
+    the box, and a path from inside the box to that border leaves it through one of the box's
+    faces: so the background enclosed by the label in the whole array is the background the
+    label encloses in its box (:func:`scipy.ndimage.binary_fill_holes` on the box). Filling a
+    label only turns background into it, so each later label's mask is as in the input.
+    """
+    for value, box in label_boxes(out):
+        region = out[box]
+        mask = region == value
+        holes = ndimage.binary_fill_holes(mask)
+        holes &= region == 0
+        region[holes] = value
+
+
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
     """Keep, for each label value, only its largest connected component (26-connectivity).
 
@@ -61,15 +120,7 @@ def keep_largest_component(labels: np.ndarray) -> np.ndarray:
     27
     """
     out = labels.copy()
-    structure = np.ones((3,) * labels.ndim, bool)
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        comp, n = ndimage.label(labels == value, structure=structure)
-        if n > 1:
-            sizes = np.bincount(comp.ravel())
-            sizes[0] = 0
-            out[(comp > 0) & (comp != int(np.argmax(sizes)))] = 0
+    _keep_largest_inplace(out)
     return out
 
 
@@ -85,22 +136,24 @@ def fill_label_holes(labels: np.ndarray) -> np.ndarray:
     1
     """
     out = labels.copy()
-    for value in np.unique(labels):
-        if value == 0:
-            continue
-        mask = labels == value
-        holes = ndimage.binary_fill_holes(mask) & ~mask & (out == 0)
-        out[holes] = value
+    _fill_holes_inplace(out)
     return out
 
 
-def postprocess(labels: np.ndarray, *, fill_holes: bool = True, largest_component: bool = True) -> np.ndarray:
-    """Largest connected component per label, then hole filling, each switchable."""
+def postprocess(labels: np.ndarray, *, fill_holes: bool = True, largest_component: bool = True,
+                inplace: bool = False) -> np.ndarray:
+    """Largest connected component per label, then hole filling, each switchable.
+
+    ``inplace`` changes ``labels`` itself (and returns it) instead of a copy.
+    """
+    if not (fill_holes or largest_component):
+        return labels
+    out = labels if inplace else labels.copy()
     if largest_component:
-        labels = keep_largest_component(labels)
+        _keep_largest_inplace(out)
     if fill_holes:
-        labels = fill_label_holes(labels)
-    return labels
+        _fill_holes_inplace(out)
+    return out
 
 
 def _flip_sets(axes: Sequence[int]) -> list[tuple[int, ...]]:
