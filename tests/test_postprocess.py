@@ -115,3 +115,31 @@ def test_postprocess_inplace_changes_the_input_only_when_asked():
     same = postprocess(lab, inplace=True)
     assert same is lab
     np.testing.assert_array_equal(same, got)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_enclosed_background_equals_binary_fill_holes(seed):
+    from sparseslice.predict import enclosed_background
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.normal(size=(21, 18, 15)), 1.0) > rng.uniform(-0.3, 0.1)
+    mask[rng.random(mask.shape) < 0.05] = False
+    want = ndimage.binary_fill_holes(mask) & ~mask
+    assert want.any() or seed > 3
+    np.testing.assert_array_equal(enclosed_background(mask), want)
+    flat = mask[:, :, 3]
+    np.testing.assert_array_equal(enclosed_background(flat), ndimage.binary_fill_holes(flat) & ~flat)
+
+
+def test_argmax_of_channels_equals_torch_argmax_with_ties():
+    import torch
+
+    from sparseslice.predict import _argmax_channels
+
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 3, 5, 12):
+        p = torch.randint(0, 3, (4, k, 9, 7), generator=g).float()  # many ties
+        assert torch.equal(_argmax_channels(p).long(), p.argmax(1))
+    p = torch.rand((2, 3, 5, 5), generator=g)
+    p[0, 1, 0, 0] = float("nan")
+    assert torch.equal(_argmax_channels(p).long(), p.argmax(1))

@@ -88,7 +88,9 @@ def _keep_largest_inplace(out: np.ndarray) -> None:
         if n > 1:
             sizes = np.bincount(comp.ravel())
             sizes[0] = 0
-            region[mask & (comp != int(np.argmax(sizes)))] = 0
+            remove = comp != int(np.argmax(sizes))
+            remove &= mask
+            np.copyto(region, 0, where=remove)
 
 
 def _fill_holes_inplace(out: np.ndarray) -> None:
@@ -103,9 +105,28 @@ def _fill_holes_inplace(out: np.ndarray) -> None:
     for value, box in label_boxes(out):
         region = out[box]
         mask = region == value
-        holes = ndimage.binary_fill_holes(mask)
+        holes = enclosed_background(mask)
         holes &= region == 0
-        region[holes] = value
+        np.copyto(region, value, where=holes)
+
+
+def enclosed_background(mask: np.ndarray) -> np.ndarray:
+    """The background of ``mask`` not connected (6-connectivity) to the array's border: the holes
+    :func:`scipy.ndimage.binary_fill_holes` fills, by one labelling of the background instead of its
+    iterated dilation (over twice as fast on a CT volume).
+
+    Examples
+    --------
+    >>> m = np.ones((3, 3, 3), bool); m[1, 1, 1] = False
+    >>> int(enclosed_background(m).sum())
+    1
+    """
+    comp, n = ndimage.label(~mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    open_ = np.zeros(n + 1, bool)
+    for a in range(mask.ndim):
+        for end in (0, -1):
+            open_[np.take(comp, end, axis=a)] = True
+    return ~open_[comp]
 
 
 def keep_largest_component(labels: np.ndarray) -> np.ndarray:
@@ -293,8 +314,23 @@ def slice_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: S
             total = p if total is None else total.add_(p)
         if tuple(total.shape[2:]) != tuple(plane):
             total = torch.nn.functional.interpolate(total, size=plane, mode="bilinear", align_corners=False)
-        out[start:start + t.shape[0]] = total.argmax(1).cpu().numpy()
+        out[start:start + t.shape[0]] = _argmax_channels(total).cpu().numpy()
     return np.moveaxis(out, 0, axis)
+
+
+def _argmax_channels(p: torch.Tensor) -> torch.Tensor:
+    """``p.argmax(1)`` (the first of equal maxima) by comparing channels in turn: several times faster
+    than torch's reduction over the channel dim for a few channels; NaN (never, for finite
+    inputs) goes to torch's own argmax, which ranks it highest."""
+    if p.shape[1] > 8 or bool(torch.isnan(p).any()):
+        return p.argmax(1)
+    best = p[:, 0].clone()
+    index = torch.zeros((p.shape[0], *p.shape[2:]), dtype=torch.uint8, device=p.device)
+    for k in range(1, p.shape[1]):
+        better = p[:, k] > best
+        index.masked_fill_(better, k)
+        torch.maximum(best, p[:, k], out=best)
+    return index
 
 
 def memory_budget(device: torch.device) -> float:
