@@ -93,3 +93,26 @@ def test_largest_window_fits_the_budget_and_never_undercuts_the_patch():
         assert all(w >= p and w % 8 == 0 for w, p in zip(win, (32, 32, 16), strict=True))
         assert np.prod(win) * per_voxel <= budget or win == (32, 32, 16)
     assert largest_window((32, 32, 16), (50, 60, 20), divisor=8, bytes_per_voxel=1, budget=1e12) == (56, 64, 24)
+
+
+@pytest.mark.parametrize("scheme", ["zscore", "ct", "none"])
+def test_slice_batches_are_the_whole_volume_prepared_then_sliced(net2d, scheme):
+    """Batch by batch (normalised with the whole volume's statistics, mask channel, resampled in-plane) =
+    normalising, masking and resampling the whole volume first, as predict did: bit for bit."""
+    from sparseslice.inference import model_inputs
+    from sparseslice.model import normalize
+    from sparseslice.predict import slice_batches
+    from sparseslice.resample import resample_image, resampled_shape
+
+    spec = ModelSpec(dims=2, in_channels=2, out_channels=3, channels=(4, 8), strides=(2,), mask_channel=True)
+    x = np.random.default_rng(4).normal(0, 400, size=(1, 30, 26, 11)).astype(np.int16)
+    for axis, spacing in ((2, (0.7, 0.9, 2.5)), (0, (2.5, 0.6, 0.8)), (2, (1.0, 1.0, 2.5))):
+        ckpt = Checkpoint(spec=spec, normalization=Normalization(scheme), axis=axis, labels=(0, 1, 2),
+                          patch_size=(16, 16), state_dict={}, spacing=(1.0, 1.0))
+        whole = normalize(x, ckpt.normalization)
+        whole = np.concatenate([whole, np.ones_like(whole)], axis=0)
+        whole = resample_image(whole, resampled_shape(x.shape[1:], spacing, (1.0, 1.0), axis=axis), axis=axis)
+        want = model_inputs(whole, dims=2, axis=axis)
+        got = [(start, t.numpy()) for start, t in slice_batches(x, ckpt, batch_size=4, spacing=spacing)]
+        assert [s for s, _ in got] == list(range(0, want.shape[0], 4))
+        np.testing.assert_array_equal(np.concatenate([t for _, t in got]), want)

@@ -95,8 +95,30 @@ class Normalization:
                             "use zscore for MRI, ct for CT")
 
 
-def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
+def normalization_stats(image: np.ndarray, norm: Normalization) -> list[tuple[Any, ...]]:
+    """What :func:`normalize` needs of the whole ``(C, ...)`` image, per channel: ``zscore``'s
+    clip percentiles, mean and standard deviation (float64); nothing for the other schemes.
+
+    With them a part of the image (a batch of slices) is normalised exactly as the whole would be.
+    """
+    if norm.scheme != "zscore":
+        return [() for _ in range(image.shape[0])]
+    stats = []
+    for c in range(image.shape[0]):
+        x = np.empty(image.shape[1:], np.float32)
+        x[...] = image[c]  # the float32 values and layout normalize sees, so the same sums
+        lo, hi = np.percentile(x, norm.clip)
+        z = np.clip(x, lo, hi)
+        stats.append((lo, hi, z.mean(), max(float(z.std()), 1e-8)))
+        del x, z
+    return stats
+
+
+def normalize(image: np.ndarray, norm: Normalization, *, stats: list[tuple[Any, ...]] | None = None) -> np.ndarray:
     """Normalise a ``(C, ...)`` image channel by channel; returns float32.
+
+    ``stats`` (:func:`normalization_stats` of the whole image) normalises ``image``, a part of
+    it, as the whole; by default they are those of ``image``.
 
     Examples
     --------
@@ -104,6 +126,8 @@ def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
     >>> round(float(x.mean()), 6), round(float(x.std()), 6)
     (0.0, 1.0)
     """
+    if stats is None:
+        stats = normalization_stats(image, norm)
     out = np.empty(image.shape, np.float32)
     for c in range(image.shape[0]):
         x = out[c]
@@ -114,9 +138,8 @@ def normalize(image: np.ndarray, norm: Normalization) -> np.ndarray:
             x -= lo
             x /= hi - lo
         elif norm.scheme == "zscore":  # statistics in float64 (the percentiles are float64 scalars)
-            lo, hi = np.percentile(x, norm.clip)
-            z = np.clip(x, lo, hi)
-            x[...] = (z - z.mean()) / max(float(z.std()), 1e-8)
+            lo, hi, mean, sd = stats[c]
+            x[...] = (np.clip(x, lo, hi) - mean) / sd
     return out
 
 
