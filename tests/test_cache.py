@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from batch_checks import assert_same_batches
+from batch_checks import draw as draw_batches
 from sparseslice.datasets import discover_dataset
 from sparseslice.io import read_label, read_volume, write_volume
 from sparseslice.locking import Holder
@@ -83,15 +85,8 @@ def assert_same_cases(a: list, b: list) -> None:
         assert (x.axis, x.full_shape, x.shape) == (y.axis, y.full_shape, y.shape)
 
 
-def draw(sampler, seed: int, *, batches: int = 5, batch_size: int = 3) -> list:
-    return list(sampler.epoch(batches * batch_size, batch_size, np.random.default_rng(seed)))
-
-
-def assert_same_batches(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        for t, u in zip(x, y, strict=True):
-            assert t.dtype == u.dtype and torch.equal(t, u)
+def draw(sampler, seed: int) -> list:
+    return draw_batches(sampler, seed, batches=5)
 
 
 # --- same data, same batches ----------------------------------------------------------------------

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from batch_checks import assert_same_batches
+from batch_checks import draw as draw_batches
 from sparseslice.datasets import discover_dataset
 from sparseslice.io import read_label
 from sparseslice.model import Normalization
@@ -31,15 +33,8 @@ def sparse(tmp_path_factory):
     return discover_dataset(out)
 
 
-def draw(sampler, seed: int, *, batches: int = 6, batch_size: int = 3) -> list:
-    return list(sampler.epoch(batches * batch_size, batch_size, np.random.default_rng(seed)))
-
-
-def assert_same_batches(a: list, b: list) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        for t, u in zip(x, y, strict=True):
-            assert t.dtype == u.dtype and torch.equal(t, u)
+def draw(sampler, seed: int) -> list:
+    return draw_batches(sampler, seed, batches=6)
 
 
 @pytest.mark.parametrize("spacing", [None, (1.5, 1.25)])
