@@ -148,22 +148,23 @@ def resolve_spacing(dataset: Dataset, case_ids: list[str], *, axis: int,
 
 
 def read_case_label(case_label: object, *, axis: int, ignore_value: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume, np.ndarray | None]:
-    """Read a label file as ``(label, annotated, interpolated, volume, partial)``.
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Volume, np.ndarray | None, np.ndarray | None]:
+    """Read a label file as ``(label, annotated, interpolated, volume, partial, border)``.
 
     With a sidecar it is sparse; without one it is fully annotated, unless it holds the ignore
     value (the dataset's ``ignore_value`` from nnU-Net's dataset.json, else 255), in which
     case slices free of it are annotated. ``volume`` is the file as read (its grid, for
     checking it against the image); ``partial`` the known voxels of partly labelled slices
-    (None when there are none).
+    and ``border`` one bool per slice, the border slices (each None when there are none).
     """
     sparse, vol = read_label_file(case_label, axis=axis, ignore_value=ignore_value)
     if sparse is None:
         n = vol.shape[axis]
-        return vol.array, np.ones(n, bool), np.zeros(n, bool), vol, None
+        return vol.array, np.ones(n, bool), np.zeros(n, bool), vol, None, None
     interpolated = np.zeros(sparse.n_slices, bool)
     interpolated[sparse.meta.get("interpolated", [])] = True
-    return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol, sparse.partial_known
+    border = sparse.border if sparse.border.any() else None
+    return sparse.label, sparse.annotated, interpolated & sparse.annotated, vol, sparse.partial_known, border
 
 
 def kept_slices(known: np.ndarray, *, keep: int | None) -> np.ndarray | None:
@@ -246,10 +247,9 @@ def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Norma
     found: set[int] = set()
     image = load_image(case, nonfinite=nonfinite)
     arr = image.array if image.array.ndim == 4 else image.array[..., None]
-    label, annotated, interpolated, label_volume, partial = read_case_label(
+    label, annotated, interpolated, label_volume, partial, border = read_case_label(
         case.label, axis=axis, ignore_value=dataset.ignore_value)
     check_same_space(image, label_volume, name=cid)
-    border = _border_slices(case.label, annotated.size)
     weight = np.where(annotated, 1.0, 0.0).astype(np.float32)
     weight[interpolated] = interpolated_weight
     known = weight > 0
@@ -275,17 +275,6 @@ def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Norma
         label, partial = resample_label(label, target, axis=axis, known=partial)
     return PreparedCase(cid, axis, img, label, weight, interpolated, partial,
                         None if kept is None else tuple(grid), found, border)
-
-
-def _border_slices(label_path: object, n: int) -> np.ndarray | None:
-    """One bool per slice: the border slices a label's sidecar lists (None: no sidecar, or none listed)."""
-    record = read_sidecar(label_path)
-    listed = [] if record is None else record.get("border", [])
-    if not listed:
-        return None
-    border = np.zeros(n, bool)
-    border[listed] = True
-    return border
 
 
 def _partial_slices(partial: np.ndarray | None, axis: int) -> np.ndarray | bool:

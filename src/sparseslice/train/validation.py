@@ -70,7 +70,6 @@ def validation_subset(cases: list[CaseArrays], *, dims: int, patch: tuple[int, .
     return out, {"share": share, "slices": len(kept), "of_slices": len(units), "every": step}
 
 
-
 @torch.no_grad()
 def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec, patch_size: tuple[int, ...],
              device: torch.device, batch_size: int = 16, bf16: bool = False) -> tuple[float, list[float]]:
