@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from sparseslice.atomic import write_json
+from sparseslice.atomic import sha256_of, write_json
 from sparseslice.datasets import Dataset
 from sparseslice.errors import UserError
 from sparseslice.io import Header, Volume, read_header, read_label, strip_suffix, volume_suffix
@@ -50,7 +50,7 @@ from sparseslice.progress import track
 from sparseslice.segnrrd import is_segmentation, read_segmentation
 from sparseslice.select.handout import segment_names
 from sparseslice.select.plan import Plan, PlanEntry
-from sparseslice.select.worklist import sha256_of, write_plan
+from sparseslice.select.worklist import write_plan
 from sparseslice.simulate import channel_names, check_plan, sparse_dataset_json, write_case_images
 from sparseslice.sparse import DEFAULT_IGNORE_VALUE, SIDECAR_SUFFIX, SparseLabel, read_sparse, write_sparse
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparseslice.atomic import write_json, write_text
+from sparseslice.atomic import sha256_of, write_json, write_text
 from sparseslice.errors import UserError
 from sparseslice.select.plan import Exclusion, Plan
 
@@ -214,15 +214,6 @@ def extent_advice(plan: Plan, dataset: Dataset, *, progress: bool = False) -> st
             "Extent step first: annotators click the first and last slice holding the structure of each "
             "volume into plan.csv's first,last columns (0-based: ITK-SNAP's slice number - 1), then plan "
             "again with --extents plan.csv and another --out to choose the slices inside them")
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """The SHA-256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_exclusions(paths: Sequence[str | os.PathLike[str]]) -> Exclusion:

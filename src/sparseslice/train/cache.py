@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from sparseslice.atomic import sha256_of
 from sparseslice.datasets import Case
 from sparseslice.io import DETACHED_SUFFIXES, volume_suffix
 from sparseslice.locking import Holder, read_holder
@@ -126,7 +127,7 @@ def case_key(case: Case, params: dict[str, Any]) -> str | None:
     if files is None:
         return None
     record = {"format": CACHE_FORMAT, "params": _plain(params),
-              "files": [[role, file_sha256(path)] for role, path in files]}
+              "files": [[role, sha256_of(path)] for role, path in files]}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -166,12 +167,6 @@ def detached_data_files(path: str | os.PathLike[str]) -> list[Path] | None:
             return None
         return [path.parent / value]
     return []
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 (hex) of a file's bytes, read in chunks."""
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _plain(value: Any) -> Any:
