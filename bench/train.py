@@ -120,14 +120,13 @@ def throughput(args: argparse.Namespace) -> None:
         bs, patch = resolved.batch_size, resolved.patch_size
         steps = args.steps or (300 if device.type == "cuda" else 40)
         # bare model step: same model, same batch size, tensors already in memory
-        from sparseslice.model import ModelSpec, build_model
+        from sparseslice.model import ModelSpec, build_model, memory_format
 
         n_classes = len(json.loads((res.run_dir / "split.json").read_text())["labels"])
         spec = ModelSpec(dims=len(patch), in_channels=1, out_channels=n_classes, channels=resolved.channels,
                          strides=resolved.strides, num_res_units=resolved.num_res_units)
         model = build_model(spec).to(device)
-        fmt = (torch.channels_last if len(patch) == 2 else torch.channels_last_3d) if resolved.channels_last \
-            else torch.contiguous_format
+        fmt = memory_format(len(patch), channels_last=resolved.channels_last) or torch.contiguous_format
         model = model.to(memory_format=fmt)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         gen = torch.Generator().manual_seed(0)

@@ -272,6 +272,13 @@ def available_devices() -> list[str]:
     return found
 
 
+def memory_format(dims: int, *, channels_last: bool) -> torch.memory_format | None:
+    """The memory format of a ``dims``-D network's weights and inputs (None: PyTorch's default layout)."""
+    if not channels_last:
+        return None
+    return torch.channels_last if dims == 2 else torch.channels_last_3d
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bfloat16 natively (CUDA with bf16 support; a CPU with AVX512-BF16 or
     AMX tiles), so bfloat16 autocast speeds the network up rather than emulating it."""

@@ -38,6 +38,7 @@ from sparseslice.model import (
     Normalization,
     build_model,
     load_plain,
+    memory_format,
     native_bf16,
     pick_device,
     read_checkpoint,
@@ -182,9 +183,7 @@ class _Run:
 
     @property
     def memory(self) -> torch.memory_format | None:
-        if not self.config.channels_last:
-            return None
-        return torch.channels_last if self.spec.dims == 2 else torch.channels_last_3d
+        return memory_format(self.spec.dims, channels_last=self.config.channels_last)
 
     def dice_columns(self, per_class: list[float]) -> dict[str, float]:
         """``val_dice_<label>`` for each foreground label."""
