@@ -370,17 +370,17 @@ class SliceSampler:
 
     def __init__(self, cases: list[CaseArrays], *, patch_size: tuple[int, int]) -> None:
         plane = tuple(int(p) for p in patch_size)
-        full = np.array([[s for a, s in enumerate(c.label.shape) if a != c.axis] for c in cases])
-        self.store = (max(plane[0], int(full[:, 0].max())), max(plane[1], int(full[:, 1].max())))
+        planes = np.array([[s for a, s in enumerate(c.label.shape) if a != c.axis] for c in cases])
+        self.store = (max(plane[0], int(planes[:, 0].max())), max(plane[1], int(planes[:, 1].max())))
         self.cases = cases
         rows, weights = [], []  # one row per sample: case index, slice index
         self.partial: dict[int, np.ndarray] = {}  # sample -> per-voxel weight of a partly labelled slice
         for i, c in enumerate(cases):
-            idx = c.known_slices
             part = _partial_slices(c.partial, c.axis)
-            for s in idx:
-                if part is not False and part[s]:
-                    self.partial[len(rows)] = np.take(c.voxel_weight(), s, axis=c.axis).astype(np.float32)
+            voxel_weight = None if part is False else c.voxel_weight()
+            for s in c.known_slices:
+                if voxel_weight is not None and part[s]:
+                    self.partial[len(rows)] = np.take(voxel_weight, s, axis=c.axis).astype(np.float32)
                 rows.append((i, int(s)))
                 weights.append(c.slice_weight[s])
         if not rows:
@@ -388,8 +388,7 @@ class SliceSampler:
                             "check the sparse labels and their sidecars")
         self.rows = np.array(rows)
         self.slice_weight = np.array(weights, np.float32)
-        self.sizes = np.array([[s for a, s in enumerate(cases[i].label.shape) if a != cases[i].axis]
-                               for i, _ in rows])
+        self.sizes = planes[self.rows[:, 0]]
         self.offsets = (np.array(self.store) - self.sizes) // 2
         self.patch_size = plane
 
