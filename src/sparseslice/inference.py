@@ -59,6 +59,22 @@ class Window:
                              f"{self.images_per_pass} and {self.windows_per_pass}")
 
 
+def with_mask_channel(x: np.ndarray, *, mask_channel: bool, axis: int) -> np.ndarray:
+    """``x`` with the mask channel appended on ``axis`` when the model takes one: all ones, as at
+    inference every voxel is to be segmented (float32).
+
+    Examples
+    --------
+    >>> with_mask_channel(np.zeros((2, 1, 4, 4), np.float32), mask_channel=True, axis=1).shape
+    (2, 2, 4, 4)
+    """
+    if not mask_channel:
+        return x
+    shape = list(x.shape)
+    shape[axis] = 1
+    return np.concatenate([x, np.ones(shape, np.float32)], axis=axis)
+
+
 def model_inputs(x: np.ndarray, *, dims: int, axis: int, slices: np.ndarray | None = None) -> np.ndarray:
     """The stack ``(N, C, *spatial)`` a network of ``dims`` dimensions sees of a ``(C, X, Y, Z)`` array.
 

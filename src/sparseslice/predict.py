@@ -38,6 +38,7 @@ from sparseslice.inference import (
     whole_window,
     window_logits,
     window_size,
+    with_mask_channel,
 )
 from sparseslice.io import Volume, narrow_label_dtype, write_volume
 from sparseslice.model import Checkpoint, normalization_stats, normalize
@@ -224,17 +225,9 @@ def image_channels(image: Volume, ckpt: Checkpoint) -> np.ndarray:
     return arr
 
 
-def _with_mask(x: np.ndarray, ckpt: Checkpoint, *, axis: int = 0) -> np.ndarray:
-    """``x`` with the mask channel (all ones: every voxel is seen) appended on ``axis``, if the model takes one."""
-    if not ckpt.spec.mask_channel:
-        return x
-    shape = list(x.shape)
-    shape[axis] = 1
-    return np.concatenate([x, np.ones(shape, np.float32)], axis=axis)
-
-
 def _prepare(image: Volume, ckpt: Checkpoint) -> np.ndarray:
-    return _with_mask(normalize(image_channels(image, ckpt), ckpt.normalization), ckpt)
+    return with_mask_channel(normalize(image_channels(image, ckpt), ckpt.normalization),
+                             mask_channel=ckpt.spec.mask_channel, axis=0)
 
 
 def slice_batches(x: np.ndarray, ckpt: Checkpoint, *, batch_size: int, spacing: Sequence[float] | None = None,
@@ -256,7 +249,8 @@ def slice_batches(x: np.ndarray, ckpt: Checkpoint, *, batch_size: int, spacing: 
     stack = model_inputs(x, dims=2, axis=axis)
     for start in range(0, stack.shape[0], batch_size):
         part = np.moveaxis(stack[start:start + batch_size], 1, 0)  # (C, n, h, w), as normalize takes it
-        batch = _with_mask(normalize(part, ckpt.normalization, stats=stats), ckpt)
+        batch = with_mask_channel(normalize(part, ckpt.normalization, stats=stats),
+                                  mask_channel=ckpt.spec.mask_channel, axis=0)
         t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, 0, 1)))
         if size is not None and tuple(t.shape[2:]) != size:
             t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)

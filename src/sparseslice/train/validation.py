@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparseslice.inference import Window, classes, model_inputs, window_size
+from sparseslice.inference import Window, classes, model_inputs, window_size, with_mask_channel
 from sparseslice.model import ModelSpec
 from sparseslice.train.config import TrainConfig
 from sparseslice.train.data import CaseArrays
@@ -100,7 +100,8 @@ def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec
             ref = torch.from_numpy(np.moveaxis(np.take(c.label, idx, axis=c.axis), c.axis, 0).astype(np.int64))
             known = torch.ones_like(ref, dtype=torch.bool)
         else:
-            images = _with_mask(model_inputs(c.image, dims=3, axis=c.axis), spec)
+            images = with_mask_channel(model_inputs(c.image, dims=3, axis=c.axis), mask_channel=spec.mask_channel,
+                                       axis=1)
             roi = window_size(patch_size, dims=3, axis=c.axis, divisor=spec.divisor, plane=images.shape[2:])
             pred = classes(model, images, roi=roi, window=window, bf16=bf16, device=device)[0]
             ref = torch.from_numpy(c.label.astype(np.int64))
@@ -123,13 +124,6 @@ def validate(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec
     return mean, [float(v) for v in per_class]
 
 
-def _with_mask(images: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """At inference the mask channel is all ones: every slice is to be segmented."""
-    if not spec.mask_channel:
-        return images
-    return np.concatenate([images, np.ones_like(images[:, :1])], axis=1)
-
-
 def _slice_classes(model: torch.nn.Module, cases: list[CaseArrays], *, spec: ModelSpec,
                    patch_size: tuple[int, ...], window: Window, bf16: bool,
                    device: torch.device) -> dict[int, torch.Tensor]:
@@ -143,7 +137,8 @@ def _slice_classes(model: torch.nn.Module, cases: list[CaseArrays], *, spec: Mod
     for n, c in enumerate(cases):
         if c.validation_slices.size == 0:
             continue
-        images = _with_mask(model_inputs(c.image, dims=2, axis=c.axis, slices=c.validation_slices), spec)
+        images = with_mask_channel(model_inputs(c.image, dims=2, axis=c.axis, slices=c.validation_slices),
+                                   mask_channel=spec.mask_channel, axis=1)
         plane = images.shape[2:]
         roi = window_size(patch_size, dims=2, axis=c.axis, divisor=spec.divisor, plane=plane)
         full = tuple(max(int(s), int(r)) for s, r in zip(plane, roi, strict=True))
