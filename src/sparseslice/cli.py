@@ -674,7 +674,8 @@ def predict(
     fill_holes: Annotated[bool, typer.Option(help="Fill enclosed holes of each label.")] = True,
     largest_component: Annotated[bool, typer.Option(help="Keep each label's largest component.")] = True,
     overlap: Annotated[float, typer.Option(help="Sliding-window overlap in [0, 1).")] = 0.5,
-    batch_size: Annotated[int, typer.Option(help="Windows or slices per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        help="Windows or slices per forward pass (2D on a CPU: at most 2^18 pixels a pass).")] = 16,
     window: Annotated[str, typer.Option(help="whole: 2D whole slices, 3D the largest window that fits memory; "
                                              "patch: sliding windows of the training patch."),
                       Choices("sparseslice.predict:WINDOWS")] = "whole",

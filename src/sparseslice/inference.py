@@ -210,19 +210,34 @@ def logits(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window: Window,
-                  bf16: bool = False) -> np.ndarray:
-    """Softmax ``(N, K, *spatial)`` float32 of the stack ``images`` (see :func:`logits`)."""
+def stacked_logits(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window: Window,
+                   bf16: bool = False) -> np.ndarray:
+    """Logits ``(N, K, *spatial)`` float32 of the stack ``images`` in one array (see :func:`logits`)."""
     out = None
     start = 0
     for chunk in logits(model, images, roi=roi, window=window, bf16=bf16):
         if out is None:
             out = np.empty((images.shape[0], chunk.shape[1], *images.shape[2:]), np.float32)
-        out[start:start + chunk.shape[0]] = torch.softmax(chunk, dim=1).float().cpu().numpy()
+        out[start:start + chunk.shape[0]] = chunk.float().cpu().numpy()
         start += chunk.shape[0]
     if out is None:
         raise ValueError("images must hold at least one image, got an empty stack")
     return out
+
+
+def softmax_inplace(x: np.ndarray, *, axis: int = 1) -> np.ndarray:
+    """Softmax of float32 ``x`` over ``axis`` into ``x`` itself, one index of its first axis at a time
+    (torch's softmax: the same values as ``torch.softmax``); returns ``x``."""
+    for i in range(x.shape[0]):
+        part = torch.from_numpy(x[i])
+        part.copy_(torch.softmax(part, dim=axis - 1))
+    return x
+
+
+def probabilities(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window: Window,
+                  bf16: bool = False) -> np.ndarray:
+    """Softmax ``(N, K, *spatial)`` float32 of the stack ``images`` (see :func:`logits`)."""
+    return softmax_inplace(stacked_logits(model, images, roi=roi, window=window, bf16=bf16), axis=1)
 
 
 @torch.no_grad()

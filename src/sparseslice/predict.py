@@ -5,7 +5,9 @@ slice: :func:`slice_classes`); a 3D model the largest window that fits the devic
 least its patch. ``window="patch"`` uses sliding windows of the training patch instead. All go
 through :mod:`sparseslice.inference` (the sliding window training validation uses too), with
 Gaussian blending where windows overlap. Test-time augmentation averages the
-softmax over every combination of flips of the chosen axes (nnU-Net's mirroring). The
+logits over every combination of flips of the chosen axes (nnU-Net v2's mirroring); a
+network trained at another in-plane spacing has the probabilities of those logits resampled
+back to the image's grid. The
 label map is then post-processed per label: largest connected component (26-connectivity)
 and hole filling (3D cavities of background enclosed by the label), each switchable.
 Output label maps have the image's shape and affine.
@@ -18,7 +20,7 @@ planned slices (zeros elsewhere): pre-annotations that annotators correct in the
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +36,8 @@ from sparseslice.inference import (
     from_model_outputs,
     largest_window,
     model_inputs,
-    probabilities,
+    softmax_inplace,
+    stacked_logits,
     whole_window,
     window_logits,
     window_size,
@@ -79,28 +82,46 @@ def _keep_largest_inplace(out: np.ndarray) -> None:
 
     A label's components lie inside its box, and :func:`scipy.ndimage.label` numbers them in
     raster order there as on the whole array, so even a tie between equal largest components
-    keeps the same one.
+    keeps the same one. Memory: the box's int32 component map and, while it is labelled, its
+    mask; the removal runs a slab at a time.
     """
     structure = _CONNECTED.get(out.ndim, np.ones((3,) * out.ndim, bool))
     for value, box in label_boxes(out):
         region = out[box]
-        mask = region == value
-        comp, n = ndimage.label(mask, structure=structure)
+        comp, n = ndimage.label(region == value, structure=structure)
         if n > 1:
             sizes = _component_sizes(comp, n)
             sizes[0] = 0
-            remove = comp != int(np.argmax(sizes))
-            remove &= mask
-            np.copyto(region, 0, where=remove)
+            best = int(np.argmax(sizes))
+            _set_where(region, comp, lambda c, best=best: (c != best) & (c != 0), 0)
+        del comp  # before the next label's map is made
+
+
+def _slabs(*arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """The same slab (a range of first-axis indices, about :data:`_LOOKUP_CHUNK` voxels) of each of
+    ``arrays`` (one shape), in turn: temporaries of a whole-volume expression would be as large as the volume."""
+    step = max(1, _LOOKUP_CHUNK // max(1, arrays[0][:1].size))
+    for start in range(0, arrays[0].shape[0], step):
+        yield tuple(a[start:start + step] for a in arrays)
+
+
+def _set_where(region: np.ndarray, comp: np.ndarray, select: Callable[[np.ndarray], np.ndarray], value: int, *,
+               background_only: bool = False) -> None:
+    """``region[select(comp)] = value`` (where ``region`` is 0 only, with ``background_only``), a slab at a
+    time; the slabs die with the call, so ``comp`` is freed as soon as its caller drops it."""
+    for part, c in _slabs(region, comp):
+        where = select(c)
+        if background_only:
+            where &= part == 0
+        np.copyto(part, value, where=where)
 
 
 def _component_sizes(comp: np.ndarray, n: int) -> np.ndarray:
     """Voxels of each component ``0..n`` of a labelled map, counted a slab at a time: one ``bincount`` of
     the whole int32 map copies it as intp (8 bytes a voxel, the peak of predict on a CT volume)."""
     sizes = np.zeros(n + 1, np.int64)
-    step = max(1, _LOOKUP_CHUNK // max(1, comp[:1].size))
-    for start in range(0, comp.shape[0], step):
-        sizes += np.bincount(comp[start:start + step].ravel(), minlength=n + 1)
+    for (c,) in _slabs(comp):
+        sizes += np.bincount(c.ravel(), minlength=n + 1)
     return sizes
 
 
@@ -115,10 +136,21 @@ def _fill_holes_inplace(out: np.ndarray) -> None:
     """
     for value, box in label_boxes(out):
         region = out[box]
-        mask = region == value
-        holes = enclosed_background(mask)
-        holes &= region == 0
-        np.copyto(region, value, where=holes)
+        comp, closed = _closed_components(region != value)
+        _set_where(region, comp, lambda c, closed=closed: closed[c], value, background_only=True)
+        del comp
+
+
+def _closed_components(free: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The components (6-connectivity) of ``free`` and, by component number, whether it does not reach
+    the array's border (component 0, the rest of the array, is never closed)."""
+    comp, n = ndimage.label(free, structure=ndimage.generate_binary_structure(free.ndim, 1))
+    open_ = np.zeros(n + 1, bool)
+    open_[0] = True
+    for a in range(free.ndim):
+        for end in (0, -1):
+            open_[np.take(comp, end, axis=a)] = True
+    return comp, ~open_
 
 
 def enclosed_background(mask: np.ndarray) -> np.ndarray:
@@ -132,17 +164,11 @@ def enclosed_background(mask: np.ndarray) -> np.ndarray:
     >>> int(enclosed_background(m).sum())
     1
     """
-    comp, n = ndimage.label(~mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
-    open_ = np.zeros(n + 1, bool)
-    for a in range(mask.ndim):
-        for end in (0, -1):
-            open_[np.take(comp, end, axis=a)] = True
-    # looked up a slab at a time: indexing by the whole int32 map would copy it as intp (8 bytes a voxel;
-    # 630 MB on a 512x512x300 CT, the peak of predict)
-    closed, out = ~open_, np.empty(comp.shape, bool)
-    flat, dest = comp.reshape(-1), out.reshape(-1)
-    for start in range(0, flat.size, _LOOKUP_CHUNK):
-        dest[start:start + _LOOKUP_CHUNK] = closed[flat[start:start + _LOOKUP_CHUNK]]
+    comp, closed = _closed_components(~mask)
+    out = np.empty(comp.shape, bool)
+    # looked up a slab at a time: indexing by the whole int32 map would copy it as intp (8 bytes a voxel)
+    for o, c in _slabs(out, comp):
+        o[...] = closed[c]
     return out
 
 
@@ -232,7 +258,8 @@ def _prepare(image: Volume, ckpt: Checkpoint) -> np.ndarray:
 
 def slice_batches(x: np.ndarray, ckpt: Checkpoint, *, batch_size: int, spacing: Sequence[float] | None = None,
                   device: torch.device | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-    """A 2D model's inputs ``(n, C, h, w)`` of the slices of ``x`` ``(C, X, Y, Z)``, ``batch_size`` at a time.
+    """A 2D model's inputs ``(n, C, h, w)`` of the slices of ``x`` ``(C, X, Y, Z)``, at most ``batch_size``
+    at a time (:func:`slices_per_pass`).
 
     Each batch is gathered from ``x`` (unnormalised: :func:`image_channels`), normalised as the
     whole volume would be (:func:`~sparseslice.model.normalization_stats`), given the mask
@@ -247,14 +274,45 @@ def slice_batches(x: np.ndarray, ckpt: Checkpoint, *, batch_size: int, spacing: 
         size = tuple(s for a, s in enumerate(resampled_shape(x.shape[1:], spacing, ckpt.spacing, axis=axis))
                      if a != axis)
     stack = model_inputs(x, dims=2, axis=axis)
-    for start in range(0, stack.shape[0], batch_size):
-        part = np.moveaxis(stack[start:start + batch_size], 1, 0)  # (C, n, h, w), as normalize takes it
-        batch = with_mask_channel(normalize(part, ckpt.normalization, stats=stats),
-                                  mask_channel=ckpt.spec.mask_channel, axis=0)
-        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, 0, 1)))
-        if size is not None and tuple(t.shape[2:]) != size:
-            t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
-        yield start, t.to(device) if device is not None else t
+    per_pass = slices_per_pass(size or stack.shape[2:], batch_size=batch_size, device=device)
+    chunk = per_pass * max(1, _GATHER_SLICES // per_pass)
+    for first in range(0, stack.shape[0], chunk):
+        # consecutive slices gathered together: a slice of a volume whose slice axis varies fastest
+        # is one value per cache line, and the network's passes evict those lines between slices
+        block = np.ascontiguousarray(stack[first:first + chunk])
+        for start in range(0, block.shape[0], per_pass):
+            part = np.moveaxis(block[start:start + per_pass], 1, 0)  # (C, n, h, w), as normalize takes it
+            batch = with_mask_channel(normalize(part, ckpt.normalization, stats=stats),
+                                      mask_channel=ckpt.spec.mask_channel, axis=0)
+            t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, 0, 1)))
+            if size is not None and tuple(t.shape[2:]) != size:
+                t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+            yield first + start, t.to(device) if device is not None else t
+
+
+#: Slices :func:`slice_batches` copies out of the volume at a time (at least one pass's).
+_GATHER_SLICES = 32
+
+
+#: Pixels a CPU forward pass of a 2D model takes at most (whole slices, at least one). The cost per
+#: pixel is lowest near 2^18 pixels a pass (one 512x512 slice, four 256x256, sixteen 128x128) and
+#: 2.6x higher for sixteen 512x512 slices, whose activations no longer fit the caches (measured
+#: on 2 cores with the 2D models of the hippocampus and CT benches).
+CPU_PASS_PIXELS = 1 << 18
+
+
+def slices_per_pass(plane: Sequence[int], *, batch_size: int, device: torch.device | None = None) -> int:
+    """Slices of ``plane`` (the network's input plane) per 2D forward pass: ``batch_size``, on a CPU
+    (``device`` None or ``cpu``) at most :data:`CPU_PASS_PIXELS` pixels' worth and at least one.
+
+    Examples
+    --------
+    >>> slices_per_pass((512, 512), batch_size=16), slices_per_pass((128, 128), batch_size=16)
+    (1, 16)
+    """
+    if device is not None and device.type != "cpu":
+        return batch_size
+    return max(1, min(batch_size, CPU_PASS_PIXELS // max(1, int(np.prod(plane)))))
 
 
 def slice_window(ckpt: Checkpoint, plane: Sequence[int]) -> tuple[int, ...]:
@@ -265,9 +323,9 @@ def slice_window(ckpt: Checkpoint, plane: Sequence[int]) -> tuple[int, ...]:
 
 
 @torch.inference_mode()
-def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
-                          batch_size: int = 16, roi: tuple[int, ...] | None = None) -> np.ndarray:
-    """Softmax ``(K, X, Y, Z)`` of a normalised ``(C, X, Y, Z)`` array (sliding window, Gaussian blending).
+def predict_logits(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
+                   batch_size: int = 16, roi: tuple[int, ...] | None = None) -> np.ndarray:
+    """Logits ``(K, X, Y, Z)`` float32 of a normalised ``(C, X, Y, Z)`` array (sliding window, Gaussian blending).
 
     The window is ``roi``, by default the checkpoint's training patch (:func:`~sparseslice.inference.window_size`).
     """
@@ -277,7 +335,14 @@ def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, 
         roi = window_size(ckpt.patch_size, dims=dims, axis=ckpt.axis, divisor=ckpt.spec.divisor,
                           plane=images.shape[2:])
     window = Window(overlap=overlap, blend="gaussian", images_per_pass=batch_size, windows_per_pass=batch_size)
-    return from_model_outputs(probabilities(model, images, roi=roi, window=window), dims=dims, axis=ckpt.axis)
+    return from_model_outputs(stacked_logits(model, images, roi=roi, window=window), dims=dims, axis=ckpt.axis)
+
+
+def predict_probabilities(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, overlap: float = 0.5,
+                          batch_size: int = 16, roi: tuple[int, ...] | None = None) -> np.ndarray:
+    """Softmax ``(K, X, Y, Z)`` of :func:`predict_logits` (over the class axis)."""
+    logit = predict_logits(model, ckpt, x, overlap=overlap, batch_size=batch_size, roi=roi)
+    return softmax_inplace(logit[None], axis=1)[0]
 
 
 #: How predict lays windows over an image: ``whole`` (2D: each whole slice, padded to the network's
@@ -308,10 +373,11 @@ def slice_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: S
     Batches of ``batch_size`` slices come prepared from :func:`slice_batches` (normalised, and
     resampled to the checkpoint's spacing from ``spacing``, the image's, when given). Each goes
     through the network once per flip set of ``flips`` (image axes; ``()`` is the plain pass), as
-    one window over the whole slice (:func:`~sparseslice.inference.window_logits`); the softmax of
-    the passes is summed and the argmax taken before the next batch, so memory holds one batch of
-    probabilities, never the volume's. ``grid`` (the image's own shape, when the network saw ``x``
-    resampled) resamples each batch's probabilities back in-plane first, as :func:`predict_volume` does.
+    one window over the whole slice (:func:`~sparseslice.inference.window_logits`); the logits of
+    the passes are summed and the argmax taken before the next batch, so memory holds one batch of
+    logits, never the volume's. ``grid`` (the image's own shape, when the network saw ``x``
+    resampled) resamples each batch's probabilities (softmax of the mean logits) back in-plane
+    first, as :func:`predict_volume` does.
     """
     axis = ckpt.axis
     device = device_of(model)
@@ -320,30 +386,34 @@ def slice_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: S
     roi = None
     for start, t in slice_batches(x, ckpt, batch_size=batch_size, spacing=spacing, device=device):
         roi = roi or slice_window(ckpt, t.shape[2:])
+        resized = tuple(t.shape[2:]) != plane  # the probabilities are resampled back in-plane
         total = None
-        for flip in flips:
+        for flip in flips:  # logits summed over the flips, as nnU-Net v2 mirrors
             dims = _stack_dims(flip, axis)
-            p = torch.softmax(window_logits(model, torch.flip(t, dims) if dims else t, roi=roi).float(), dim=1)
-            p = torch.flip(p, dims) if dims else p
-            total = p if total is None else total.add_(p)
-        if tuple(total.shape[2:]) != tuple(plane):
+            lg = window_logits(model, torch.flip(t, dims) if dims else t, roi=roi).float()
+            lg = torch.flip(lg, dims) if dims else lg
+            total = lg if total is None else total.add_(lg)
+        if resized:  # the mean logits' probabilities resampled back in-plane
+            total = torch.softmax(total / len(flips), dim=1)
             total = torch.nn.functional.interpolate(total, size=plane, mode="bilinear", align_corners=False)
         out[start:start + t.shape[0]] = _argmax_channels(total).cpu().numpy()
     return np.moveaxis(out, 0, axis)
 
 
 def _argmax_channels(p: torch.Tensor) -> torch.Tensor:
-    """``p.argmax(1)`` (the first of equal maxima) by comparing channels in turn: several times faster
-    than torch's reduction over the channel dim for a few channels; NaN (never, for finite
-    inputs) goes to torch's own argmax, which ranks it highest."""
-    if p.shape[1] > 8 or bool(torch.isnan(p).any()):
+    """``p.argmax(1)`` (the first of equal maxima) as uint8, by comparing channels in turn with
+    arithmetic on 0/1 bytes: several times faster than torch's reduction over the channel dim
+    (and than ``masked_fill_``) for a few channels. Tensors with NaN or infinity (never, for a
+    trained network's logits; found by one sum) go to torch's own argmax, which ranks NaN highest."""
+    if p.shape[1] > 8 or not bool(torch.isfinite(p.sum())):
         return p.argmax(1)
-    best = p[:, 0].clone()
+    best = p[:, 0]
     index = torch.zeros((p.shape[0], *p.shape[2:]), dtype=torch.uint8, device=p.device)
     for k in range(1, p.shape[1]):
-        better = p[:, k] > best
-        index.masked_fill_(better, k)
-        torch.maximum(best, p[:, k], out=best)
+        better = (p[:, k] > best).view(torch.uint8)
+        index.mul_(1 - better).add_(better * k)
+        if k + 1 < p.shape[1]:
+            best = torch.maximum(best, p[:, k])
     return index
 
 
@@ -379,17 +449,19 @@ def activation_bytes(ckpt: Checkpoint) -> float:
 def _windowed_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: Sequence[tuple[int, ...]],
                       overlap: float, batch_size: int, grid: tuple[int, int, int] | None,
                       roi: tuple[int, ...] | None) -> np.ndarray:
-    """Class indices by sliding windows ``roi``: the softmax summed over ``flips`` in one volume, then argmax."""
-    prob = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
+    """Class indices by sliding windows ``roi``: the logits summed over ``flips`` in one volume (nnU-Net v2's
+    mirroring), then, resampled back to ``grid`` as probabilities when given, the argmax."""
+    total = np.zeros((ckpt.spec.out_channels, *x.shape[1:]), np.float32)
     for flip in flips:
         dims = tuple(a + 1 for a in flip)
         xf = np.flip(x, dims) if dims else x
-        p = predict_probabilities(model, ckpt, xf, overlap=overlap, batch_size=batch_size, roi=roi)
-        prob += np.flip(p, dims) if dims else p
-        del p
+        lg = predict_logits(model, ckpt, xf, overlap=overlap, batch_size=batch_size, roi=roi)
+        total += np.flip(lg, dims) if dims else lg
+        del lg
     if grid is not None:
-        prob = resample_probabilities(prob, grid, axis=ckpt.axis)
-    return np.argmax(prob, axis=0)
+        total /= len(flips)
+        total = resample_probabilities(softmax_inplace(total[None], axis=1)[0], grid, axis=ckpt.axis)
+    return np.argmax(total, axis=0)
 
 
 def _label_values(ckpt: Checkpoint) -> np.ndarray:
@@ -414,7 +486,7 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
     image : Volume
         The image (channels on a last axis if several), unnormalised.
     tta : bool
-        Average the softmax over all flips of ``tta_axes`` (2^n passes).
+        Average the logits over all flips of ``tta_axes`` (2^n passes), as nnU-Net v2 does.
     fill_holes, largest_component : bool
         Post-processing per label (see :func:`postprocess`).
     tta_axes : sequence of int, optional
@@ -422,7 +494,8 @@ def predict_volume(model: nn.Module, ckpt: Checkpoint, image: Volume, *, tta: bo
     overlap : float
         Sliding-window overlap in [0, 1) (windows smaller than the image only).
     batch_size : int
-        Windows (3D) or slices (2D) per forward pass.
+        Windows (3D) or slices (2D) per forward pass; on a CPU, 2D passes hold at most
+        :data:`CPU_PASS_PIXELS` pixels (fewer slices of a large plane: faster).
     window : {"whole", "patch"}
         ``whole``: a 2D model sees each whole slice (:func:`slice_classes`), a 3D model the
         largest window that fits the device's memory; ``patch``: sliding windows of the training
