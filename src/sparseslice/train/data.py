@@ -273,8 +273,35 @@ def _prepare_case(dataset: Dataset, cid: str, *, axis: int, normalization: Norma
         target = tuple(len(kept) if kept is not None and a == axis else int(g) for a, g in enumerate(grid))
         img = resample_image(img, target, axis=axis)
         label, partial = resample_label(label, target, axis=axis, known=partial)
+    if keep == 0:  # 2D reads whole slices: each one contiguous in memory (same values and shapes)
+        img, label = slice_major(img, axis + 1), slice_major(label, axis)
+        partial = None if partial is None else slice_major(partial, axis)
     return PreparedCase(cid, axis, img, label, weight, interpolated, partial,
                         None if kept is None else tuple(grid), found, border)
+
+
+def slice_major(array: np.ndarray, axis: int) -> np.ndarray:
+    """A copy of ``array`` laid out with ``axis`` outermost in memory, as a view of ``array``'s shape.
+
+    A slice across the last axis of a C-ordered case is one value per cache line: gathering a 2D
+    batch of 16 left-atrium slices that way took 22 ms, longer than a quarter of the training step.
+
+    Examples
+    --------
+    >>> a = np.arange(24).reshape(2, 3, 4)
+    >>> b = slice_major(a, 2)
+    >>> np.array_equal(a, b), slice_of(b, 1, axis=2).flags.c_contiguous
+    (True, True)
+    """
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(array, axis, 0)), 0, axis)
+
+
+def slice_of(array: np.ndarray, index: int, *, axis: int) -> np.ndarray:
+    """``array``'s slice ``index`` along ``axis``, a view (:func:`numpy.take` would copy a non-C-ordered
+    array whole first)."""
+    where: list[Any] = [slice(None)] * array.ndim
+    where[axis] = int(index)
+    return array[tuple(where)]
 
 
 def _partial_slices(partial: np.ndarray | None, axis: int) -> np.ndarray | bool:
@@ -406,8 +433,8 @@ class SliceSampler:
         for b, k in enumerate(indices):
             (i, s), (h, wd), (oy, ox) = self.rows[k], self.sizes[k], self.offsets[k]
             c = self.cases[i]
-            img[b, :, oy:oy + h, ox:ox + wd] = np.take(c.image, s, axis=1 + c.axis)
-            lab[b, oy:oy + h, ox:ox + wd] = np.take(c.label, s, axis=c.axis)
+            img[b, :, oy:oy + h, ox:ox + wd] = slice_of(c.image, s, axis=1 + c.axis)
+            lab[b, oy:oy + h, ox:ox + wd] = slice_of(c.label, s, axis=c.axis)
             w[b, oy:oy + h, ox:ox + wd] = self.partial[k] if k in self.partial else self.slice_weight[k]
         return torch.from_numpy(img), torch.from_numpy(lab), torch.from_numpy(w)
 
