@@ -116,3 +116,50 @@ def test_slice_batches_are_the_whole_volume_prepared_then_sliced(net2d, scheme):
         got = [(start, t.numpy()) for start, t in slice_batches(x, ckpt, batch_size=4, spacing=spacing)]
         assert [s for s, _ in got] == list(range(0, want.shape[0], 4))
         np.testing.assert_array_equal(np.concatenate([t for _, t in got]), want)
+
+
+def test_slices_per_pass_caps_the_pixels_of_a_cpu_pass_only():
+    from sparseslice.predict import CPU_PASS_PIXELS, slices_per_pass
+
+    assert CPU_PASS_PIXELS == 512 * 512
+    assert [slices_per_pass(p, batch_size=16) for p in [(512, 512), (256, 256), (128, 128), (64, 64), (700, 900)]] \
+        == [1, 4, 16, 16, 1]
+    assert slices_per_pass((512, 512), batch_size=16, device=torch.device("cpu")) == 1
+    assert slices_per_pass((512, 512), batch_size=16, device=torch.device("cuda")) == 16  # no cap on a GPU
+
+
+def test_slice_batches_of_a_large_plane_hold_one_slice_each(net2d):
+    from sparseslice.predict import slice_batches
+
+    spec = net2d[0]
+    x = np.random.default_rng(2).normal(size=(1, 520, 510, 3)).astype(np.float32)
+    got = list(slice_batches(x, ckpt_of(spec, patch=(16, 16)), batch_size=16))
+    assert [(s, tuple(t.shape)) for s, t in got] == [(k, (1, 1, 520, 510)) for k in range(3)]
+    np.testing.assert_array_equal(got[1][1][0, 0].numpy(), x[0, :, :, 1])
+
+
+def test_tta_argmax_of_the_logits_summed_over_the_flips(net2d):
+    """nnU-Net v2's mirroring: each flipped input's logits flipped back and summed, then the argmax; it
+    differs from the plain pass somewhere on an untrained network, so the flips are really used."""
+    spec, model = net2d
+    x = np.random.default_rng(3).normal(size=(1, 20, 24, 5)).astype(np.float32)
+    ckpt = ckpt_of(spec, patch=(16, 16))
+    flips = [(), (0,), (1,), (0, 1)]
+    got = slice_classes(model, ckpt, x, flips=flips, batch_size=2)
+    t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, 3, 0)))  # (Z, C, X, Y)
+    roi = whole_window((16, 16), (20, 24), divisor=spec.divisor)
+    with torch.no_grad():
+        total = sum(torch.flip(window_logits(model, torch.flip(t, [2 + a for a in f]), roi=roi), [2 + a for a in f])
+                    for f in flips)
+    want = np.moveaxis(total.argmax(1).numpy(), 0, 2)
+    np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(got, slice_classes(model, ckpt, x, batch_size=2))
+
+
+def test_argmax_of_channels_falls_back_to_torch_on_infinite_values():
+    from sparseslice.predict import _argmax_channels
+
+    p = torch.rand((2, 3, 4, 4), generator=torch.Generator().manual_seed(1))
+    p[1, 2, 0, 0] = float("inf")
+    p[0, 1, 1, 1] = float("-inf")
+    assert torch.equal(_argmax_channels(p).long(), p.argmax(1))
