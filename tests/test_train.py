@@ -465,3 +465,26 @@ def test_native_bf16_follows_the_cpu_flags(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert native_bf16(torch.device("cpu")) is want
     assert native_bf16(torch.device("meta")) is False
+
+
+@pytest.mark.parametrize("spatial", [(12, 10, 8), (9, 14, 11)])
+def test_mirrored_only_samples_are_flipped_as_grid_sample_would(spatial):
+    """A batch mixing rotated/scaled samples and only mirrored ones (the defaults) equals resampling every
+    sample with its affine grid: images to float rounding, labels, weights and masks exactly."""
+    from sparseslice.train.augment import random_affine, resample
+    from sparseslice.train.data import Batch
+
+    n, axis = 12, (None if len(spatial) == 2 else 2)
+    g = torch.Generator().manual_seed(3)
+    img = torch.randn(n, 1, *spatial, generator=g)
+    lab = torch.randint(0, 3, (n, *spatial), generator=g)
+    w = (torch.rand(n, *spatial, generator=g) > 0.3).float()
+    quiet = AugmentSettings(p_intensity=0, p_noise=0)
+    out = augment_batch(Batch(img, lab, w, w.clone()), axis=axis, gen=torch.Generator().manual_seed(5), settings=quiet)
+    theta = random_affine(n, spatial, axis=axis, settings=quiet, gen=torch.Generator().manual_seed(5))
+    warped = (theta[:, :, :-1].abs() != torch.eye(len(spatial))).any(dim=(1, 2))
+    assert 0 < int(warped.sum()) < n  # both kinds in the batch
+    want_img, want_maps = resample(img, torch.stack([lab.float(), w, w], 1), theta)
+    torch.testing.assert_close(out.image, want_img, rtol=0, atol=1e-5)
+    assert torch.equal(out.label, want_maps[:, 0].round().long()) and torch.equal(out.weight, want_maps[:, 1])
+    assert torch.equal(out.annotated, want_maps[:, 2])

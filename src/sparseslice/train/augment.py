@@ -2,7 +2,9 @@
 
 Each sample gets its own random flips, in-plane rotation and in-plane scaling, packed into
 one affine matrix per sample, so the whole batch is resampled by a single call (bilinear for
-images, nearest for labels, weights and the annotated mask). Voxels sampled from outside the
+images, nearest for labels, weights and the annotated mask); when some samples are only
+mirrored (half of them with the defaults) in a 3D batch, those are flipped by index instead and
+the others resampled together (3D left atrium: 80 -> 40 ms a batch of 2). Voxels sampled from outside the
 patch become unknown (weight 0). Intensity: per-sample scale, shift and Gaussian noise.
 
 Why not MONAI's per-sample ``RandAffined``: applied sample by sample on CPU it costs far more
@@ -73,6 +75,15 @@ def random_affine(n: int, shape: tuple[int, ...], *, axis: int | None, settings:
     return theta
 
 
+def resample(image: torch.Tensor, maps: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``image`` (bilinear, border values) and ``maps`` (nearest; 0 from outside) resampled by the
+    ``affine_grid`` matrices ``theta``, one ``grid_sample`` call each."""
+    grid = F.affine_grid(theta, [image.shape[0], 1, *image.shape[2:]], align_corners=False)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    maps = F.grid_sample(maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return image, maps
+
+
 def augment_batch(batch: Batch, *, axis: int | None, gen: torch.Generator,
                   settings: AugmentSettings | None = None) -> Batch:
     """Randomly transform a batch (spatially with one ``grid_sample`` call per kind, then intensity).
@@ -83,11 +94,21 @@ def augment_batch(batch: Batch, *, axis: int | None, gen: torch.Generator,
     image, label, weight, annotated = batch
     n, spatial = image.shape[0], tuple(image.shape[2:])
     dev = image.device
-    theta = random_affine(n, spatial, axis=axis, settings=s, gen=gen).to(dev)
-    grid = F.affine_grid(theta, [n, 1, *spatial], align_corners=False)
-    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    theta = random_affine(n, spatial, axis=axis, settings=s, gen=gen)
     maps = torch.stack([label.float(), weight, annotated], 1)
-    maps = F.grid_sample(maps, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    warped = (theta[:, :, :-1].abs() != torch.eye(len(spatial))).any(dim=(1, 2))  # rotated or scaled
+    if len(spatial) == 2 or bool(warped.all()):  # 2D: one batched call beats splitting a batch of 16
+        image, maps = resample(image, maps, theta.to(dev))
+    else:  # a 3D sample only mirrored is flipped by index: what grid_sample computes, up to float rounding
+        image, maps = image.clone(), maps.clone()
+        if bool(warped.any()):
+            idx = torch.nonzero(warped).flatten().to(dev)
+            image[idx], maps[idx] = resample(image[idx], maps[idx], theta[warped].to(dev))
+        d = len(spatial)
+        for i in torch.nonzero(~warped).flatten().tolist():
+            dims = [1 + a for a in range(d) if theta[i, d - 1 - a, d - 1 - a] < 0]  # theta's axes are reversed
+            if dims:
+                image[i], maps[i] = torch.flip(image[i], dims), torch.flip(maps[i], dims)
     label, weight, annotated = maps[:, 0].round().long(), maps[:, 1], maps[:, 2]
     view = (n, *([1] * (image.ndim - 1)))
     on = torch.rand(n, generator=gen) < s.p_intensity
