@@ -465,6 +465,33 @@ def test_predict_with_a_plan_writes_masks_on_the_planned_slices_only(small, tmp_
     assert record["planned_slices"] == {e.case_id: list(e.slices) for e in plan.entries}
 
 
+def test_predict_refuses_a_plan_made_for_other_images_before_any_inference(small, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    import torch
+
+    import sparseslice.predict as predict_module
+    from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model, save_checkpoint
+
+    ds, _, _, tmp = small
+    spec = ModelSpec(dims=2, in_channels=1, out_channels=3, channels=(4, 8), strides=(2,))
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run" / "best.pt", Checkpoint(
+        spec=spec, normalization=Normalization("zscore"), axis=2, labels=(0, 1, 2), patch_size=(16, 16),
+        state_dict=build_model(spec).state_dict()))
+    record = json.loads((tmp / "plan.json").read_text())
+    last = record["entries"][-1]  # the last case: a check after inference would first predict the others
+    last["n_slices"] += 3
+    (tmp_path / "plan.json").write_text(json.dumps(record))
+    calls = []
+    monkeypatch.setattr(predict_module, "predict_volume", lambda *a, **k: calls.append(1) or 1 / 0)
+    res = invoke("predict", tmp_path / "run", ds.root, "-o", tmp_path / "pre", "--plan", tmp_path / "plan.json")
+    assert res.exit_code == 2 and calls == [], res.output
+    message = " ".join(res.output.split())
+    assert f"plan entry for case '{last['case']}' has {last['n_slices']} slices" in message
+    assert "pass the plan made for these images" in message and "Traceback" not in res.output
+    assert not (tmp_path / "pre").exists()  # nothing was written, not even the folder
+
+
 def test_collect_records_corrected_and_unchanged_pre_annotated_slices(small) -> None:
     ds, plan, notes, tmp = small
     pre = tmp / "pre"

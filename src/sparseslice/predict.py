@@ -43,7 +43,7 @@ from sparseslice.inference import (
     window_size,
     with_mask_channel,
 )
-from sparseslice.io import Volume, narrow_label_dtype, write_volume
+from sparseslice.io import Volume, narrow_label_dtype, read_header, write_volume
 from sparseslice.model import Checkpoint, normalization_stats, normalize
 from sparseslice.outputs import MARKER
 from sparseslice.progress import track
@@ -567,11 +567,16 @@ def _remove_written(files: list[Path], folder: Path | None) -> None:
             folder.rmdir()
 
 
+def check_plan_fits(entry: PlanEntry, shape: Sequence[int]) -> None:
+    """Raise a :class:`UserError` unless an image of ``shape`` has the slices the plan ``entry`` counts."""
+    if shape[entry.axis] != entry.n_slices:
+        raise UserError(f"plan entry for case {entry.case_id!r} has {entry.n_slices} slices along axis {entry.axis}, "
+                        f"got an image with {shape[entry.axis]}; pass the plan made for these images")
+
+
 def planned_slices_only(labels: np.ndarray, entry: PlanEntry) -> np.ndarray:
     """``labels`` with every slice the plan ``entry`` does not name set to 0 (a pre-annotation)."""
-    if labels.shape[entry.axis] != entry.n_slices:
-        raise UserError(f"plan entry for case {entry.case_id!r} has {entry.n_slices} slices along axis {entry.axis}, "
-                        f"got an image with {labels.shape[entry.axis]}; pass the plan made for these images")
+    check_plan_fits(entry, labels.shape)
     keep = np.zeros(entry.n_slices, bool)
     keep[list(entry.slices)] = True
     shape = [1] * labels.ndim
@@ -607,8 +612,10 @@ def predict_folder(run_dir: Path, images: Path, out: Path, *, cases: Sequence[st
     ds = discover_dataset(images)
     todo = list(ds.cases) if cases is None else [ds.case(c) for c in cases]
     planned = {e.case_id: e for e in plan.entries} if plan is not None else None
-    if planned is not None:  # pre-annotation: the plan's cases only
+    if planned is not None:  # pre-annotation: the plan's cases only, checked against their headers first
         todo = [ds.case(c) for c in planned if cases is None or c in cases]
+        for case in todo:
+            check_plan_fits(planned[case.case_id], read_header(case.images[0]).shape)
     out = Path(out)
     made = not out.exists()
     folder = claim_output(out, command="predict", inputs=[run_dir, *dataset_inputs(ds)], argument="out")
