@@ -308,6 +308,28 @@ def test_augmentation_runs_on_one_thread_and_the_step_on_num_threads(phantoms, t
         torch.set_num_threads(1)
 
 
+def test_a_large_batch_augments_inline_on_num_threads(phantoms, tmp_path, monkeypatch):
+    """From AUGMENT_THREADED_VOXELS voxels a batch (a 3D left-atrium batch), inline augmentation keeps
+    the run's threads; a prefetching run (above) still augments on its one thread."""
+    import sparseslice.train.trainer as trainer
+
+    counts = set()
+
+    def augment(*args, **kwargs):
+        counts.add(torch.get_num_threads())
+        return augment_batch(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "augment_batch", augment)
+    monkeypatch.setattr(trainer, "AUGMENT_THREADED_VOXELS", 1)  # every batch is large
+    try:
+        train(phantoms, tmp_path / "run", config=TrainConfig(epochs=1, batch_size=2, samples_per_epoch=6,
+                                                             **{**TINY, "augment": True, "num_threads": 2}),
+              progress=False, prefetch=False)
+        assert counts == {2}
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_run_files_hold_only_tensors_and_plain_data(phantoms, tmp_path):
     cfg = TrainConfig(model="2d", batch_size=4, samples_per_epoch=4, epochs=1, schedule="two-step",
                       finetune_epochs=1, **TINY)
