@@ -7,7 +7,15 @@ import pytest
 import torch
 from monai.inferers import sliding_window_inference
 
-from sparseslice.inference import Window, classes, from_model_outputs, model_inputs, probabilities, window_size
+from sparseslice.inference import (
+    Window,
+    classes,
+    from_model_outputs,
+    model_inputs,
+    softmax_inplace,
+    stacked_logits,
+    window_size,
+)
 from sparseslice.model import Checkpoint, ModelSpec, Normalization, build_model
 from sparseslice.predict import predict_probabilities
 from sparseslice.train import validate
@@ -59,7 +67,8 @@ def test_predict_window_is_gaussian_half_overlap(net2d):
                                                                  mode="gaussian"), 1) for i in range(0, 5, 2)])
     np.testing.assert_allclose(got, np.moveaxis(want.numpy(), 0, 3), rtol=0, atol=1e-6)
     # the cheaper validation window is a different window: the setting is not ignored
-    cheap = probabilities(model, np.moveaxis(x, 3, 0), roi=(16, 16), window=Window(overlap=0.25, blend="constant"))
+    cheap = softmax_inplace(stacked_logits(model, np.ascontiguousarray(np.moveaxis(x, 3, 0)), roi=(16, 16),
+                                           window=Window(overlap=0.25, blend="constant")), axis=1)
     assert not np.allclose(cheap, np.moveaxis(got, 3, 0), atol=1e-4)
 
 

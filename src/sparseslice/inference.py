@@ -234,12 +234,6 @@ def softmax_inplace(x: np.ndarray, *, axis: int = 1) -> np.ndarray:
     return x
 
 
-def probabilities(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window: Window,
-                  bf16: bool = False) -> np.ndarray:
-    """Softmax ``(N, K, *spatial)`` float32 of the stack ``images`` (see :func:`logits`)."""
-    return softmax_inplace(stacked_logits(model, images, roi=roi, window=window, bf16=bf16), axis=1)
-
-
 @torch.no_grad()
 def classes(model: nn.Module, images: np.ndarray, *, roi: tuple[int, ...], window: Window, bf16: bool = False,
             device: torch.device | None = None) -> torch.Tensor:
