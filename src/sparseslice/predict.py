@@ -47,7 +47,13 @@ from sparseslice.io import Volume, narrow_label_dtype, read_header, write_volume
 from sparseslice.model import Checkpoint, normalization_stats, normalize
 from sparseslice.outputs import MARKER
 from sparseslice.progress import track
-from sparseslice.resample import needs_resampling, resample_image, resample_probabilities, resampled_shape
+from sparseslice.resample import (
+    needs_resampling,
+    resample_image,
+    resample_probabilities,
+    resampled_shape,
+    resize_slices,
+)
 
 if TYPE_CHECKING:
     from sparseslice.select.plan import Plan, PlanEntry
@@ -286,7 +292,7 @@ def slice_batches(x: np.ndarray, ckpt: Checkpoint, *, batch_size: int, spacing: 
                                       mask_channel=ckpt.spec.mask_channel, axis=0)
             t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(batch, 0, 1)))
             if size is not None and tuple(t.shape[2:]) != size:
-                t = torch.nn.functional.interpolate(t, size=size, mode="bilinear", align_corners=False)
+                t = resize_slices(t, size)
             yield first + start, t.to(device) if device is not None else t
 
 
@@ -395,7 +401,7 @@ def slice_classes(model: nn.Module, ckpt: Checkpoint, x: np.ndarray, *, flips: S
             total = lg if total is None else total.add_(lg)
         if resized:  # the mean logits' probabilities resampled back in-plane
             total = torch.softmax(total / len(flips), dim=1)
-            total = torch.nn.functional.interpolate(total, size=plane, mode="bilinear", align_corners=False)
+            total = resize_slices(total, plane)
         out[start:start + t.shape[0]] = _argmax_channels(total).cpu().numpy()
     return np.moveaxis(out, 0, axis)
 

@@ -107,6 +107,12 @@ def _planes(array: torch.Tensor, axis: int) -> torch.Tensor:
     return array.movedim(1 + axis, 0)
 
 
+def resize_slices(slices: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """A float ``(N, C, h, w)`` stack of slices resized bilinearly to ``size`` (the in-plane
+    resampling of every image and probability map, here and in predict's slice batches)."""
+    return F.interpolate(slices, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+
+
 def _resize(array: np.ndarray, shape: Sequence[int], *, axis: int) -> np.ndarray:
     """Bilinear in-plane resize of a ``(C, X, Y, Z)`` float array to spatial ``shape``, in slice chunks."""
     size = tuple(int(shape[a]) for a in inplane_axes(axis))
@@ -114,7 +120,7 @@ def _resize(array: np.ndarray, shape: Sequence[int], *, axis: int) -> np.ndarray
     planes = _planes(src, axis)
     out = torch.empty((planes.shape[0], planes.shape[1], *size), dtype=torch.float32)
     for i in range(0, planes.shape[0], _CHUNK):
-        out[i:i + _CHUNK] = F.interpolate(planes[i:i + _CHUNK], size=size, mode="bilinear", align_corners=False)
+        out[i:i + _CHUNK] = resize_slices(planes[i:i + _CHUNK], size)
     return out.movedim(0, 1 + axis).numpy()
 
 
