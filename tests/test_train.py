@@ -17,7 +17,7 @@ from sparseslice.model import Normalization, load_checkpoint
 from sparseslice.sparse import SparseLabel, write_sparse
 from sparseslice.synthetic import write_phantom_dataset
 from sparseslice.train import TrainConfig, load_config, train
-from sparseslice.train.augment import AugmentSettings, augment_batch
+from sparseslice.train.augment import AugmentSettings, augment_batch, random_affine, resample, resample_in_plane
 from sparseslice.train.data import BlockSampler, SliceSampler, load_cases, resolve_axis
 
 torch.set_num_threads(1)
@@ -143,6 +143,41 @@ def test_augmentation_identity_and_label_values():
     out = augment_batch(batch, axis=None, gen=gen, settings=heavy)
     assert set(out.label.unique().tolist()) <= {0, 1, 2} and set(out.weight.unique().tolist()) <= {0.0, 1.0}
     assert torch.all(out.label[out.weight == 0] == 0)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_in_plane_resampling_equals_the_3d_grid_sample(axis):
+    """3D patches are rotated and scaled slice by slice (2D grid_sample, nearest maps by row gathers):
+    the same voxels as one trilinear/nearest 3D grid_sample call, mirrored slice axes included."""
+    gen = torch.Generator().manual_seed(axis)
+    shape = (20, 18, 10)
+    image = torch.randn(6, 1, *shape, generator=gen)
+    maps = torch.stack([torch.randint(0, 3, (6, *shape), generator=gen).float(),
+                        torch.rand(6, *shape, generator=gen), torch.ones(6, *shape)], 1)
+    theta = random_affine(6, shape, axis=axis, gen=gen,
+                          settings=AugmentSettings(p_flip=0.5, p_rotate=1, p_scale=1, max_degrees=30))
+    assert bool((theta[:, 2 - axis, 2 - axis] < 0).any()) and bool((theta[:, 2 - axis, 2 - axis] > 0).any())
+    want_image, want_maps = resample(image, maps, theta)
+    got_image, got_maps = resample_in_plane(image, maps, theta, axis=axis)
+    assert torch.allclose(got_image, want_image, atol=1e-5)
+    assert torch.equal(got_maps, want_maps)
+    assert bool((want_maps[:, 2] == 0).any())  # some voxels came from outside the patch: unknown
+
+
+def test_3d_augmentation_keeps_unknown_unknown():
+    gen = torch.Generator().manual_seed(0)
+    from sparseslice.train.data import Batch
+
+    shape = (16, 14, 8)
+    known = torch.zeros(4, *shape)
+    known[..., 3] = 1  # one annotated slice
+    label = (torch.rand(4, *shape, generator=gen) < 0.5).long() * known.long()
+    batch = Batch(torch.randn(4, 1, *shape, generator=gen), label, known, known.clone())
+    for _ in range(5):
+        out = augment_batch(batch, axis=2, gen=gen, settings=AugmentSettings(p_rotate=1, p_scale=1))
+        per_slice = (out.weight > 0).any(1).any(1)  # in-plane only: the known slice stays one slice (3, or 4 mirrored)
+        assert torch.all(per_slice.sum(1) == 1) and not bool(per_slice[..., [0, 1, 2, 5, 6, 7]].any())
+        assert torch.all(out.label[out.weight == 0] == 0) and bool((out.weight > 0).any())
 
 
 def test_missing_class_warns_naming_it(phantoms, tmp_path):

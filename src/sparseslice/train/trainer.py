@@ -557,7 +557,7 @@ def _epoch_batches(run: _Run, learner: _Learner) -> Iterator[Batch]:
 
 
 #: Voxels of a batch from which inline (CPU) augmentation uses the run's threads rather than one: a 3D
-#: left-atrium batch (2 x 128x112x48) resamples in 38 ms on 2 threads, 68 ms on one; a 2D batch of
+#: left-atrium batch (2 x 128x112x48) augments in 17 ms on 2 threads, 25 ms on one; a 2D batch of
 #: 16 slices 160x112 gains nothing from a second thread and loses much when the cores are busy.
 AUGMENT_THREADED_VOXELS = 1 << 20
 
