@@ -119,7 +119,7 @@ BAD_TYPES = [
     ("mask_channel", "no", "must be true or false (unquoted), got 'no'; write e.g. mask_channel: false"),
     ("epochs", "two", "must be an integer, got 'two'; write e.g. epochs: 50"),
     ("epochs", True, "must be an integer, got True"),
-    ("channels", 16, "must be a list of integers, got 16; write e.g. channels: [16, 32, 64, 128]"),
+    ("channels", 16, "must be a list of integers or null, got 16; write e.g. channels: [16, 32, 64, 128]"),
     ("channels", [16, "x"], "must be a list of integers"),
     ("ct_window", [0, 1, 2], "must be a list of 2 numbers"),
     ("lr", "1e-3", "must be a number, got '1e-3'; write e.g. lr: 0.001"),

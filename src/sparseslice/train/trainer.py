@@ -347,9 +347,11 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
                                   interpolated_weight=config.interpolated_weight, progress=progress,
                                   cache=cache)
     warn_missing_classes(train_cases, labels, dataset.label_names)
+    top = config.patch_size or tuple(np.max([c.shape for c in train_cases], axis=0))
+    channels, strides = config.network(tuple(int(s) for a, s in enumerate(top) if a != axis or len(top) == 2))
     spec = ModelSpec(dims=2 if config.model == "2d" else 3,
                      in_channels=train_cases[0].image.shape[0] + int(config.mask_channel),
-                     out_channels=len(labels), channels=config.channels, strides=config.strides,
+                     out_channels=len(labels), channels=channels, strides=strides,
                      num_res_units=config.num_res_units, arch=config.arch, mask_channel=config.mask_channel,
                      dropout=config.dropout)
     patch = config.patch_size or default_patch_size(train_cases, model=config.model, axis=axis,
@@ -365,6 +367,7 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
         batch_size = config.batch_size or 2
         samples = config.samples_per_epoch or min(4 * len(train_cases), 100 * batch_size)
     resolved = config.updated(axis=axis, normalization=scheme, patch_size=tuple(patch), batch_size=batch_size,
+                              channels=channels, strides=strides,
                               samples_per_epoch=samples, device=str(device), spacing=spacing,
                               bf16=native_bf16(device) if config.bf16 is None else config.bf16)
     label_names = {str(k): v for k, v in dataset.label_names.items()}
