@@ -545,3 +545,23 @@ def test_mirrored_only_samples_are_flipped_as_grid_sample_would(spatial):
     torch.testing.assert_close(out.image, want_img, rtol=0, atol=1e-5)
     assert torch.equal(out.label, want_maps[:, 0].round().long()) and torch.equal(out.weight, want_maps[:, 1])
     assert torch.equal(out.annotated, want_maps[:, 2])
+
+
+def test_the_default_2d_depth_follows_the_slices(tmp_path):
+    """Unset channels: nnU-Net's rule in 2D (halve while the smaller side stays >= 4 voxels, 2 to 5
+    levels), 4 levels in 3D; strides alone set the depth; the resolved network is in config.json."""
+    from sparseslice.train.config import default_levels
+
+    assert default_levels("2d", (160, 112)) == 5  # left atrium slices: 112 -> 7 at the fifth level
+    assert default_levels("2d", (50, 48)) == 4  # hippocampus: 48 -> 6, one more would give 3
+    assert default_levels("2d", (24, 31)) == 3 and default_levels("2d", (5, 5)) == 2
+    assert default_levels("3d", (512, 512)) == 4
+    assert TrainConfig(strides=(2, 2)).network() == ((16, 32, 64), (2, 2))
+    assert TrainConfig(channels=(8, 16)).network() == ((8, 16), (2,))
+    data = write_phantom_dataset(tmp_path / "one", cases=2, seed=0, shape=(24, 24, 12))
+    config = TrainConfig(epochs=1, samples_per_epoch=4, batch_size=4, augment=False, num_threads=1)
+    run = train(data, tmp_path / "run", config=config, progress=False)
+    saved = json.loads((run.run_dir / "config.json").read_text())
+    assert (saved["channels"], saved["strides"]) == ([16, 32, 64], [2, 2])
+    _, ckpt = load_checkpoint(run.run_dir)
+    assert ckpt.spec.channels == (16, 32, 64)
