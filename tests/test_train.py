@@ -56,9 +56,10 @@ def test_unknown_config_key_names_the_nearest():
     ({"model": "4d"}, "model must be one of 2d, 3d"),
     ({"schedule": "three-step"}, "schedule must be one of"),
     ({"lr": 0}, "lr must be positive"),
-    ({"patch_size": [30, 30]}, "multiples of 8"),
+    ({"patch_size": [30, 30]}, "multiples of 4"),  # 30 -> 3.75 at the fourth level: 3 levels
     ({"arch": "resnet"}, "arch must be one of unet, dynunet, got 'resnet'; e.g. arch: unet"),
-    ({"strides": [2, 2]}, r"strides must have len\(channels\) - 1 = 3 values"),
+    ({"channels": [16, 32, 64, 128], "strides": [2, 2]}, r"strides must have len\(channels\) - 1 = 3 values"),
+    ({"patch_size": [120, 120]}, "multiples of 16"),  # 120 -> 7.5 at the fifth level: 5 levels, divisor 16
     ({"model": "3d", "patch_size": [32, 32]}, "3 positive sizes"),
     ({"interpolated_weight": 2}, r"interpolated_weight must lie in \[0, 1\]"),
 ])

@@ -278,7 +278,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         # the network's own checks (arch, strides vs channels) run now, before any data is read
-        channels, strides = self.network()
+        # a 2D patch given sets the default depth as the trainer does (the sizes it must divide)
+        given = self.patch_size is not None and self.model == "2d" and len(self.patch_size) == 2
+        channels, strides = self.network(tuple(int(p) for p in self.patch_size) if given else None)
         spec = ModelSpec(dims=2 if self.model == "2d" else 3, in_channels=1, out_channels=2,
                          channels=channels, strides=strides,
                          num_res_units=self.num_res_units, arch=self.arch, dropout=self.dropout)
