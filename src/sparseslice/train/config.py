@@ -19,6 +19,11 @@ from typing import Any
 from sparseslice.errors import UserError, unknown_choice
 
 MODELS = ("2d", "3d")
+SCHEDULES = ("one-step", "two-step")
+NORMALIZATIONS = ("auto", "zscore", "ct", "none")
+# keys that may differ when resuming: where it runs (and caches its data), and budgets (raise them to extend a run)
+RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes", "cache", "channels_last")
+
 #: Channels of the levels a default network takes (the first 2 to 5): see :func:`default_levels`.
 WIDTHS = (16, 32, 64, 128, 256)
 #: 2D: the smallest in-plane side the deepest level may have (nnU-Net pools while a side stays >= 4).
@@ -42,10 +47,6 @@ def default_levels(model: str, inplane: tuple[int, ...] | None = None) -> int:
     while halvings < len(WIDTHS) - 1 and min(inplane) / 2 ** (halvings + 1) >= MIN_BOTTLENECK:
         halvings += 1
     return 1 + max(1, halvings)
-SCHEDULES = ("one-step", "two-step")
-NORMALIZATIONS = ("auto", "zscore", "ct", "none")
-# keys that may differ when resuming: where it runs (and caches its data), and budgets (raise them to extend a run)
-RESUME_FREE_KEYS = ("device", "num_threads", "epochs", "finetune_epochs", "max_minutes", "cache", "channels_last")
 
 
 def option(default: Any, help: str, *, unset: str | None = None, choices: str | None = None,
@@ -87,8 +88,8 @@ class TrainConfig:
     arch : str
         ``"unet"`` or ``"dynunet"`` (MONAI).
     channels, strides, num_res_units, dropout
-        Network width and depth (see :class:`sparseslice.model.ModelSpec`). Unset, ``channels`` is
-        :data:`DEFAULT_CHANNELS` of the model and ``strides`` 2 per level.
+        Network width and depth (see :class:`sparseslice.model.ModelSpec`). Unset, they are
+        resolved by :meth:`network` (depth from :func:`default_levels`, 2 per level).
     epochs : int
         Maximum number of epochs of the first (or only) optimisation step.
     samples_per_epoch : int, optional
@@ -278,9 +279,7 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
         # the network's own checks (arch, strides vs channels) run now, before any data is read
-        # a 2D patch given sets the default depth as the trainer does (the sizes it must divide)
-        given = self.patch_size is not None and self.model == "2d" and len(self.patch_size) == 2
-        channels, strides = self.network(tuple(int(p) for p in self.patch_size) if given else None)
+        channels, strides = self.network()
         spec = ModelSpec(dims=2 if self.model == "2d" else 3, in_channels=1, out_channels=2,
                          channels=channels, strides=strides,
                          num_res_units=self.num_res_units, arch=self.arch, dropout=self.dropout)
@@ -331,10 +330,12 @@ class TrainConfig:
 
     def network(self, inplane: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """``(channels, strides)``: the fields where set; else the first levels of :data:`WIDTHS` (as many
-        as ``strides`` needs, or :func:`default_levels` for the largest case's in-plane size ``inplane``)
-        and a stride of 2 per level."""
+        as ``strides`` needs, or :func:`default_levels` for a 2D ``patch_size``, which the network must
+        divide, or else the largest case's in-plane size ``inplane``) and a stride of 2 per level."""
         channels = self.channels
         if channels is None:
+            if self.model == "2d" and self.patch_size is not None and len(self.patch_size) == 2:
+                inplane = tuple(int(p) for p in self.patch_size)
             levels = len(self.strides) + 1 if self.strides is not None else default_levels(self.model, inplane)
             channels = WIDTHS[:levels]
         strides = self.strides if self.strides is not None else (2,) * (len(channels) - 1)

@@ -373,12 +373,16 @@ def pad_center(array: np.ndarray, shape: tuple[int, ...], value: float = 0) -> t
 PATCH_3D_INPLANE, PATCH_3D_SLICES = 128, 48
 
 
+def largest_shape(cases: list[CaseArrays]) -> tuple[int, ...]:
+    """The largest size of the cases along each axis."""
+    return tuple(int(s) for s in np.array([c.shape for c in cases]).max(axis=0))
+
+
 def default_patch_size(cases: list[CaseArrays], *, model: str, axis: int, divisor: int) -> tuple[int, ...]:
     """Largest case (in-plane for 2D) rounded up to ``divisor``, capped at 256 (2D), or at 128 in-plane and
     48 along the slice axis (3D: Specktor-Fadida et al.'s 128 x 128 x 48 blocks, about 0.2 s per patch
     and step on 2 CPU cores)."""
-    shapes = np.array([c.shape for c in cases])
-    top = shapes.max(axis=0)
+    top = largest_shape(cases)
     if model == "2d":
         return tuple(min(round_up(int(s), divisor), 256) for a, s in enumerate(top) if a != axis)
     return tuple(min(round_up(int(s), divisor), PATCH_3D_SLICES if a == axis else PATCH_3D_INPLANE)

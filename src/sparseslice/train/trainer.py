@@ -56,6 +56,7 @@ from sparseslice.train.data import (
     CaseArrays,
     SliceSampler,
     default_patch_size,
+    largest_shape,
     load_cases,
     prefetch,
     resolve_axis,
@@ -347,8 +348,7 @@ def _set_up(dataset: Dataset, output: OutputFolder, config: TrainConfig, *, val_
                                   interpolated_weight=config.interpolated_weight, progress=progress,
                                   cache=cache)
     warn_missing_classes(train_cases, labels, dataset.label_names)
-    top = config.patch_size or tuple(np.max([c.shape for c in train_cases], axis=0))
-    channels, strides = config.network(tuple(int(s) for a, s in enumerate(top) if a != axis or len(top) == 2))
+    channels, strides = config.network(tuple(s for a, s in enumerate(largest_shape(train_cases)) if a != axis))
     spec = ModelSpec(dims=2 if config.model == "2d" else 3,
                      in_channels=train_cases[0].image.shape[0] + int(config.mask_channel),
                      out_channels=len(labels), channels=channels, strides=strides,
