@@ -154,6 +154,14 @@ def test_per_label_figure_boxes_each_label_over_cases(tables, captured):
     assert points == arms * n_cases  # one point per case (seeds averaged), not per case x seed
 
 
+def test_density_figure_needs_two_densities_in_a_model(tables, captured):
+    _, _, _, cases, per_run = tables
+    one = per_run[per_run["baseline"].astype(bool) | (per_run["rho"] == 0.5)]  # the partial-annotation shape
+    assert figures.density_figure(one, cases, budget=12, render=captured) is None and not captured
+    figures.density_figure(per_run, cases, budget=12, render=captured)
+    assert len(captured) == 1
+
+
 def test_report_embeds_every_figure_with_captions(study):
     html = (study / "report.html").read_text()
     captions = _captions(html)

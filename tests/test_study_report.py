@@ -144,8 +144,14 @@ def test_holm_correction_known_answer_and_applied_to_the_report_family(labelled)
 def test_report_copes_with_one_seed_no_baseline_and_nothing_finished(tmp_path):
     one = parse_spec({**SPEC, "seeds": [3], "baseline": False})
     run_study(one, tmp_path / "one", run_fn=per_label_run, progress=False)
-    text = _text(render_report(tmp_path / "one"))
-    assert "Only one seed" in text and "No full-label baseline" in text and "absolute" in text
+    html = render_report(tmp_path / "one")
+    text = _text(html)
+    assert "Only one seed" in text and "No full-label baseline in this study (the spec sets baseline: false" in text
+    assert "absolute Dice" in text and "baseline finished" not in text  # none was asked for, so none is missing
+    captions = re.findall(r'<img alt="([^"]*)"', html)
+    assert any(c.startswith("Test Dice vs density") for c in captions), captions
+    assert "Distribution of test Dice per strategy" in captions
+    assert not any("elative performance" in c for c in captions)
     assert "lower density with more volumes won" in text
 
     def boom(run, config, run_dir):

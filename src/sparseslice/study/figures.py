@@ -21,8 +21,13 @@ from sparseslice.study.plotting import Render, case_ci, label_color, png, pyplot
 COLORS = ("#1b6ca8", "#e4572e", "#29a36a", "#9b5de5", "#f3a712", "#5c6b73")
 
 
+def relative(table: pd.DataFrame) -> bool:
+    """Whether ``table`` (runs or cases) holds Dice relative to a full-label baseline."""
+    return "rel_dice" in table and bool(table["rel_dice"].notna().any())
+
+
 def _measure(per_run: pd.DataFrame) -> tuple[str, str]:
-    if "rel_dice" in per_run and per_run["rel_dice"].notna().any():
+    if relative(per_run):
         return "rel_dice", "Dice relative to full labels"
     return "dice", "Dice (no baseline: absolute)"
 
@@ -41,13 +46,14 @@ def _case_errorbars(ax, cases: pd.DataFrame, runs: pd.DataFrame, x_col: str, val
 def density_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, budget: int, render: Render = png) -> bytes | None:
     """Relative performance vs density at a fixed budget: one panel per model, a line per strategy.
 
-    Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means.
+    Lines: mean over test cases with a 95 % CI over cases; points: the seeds' run means. None
+    when no model has two densities at this budget (one point per model shows no trend).
     """
     runs = per_run[(per_run["budget"] == budget) & per_run["block_fraction"].isna()]
     if (runs["interpolation"] == "none").any():
         runs = runs[runs["interpolation"] == "none"]
     x_col = "rho" if runs["rho"].notna().all() else "slices_per_volume"
-    if runs.empty or runs[x_col].nunique() < 1:
+    if runs.empty or runs.groupby("model")[x_col].nunique().max() < 2:
         return None
     value, ylabel = _measure(per_run)
     models = sorted(runs["model"].unique())
@@ -114,9 +120,10 @@ def interpolation_figure(per_run: pd.DataFrame, cases: pd.DataFrame, *, render: 
 
 
 def strategy_figure(cases: pd.DataFrame, *, render: Render = png) -> bytes | None:
-    """Distribution of per-case relative performance per strategy (box + points)."""
+    """Distribution of per-case relative performance (absolute Dice without a baseline) per strategy
+    (box + points)."""
     grid = cases[~cases["baseline"].astype(bool)]
-    value = "rel_dice" if grid["rel_dice"].notna().any() else "dice"
+    value = "rel_dice" if relative(grid) else "dice"
     groups = [(s, rows[value].dropna().to_numpy()) for s, rows in grid.groupby("strategy")]
     groups = [(s, v) for s, v in groups if v.size]
     if not groups:

@@ -276,7 +276,11 @@ def build_findings(store: StudyStore, spec, runs: pd.DataFrame, per_run: pd.Data
     if per_run.empty:
         f.warnings.append("No run has finished: there is nothing to report yet.")
         return f
-    if not per_run["baseline"].astype(bool).any():
+    if not spec.baseline:
+        f.warnings.append("No full-label baseline in this study (the spec sets baseline: false; an arm that draws "
+                          "every slice, such as rho 1, is one of the compared arms, not the baseline): figures show "
+                          "absolute Dice, not Dice relative to full labels.")
+    elif not per_run["baseline"].astype(bool).any():
         f.warnings.append("No full-label baseline finished: relative performance cannot be computed; figures "
                           "show absolute Dice.")
     if len(spec.seeds) < 2:
@@ -425,14 +429,16 @@ def render_report(root: str | os.PathLike[str]) -> str:
     parts.append(_claims_part(cases))
     if not per_run.empty:
         parts.append("<h2>Figures</h2>")
+        shown = "Relative performance" if figures.relative(per_run) else "Test Dice"
         for budget in sorted(per_run["budget"].dropna().unique()):
             parts.append(_img(figures.density_figure(per_run, cases, budget=int(budget)),
-                              f"Relative performance vs density at a budget of {int(budget)} slices (mean over "
+                              f"{shown} vs density at a budget of {int(budget)} slices (mean over "
                               "test cases, bars: 95 % bootstrap CI over test cases, each case averaged over seeds "
                               "first; points: seeds; s: volumes annotated)"))
         parts.append(_img(figures.interpolation_figure(per_run, cases),
                           "With vs without interpolation (bars: 95 % bootstrap CI over test cases)"))
-        parts.append(_img(figures.strategy_figure(cases), "Distribution of relative performance per strategy"))
+        parts.append(_img(figures.strategy_figure(cases),
+                          f"Distribution of {shown[0].lower()}{shown[1:]} per strategy"))
         parts.append(_img(figures.regime_figure(per_run, regimes, measure=measure_name(cases, label)),
                           "Every regime (seeds as points)"))
         parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
