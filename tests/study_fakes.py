@@ -130,3 +130,15 @@ def fake_run_with_files(run, config, run_dir: Path) -> RunOutput:
     write_plan(Plan(entries, run.strategy, run.seed, run.budget, run.rho, len(entries), axis=2, minutes=minutes),
                run_dir / "plan.json")
     return output
+
+
+def sleeping_run(run, config, run_dir: Path) -> RunOutput:
+    """Writes its process id to ``STUDY/pids/<run_id>`` and sleeps for a minute (a run still training)."""
+    import os
+    import time
+
+    pids = run_dir.parents[1] / "pids"
+    pids.mkdir(exist_ok=True)
+    (pids / run.run_id).write_text(str(os.getpid()))
+    time.sleep(60)
+    return fake_run(run, config, run_dir)

@@ -231,6 +231,43 @@ def test_changed_training_redoes_runs_even_when_forced(tmp_path):
 
 # --- executors -------------------------------------------------------------------------------------
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in state
+
+
+def test_sigterm_stops_the_workers_too_and_the_study_resumes(tmp_path):
+    out = tmp_path / "s"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from study_fakes import sleeping_run
+        from sparseslice.study.orchestrate import run_study
+        from sparseslice.study.spec import parse_spec
+        run_study(parse_spec({SPEC!r}), {str(out)!r}, run_fn=sleeping_run, workers=2, progress=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(list(out.glob("pids/*"))) < 2:
+            time.sleep(0.05)
+        workers = [int(p.read_text()) for p in out.glob("pids/*")]
+        assert len(workers) == 2 and all(_alive(pid) for pid in workers)
+        proc.send_signal(signal.SIGTERM)  # to the study process only, as `kill PID` or a scheduler does
+        assert proc.wait(timeout=30) != 0
+        deadline = time.time() + 5
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers)  # none left running (they slept 60 s)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert not list(out.glob("runs/*/done.json"))
+    summary = run_study(make_spec(), out, run_fn=fake_run, progress=False)
+    assert len(summary.ran) == 9 and summary.ok  # the stopped runs are redone, none is left locked
+
 def test_local_workers_give_the_same_results_as_one_process(tmp_path):
     spec = make_spec()
     run_study(spec, tmp_path / "one", run_fn=fake_run, progress=False)

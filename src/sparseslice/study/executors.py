@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,17 +112,60 @@ def run_local(tasks: Iterable[Task], run_fn: RunFunction, *, workers: int = 1) -
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=context)
     try:
-        futures = {pool.submit(execute, task, run_fn): task for task in tasks}
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                yield future.result()
-            except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
-                yield _lost(task, exc)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
+        with _sigterm_as_exit():
+            futures = {pool.submit(execute, task, run_fn): task for task in tasks}
+            for future in as_completed(futures):
+                task = futures[future]
+                try:
+                    yield future.result()
+                except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
+                    yield _lost(task, exc)
+    except BaseException as exc:
+        _stop_workers(pool, interrupt=isinstance(exc, SystemExit))
         raise
     pool.shutdown(wait=True)
+
+
+#: Seconds the workers of an interrupted study get to mark their runs interrupted before they are killed.
+STOP_GRACE = 10.0
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """While the pool runs, SIGTERM (``kill PID``, a batch scheduler's stop) raises ``SystemExit``
+    in the main thread, as Ctrl-C raises ``KeyboardInterrupt``: the study then stops its workers
+    instead of dying alone and leaving them running (a signal sent to one process only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor, *, interrupt: bool) -> None:
+    """Cancel what has not started and stop the workers: Ctrl-C reached them already, SIGTERM did
+    not, so with ``interrupt`` they are sent SIGINT (each marks its run interrupted); any worker
+    still alive after :data:`STOP_GRACE` seconds is killed. Finished runs stay finished, and the
+    ones stopped are redone when the study is run again."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    if interrupt:
+        for process in processes:
+            if process.is_alive() and process.pid:
+                os.kill(process.pid, signal.SIGINT)
+    deadline = time.monotonic() + STOP_GRACE
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 def run_ray(tasks: Iterable[Task], run_fn: RunFunction, *, address: str | None = None,
