@@ -92,6 +92,17 @@ def test_presets_load_and_match_the_papers_designs(tmp_path):
     assert all(len(v) == 1 for v in samples.values()), samples
 
 
+def test_the_high_resolution_check_repeats_the_presets_3d_arms(tmp_path):
+    check = load_spec(Path(__file__).parents[1] / "bench" / "specs" / "partial-annotation-hires.yaml", data=tmp_path)
+    preset = load_spec("partial-annotation", data=tmp_path)
+    same = [r for r in preset.runs() if r.model == "3d" and r.schedule == "one-step" and r.border_slices
+            and not r.mask_channel]
+    assert sorted(r.run_id for r in check.runs()) == sorted(r.run_id for r in same) and len(same) == 6
+    training = check.training_config(check.runs()[0])
+    assert "max_inplane" not in training and "patch_size" not in training  # the 3D defaults' resolution
+    assert preset.training_config(same[0])["max_inplane"] == 64
+
+
 def test_spec_file_resolves_dataset_relative_to_the_file(tmp_path):
     (tmp_path / "specs").mkdir()
     path = tmp_path / "specs" / "s.yaml"
