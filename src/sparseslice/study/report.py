@@ -428,24 +428,7 @@ def render_report(root: str | os.PathLike[str]) -> str:
         parts.append("<h2>Findings</h2><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in f.findings) + "</ul>")
     parts.append(_claims_part(cases))
     if not per_run.empty:
-        parts.append("<h2>Figures</h2>")
-        shown = "Relative performance" if figures.relative(per_run) else "Test Dice"
-        for budget in sorted(per_run["budget"].dropna().unique()):
-            parts.append(_img(figures.density_figure(per_run, cases, budget=int(budget)),
-                              f"{shown} vs density at a budget of {int(budget)} slices (mean over "
-                              "test cases, bars: 95 % bootstrap CI over test cases, each case averaged over seeds "
-                              "first; points: seeds; s: volumes annotated)"))
-        parts.append(_img(figures.interpolation_figure(per_run, cases),
-                          "With vs without interpolation (bars: 95 % bootstrap CI over test cases)"))
-        parts.append(_img(figures.strategy_figure(cases),
-                          f"Distribution of {shown[0].lower()}{shown[1:]} per strategy"))
-        parts.append(_img(figures.regime_figure(per_run, regimes, measure=measure_name(cases, label)),
-                          "Every regime (seeds as points)"))
-        parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
-        example = _examples(store, spec, per_run, cases)
-        parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
-                                   "legend) of the best and worst test case of the best run") if example else
-                     "<p>Example slices: no predictions available.</p>")
+        parts.extend(_figures_part(store, spec, results, per_run, cases, regimes, label=label))
         parts.append(f"<h2>Mean ± std per regime</h2><p>Each run's mean over {n_cases} test cases; mean ± std over "
                      "seeds (a regime with one seed shows no std). Per-label Dice scores each label on its own; "
                      "distances in millimetres.</p>" + _regime_table(regimes, metrics))
@@ -474,6 +457,30 @@ def render_report(root: str | os.PathLike[str]) -> str:
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>sparseslice study {html.escape(spec.name)}</title><style>{CSS}</style></head><body>"
             + "\n".join(p for p in parts if p) + "</body></html>")
+
+
+def _figures_part(store: StudyStore, spec: StudySpec, results: pd.DataFrame, per_run: pd.DataFrame, cases: pd.DataFrame,
+                  regimes: pd.DataFrame, *, label: int | None) -> list[str]:
+    """The report's figures with their captions (a figure with nothing to show is left out)."""
+    parts = ["<h2>Figures</h2>"]
+    shown = "Relative performance" if figures.relative(per_run) else "Test Dice"
+    for budget in sorted(per_run["budget"].dropna().unique()):
+        parts.append(_img(figures.density_figure(per_run, cases, budget=int(budget)),
+                          f"{shown} vs density at a budget of {int(budget)} slices (mean over "
+                          "test cases, bars: 95 % bootstrap CI over test cases, each case averaged over seeds "
+                          "first; points: seeds; s: volumes annotated)"))
+    parts.append(_img(figures.interpolation_figure(per_run, cases),
+                      "With vs without interpolation (bars: 95 % bootstrap CI over test cases)"))
+    parts.append(_img(figures.strategy_figure(cases),
+                      f"Distribution of {shown[0].lower()}{shown[1:]} per strategy"))
+    parts.append(_img(figures.regime_figure(per_run, regimes, measure=measure_name(cases, label)),
+                      "Every regime (seeds as points)"))
+    parts.extend(_img(png, caption) for png, caption in curves.report_figures(store, spec, results, per_run, cases))
+    example = _examples(store, spec, per_run, cases)
+    parts.append(_img(example, "Example slices (image, truth, prediction; colours: label values, see the "
+                               "legend) of the best and worst test case of the best run") if example else
+                 "<p>Example slices: no predictions available.</p>")
+    return parts
 
 
 def _claims_part(cases: pd.DataFrame) -> str:
