@@ -121,7 +121,8 @@ def run_local(tasks: Iterable[Task], run_fn: RunFunction, *, workers: int = 1) -
                 except Exception as exc:  # noqa: BLE001 - a worker died (killed, out of memory)
                     yield _lost(task, exc)
     except BaseException as exc:
-        _stop_workers(pool, interrupt=isinstance(exc, SystemExit))
+        # Ctrl-C reached the workers already; SIGTERM, an error or the caller closing the generator did not
+        _stop_workers(pool, interrupt=not isinstance(exc, KeyboardInterrupt))
         raise
     pool.shutdown(wait=True)
 
@@ -150,8 +151,8 @@ def _sigterm_as_exit() -> Iterator[None]:
 
 
 def _stop_workers(pool: ProcessPoolExecutor, *, interrupt: bool) -> None:
-    """Cancel what has not started and stop the workers: Ctrl-C reached them already, SIGTERM did
-    not, so with ``interrupt`` they are sent SIGINT (each marks its run interrupted); any worker
+    """Cancel what has not started and stop the workers: with ``interrupt`` they are sent SIGINT
+    (each marks its run interrupted, as on Ctrl-C, which reaches them itself); any worker
     still alive after :data:`STOP_GRACE` seconds is killed. Finished runs stay finished, and the
     ones stopped are redone when the study is run again."""
     processes = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before 3.14
