@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import zlib
 from pathlib import Path
 
@@ -134,9 +136,6 @@ def fake_run_with_files(run, config, run_dir: Path) -> RunOutput:
 
 def sleeping_run(run, config, run_dir: Path) -> RunOutput:
     """Writes its process id to ``STUDY/pids/<run_id>`` and sleeps for a minute (a run still training)."""
-    import os
-    import time
-
     pids = run_dir.parents[1] / "pids"
     pids.mkdir(exist_ok=True)
     (pids / run.run_id).write_text(str(os.getpid()))
